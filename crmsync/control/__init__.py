@@ -1,0 +1,1 @@
+"""The control plane: supervisor, HTTP API, web page and the crmsync CLI."""

@@ -1,0 +1,1 @@
+"""Everything needed to run crmsync locally: Kafka launcher and API emulators."""

@@ -1,0 +1,1 @@
+"""Avro event schemas and their codec; imports nothing else of crmsync."""

@@ -1,0 +1,120 @@
+"""The one frozen settings object of a crmsync process, read from the environment at the edge."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOCAL_BOOTSTRAP = "127.0.0.1:9092"
+
+
+class DynamicsTarget(BaseModel):
+    """Where and how to reach a Dynamics 365 / Dataverse Web API."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str = Field(description="Base URL of the org, e.g. https://contoso.crm.dynamics.com")
+    api_version: str = "v9.2"
+    tenant: str = "local"
+    client_id: str = "crmsync-local"
+    client_secret: SecretStr = SecretStr("crmsync-local")
+    authority: str | None = Field(
+        default=None,
+        description="OAuth2 authority; None → login.microsoftonline.com/{tenant} for a real org, "
+        "or {url}/{tenant} for the local emulator",
+    )
+    scope: str | None = Field(default=None, description="None → {url}/.default")
+    max_concurrency: int = Field(default=16, ge=1, le=52)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class CampaignTarget(BaseModel):
+    """Where and how to reach an Adobe Campaign Standard REST API."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str = Field(description="Base URL without the org, e.g. https://mc.adobe.io")
+    org: str = "local"
+    client_id: str = "crmsync-local"
+    client_secret: SecretStr = SecretStr("crmsync-local")
+    ims_url: str | None = Field(
+        default=None, description="IMS base URL; None → the same host as url (the emulator)"
+    )
+    scope: str = "openid,AdobeID,read_organizations,additional_info.projectedProductContext"
+    max_concurrency: int = Field(default=16, ge=1, le=256)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Every knob of a crmsync process. Secrets are SecretStr: never logged nor returned."""
+
+    model_config = SettingsConfigDict(env_prefix="CRMSYNC_", frozen=True, extra="ignore")
+
+    home: Path = Field(default_factory=Path.cwd, description="where .local/ and .cache/ live")
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "CRMSYNC_KAFKA_BOOTSTRAP_SERVERS"),
+        description="unset → the local broker on 127.0.0.1:9092",
+    )
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    topic_partitions: int = Field(default=6, ge=1)
+    topic_replication: int | None = Field(default=None, ge=1, description="None → min(3, brokers)")
+    schema_registry_url: str | None = None
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+
+    dynamics_url: str = "http://127.0.0.1:8081"
+    dynamics_tenant: str = "local"
+    dynamics_client_id: str = "crmsync-local"
+    dynamics_client_secret: SecretStr = SecretStr("crmsync-local")
+    dynamics_authority: str | None = None
+
+    campaign_url: str = "http://127.0.0.1:8082"
+    campaign_org: str = "local"
+    campaign_client_id: str = "crmsync-local"
+    campaign_client_secret: SecretStr = SecretStr("crmsync-local")
+    campaign_ims_url: str | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap_servers or LOCAL_BOOTSTRAP
+
+    @property
+    def uses_local_kafka(self) -> bool:
+        return self.kafka_bootstrap_servers is None
+
+    @property
+    def local_dir(self) -> Path:
+        return self.home / ".local"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / ".cache"
+
+    @cached_property
+    def dynamics(self) -> DynamicsTarget:
+        return DynamicsTarget(
+            url=self.dynamics_url,
+            tenant=self.dynamics_tenant,
+            client_id=self.dynamics_client_id,
+            client_secret=self.dynamics_client_secret,
+            authority=self.dynamics_authority,
+        )
+
+    @cached_property
+    def campaign(self) -> CampaignTarget:
+        return CampaignTarget(
+            url=self.campaign_url,
+            org=self.campaign_org,
+            client_id=self.campaign_client_id,
+            client_secret=self.campaign_client_secret,
+            ims_url=self.campaign_ims_url,
+        )

@@ -1,0 +1,1 @@
+"""The data plane: Faust apps for the three workflows, mapping and sinks."""

@@ -1,0 +1,33 @@
+"""Write failures, typed by what the caller must do: retry, dead-letter the record, or stop."""
+
+from __future__ import annotations
+
+
+class SinkError(Exception):
+    """Base of every classified failure a sink reports."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Retryable(SinkError):
+    """A transient failure (throttling, timeouts, 5xx outages): retry later, skip nothing.
+
+    ``retry_after`` is the delay in seconds the target asked for, when it said one.
+    """
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class RecordRejected(SinkError):
+    """The target refused this one record (or it cannot be decoded/mapped): dead-letter it, go on."""
+
+
+class Fatal(SinkError):
+    """The workflow cannot go on (credentials refused, forbidden, target entity missing, bad config).
+
+    The workflow goes FAILED and does not advance its offsets past unwritten records.
+    """
