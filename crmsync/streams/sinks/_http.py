@@ -22,7 +22,7 @@ from tenacity import (
     stop_before_delay,
 )
 
-from crmsync.streams.errors import Fatal, Retryable
+from crmsync.streams.errors import Fatal, Retryable, SinkError
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +306,14 @@ class Session:
             lambda: self.send_once(method, url, all_headers, content, what),
             what,
         )
+
+
+def prefixed(error: SinkError, what: str) -> SinkError:
+    """The same failure, its reason prefixed with what was being done."""
+    reason = f"{what}: {error.reason}"
+    if isinstance(error, Retryable):
+        return Retryable(reason, error.retry_after)
+    return type(error)(reason)
 
 
 def json_bytes(body: Any) -> bytes:

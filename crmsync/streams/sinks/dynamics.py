@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from crmsync.streams.sinks._http import (
     Throttle,
     TokenCache,
     parse_retry_after,
+    prefixed,
     short,
     transport_error,
 )
@@ -35,11 +37,17 @@ from crmsync.streams.sinks._multipart import (
     decode_batch,
     encode_batch,
 )
+from crmsync.streams.sinks.base import (
+    KeyValue,
+    Outcome,
+    SinkRecord,
+    blocks_its_key,
+    not_attempted,
+    unexpected,
+)
 
 log = logging.getLogger(__name__)
 
-#: A value of a key column: what may appear between the parentheses of an entity URL.
-KeyValue = str | int | float | bool | uuid.UUID
 #: A record's identity: its primary id (a GUID) or an alternate key (column → value).
 Key = str | uuid.UUID | Mapping[str, KeyValue]
 WriteMode = Literal["upsert", "create", "update"]
@@ -129,14 +137,6 @@ def classify(
 def _transient(response: httpx.Response) -> Retryable | None:
     outcome = classify(response.status_code, response.text, response.headers)
     return outcome if isinstance(outcome, Retryable) else None
-
-
-def prefixed(error: SinkError, what: str) -> SinkError:
-    """The same failure, its reason prefixed with what was being done."""
-    reason = f"{what}: {error.reason}"
-    if isinstance(error, Retryable):
-        return Retryable(reason, error.retry_after)
-    return type(error)(reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +338,10 @@ class DynamicsClient:
         await self._http.aclose()
         self._entra.close()
 
+    def pause(self, seconds: float | None) -> None:
+        """Hold every request of this client (a 429 heard inside a `$batch` answer)."""
+        self._throttle.pause(self.retry.backoff_base_s if seconds is None else seconds)
+
     @property
     def concurrency(self) -> int:
         """The current concurrency cap (the configured maximum, or lower after a dop hint)."""
@@ -535,3 +539,137 @@ def _match(
             answer = BatchResponse(424, {}, body, content_id)
         matched.append(answer)
     return matched
+
+
+def record_key(record: SinkRecord) -> Key:
+    """How a sink record is addressed in a Dataverse URL."""
+    if record.alternate_key:
+        return record.alternate_key
+    if record.key_field:
+        return {record.key_field: record.key}
+    return record.key
+
+
+class DynamicsSink:
+    """Writes record batches through `$batch` with ``odata.continue-on-error``.
+
+    Each record is its own request, so one bad record fails alone. Records sharing a key go in
+    successive rounds (one request per key per round), so their order holds even though the
+    server runs a batch's requests independently; a record whose key failed retryably or fatally
+    holds back the later ones of that key. ``atomic=True`` sends each round as change sets
+    instead (all or nothing, at most 1,000 records each): a rejected record is dropped from its
+    set and the rest is sent again. Records answered retryably are sent again within the
+    client's retry policy, then reported ``Retryable``.
+    """
+
+    def __init__(self, client: DynamicsClient, *, atomic: bool = False) -> None:
+        self.client = client
+        self.atomic = atomic
+
+    @classmethod
+    def for_target(cls, target: DynamicsTarget, **options: Any) -> DynamicsSink:
+        atomic = bool(options.pop("atomic", False))
+        return cls(DynamicsClient(target, **options), atomic=atomic)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def write_batch(self, records: Sequence[SinkRecord]) -> list[Outcome]:
+        outcomes: list[Outcome] = [None] * len(records)
+        queues: dict[tuple[str, str], list[int]] = {}
+        for index, record in enumerate(records):
+            queues.setdefault(record.identity, []).append(index)
+        blocked: dict[tuple[str, str], SinkError] = {}
+        while True:
+            round_ = [queue.pop(0) for queue in queues.values() if queue]
+            if not round_:
+                return outcomes
+            requests: dict[int, BatchRequest] = {}
+            for index in round_:
+                record = records[index]
+                cause = blocked.get(record.identity)
+                if cause is not None:
+                    outcomes[index] = not_attempted(record, cause)
+                    continue
+                try:
+                    requests[index] = self.client.write_request(_write_of(record))
+                except RecordRejected as error:
+                    outcomes[index] = error
+            try:
+                written = await self._write_round(requests)
+            except Exception as error:  # a bug must not lose records: report them, stop the flow
+                log.exception("dynamics sink failed unexpectedly")
+                written = dict.fromkeys(requests, unexpected(error))
+            for index, outcome in written.items():
+                outcomes[index] = outcome
+                if blocks_its_key(outcome):
+                    assert outcome is not None
+                    blocked[records[index].identity] = outcome
+
+    async def _write_round(self, requests: Mapping[int, BatchRequest]) -> dict[int, Outcome]:
+        """Outcomes of requests on distinct keys; transient failures retried within the policy."""
+        policy = self.client.retry
+        outcomes: dict[int, Outcome] = {}
+        todo = dict(requests)
+        modes = {i: _mode_of(r) for i, r in requests.items()}
+        attempt, started = 1, time.monotonic()
+        while todo:
+            indices = list(todo)
+            try:
+                answers = await self.client.batch(self._items([todo[i] for i in indices]))
+            except SinkError as error:
+                outcomes.update(dict.fromkeys(indices, error))
+                return outcomes
+            retry: dict[int, BatchRequest] = {}
+            waits: list[float] = []
+            rejected_in_set = False
+            for index, answer in zip(indices, answers, strict=True):
+                request = todo[index]
+                outcome = classify(
+                    answer.status,
+                    answer.body,
+                    answer.headers,
+                    operation="delete" if request.method == "DELETE" else "write",
+                    mode=modes[index],
+                )
+                if isinstance(outcome, Retryable):
+                    retry[index] = request
+                    if outcome.retry_after:
+                        waits.append(outcome.retry_after)
+                    if answer.status == 429:
+                        self.client.pause(outcome.retry_after)
+                elif outcome is not None:
+                    rejected_in_set |= self.atomic and isinstance(outcome, RecordRejected)
+                outcomes[index] = None if outcome is None else prefixed(outcome, _what(request))
+            todo = retry
+            if not todo or rejected_in_set:
+                continue  # an atomic set failed for a record now dropped: resend the rest at once
+            wait = max(waits) if waits else policy.backoff(attempt)
+            if attempt >= policy.attempts or time.monotonic() - started + wait > policy.budget_s:
+                break
+            await asyncio.sleep(wait)
+            attempt += 1
+        return outcomes
+
+    def _items(self, requests: list[BatchRequest]) -> list[BatchRequest | ChangeSet]:
+        if not self.atomic:
+            return list(requests)
+        size = self.client.max_batch_requests
+        return [ChangeSet(requests[i : i + size]) for i in range(0, len(requests), size)]
+
+
+def _write_of(record: SinkRecord) -> Write:
+    fields = None if record.op == "delete" else record.fields
+    return Write(record.target, record_key(record), fields, record.mode)
+
+
+def _mode_of(request: BatchRequest) -> WriteMode:
+    if request.headers.get("If-None-Match") == "*":
+        return "create"
+    if request.headers.get("If-Match") == "*":
+        return "update"
+    return "upsert"
+
+
+def _what(request: BatchRequest) -> str:
+    return f"{request.method} {request.url}"
