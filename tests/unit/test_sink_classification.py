@@ -16,7 +16,8 @@ def odata_error(code: str, message: str) -> str:
     return json.dumps({"error": {"code": code, "message": message}})
 
 
-MISSING_SET = odata_error("0x80060888", "Resource not found for the segment 'nopes'.")
+MISSING_SET = odata_error("0x8006088a", "Resource not found for the segment 'nopes'.")
+NO_RESOURCE = odata_error("", "No HTTP resource was found that matches the request URI 'x'.")
 MISSING_ROW = odata_error("0x80040217", "contact With Id = 1 Does Not Exist")
 
 
@@ -40,6 +41,7 @@ MISSING_ROW = odata_error("0x80040217", "contact With Id = 1 Does Not Exist")
         (404, MISSING_ROW, "write", "update", RecordRejected),
         (404, MISSING_SET, "write", "upsert", Fatal),
         (404, MISSING_SET, "delete", "upsert", Fatal),
+        (404, NO_RESOURCE, "write", "upsert", Fatal),
         (401, "", "write", "upsert", Fatal),
         (403, odata_error("0x80040220", "no privilege"), "write", "upsert", Fatal),
         (408, "", "write", "upsert", Retryable),

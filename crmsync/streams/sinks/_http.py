@@ -90,8 +90,10 @@ async def with_retries(policy: RetryPolicy, call: Callable[[], Awaitable[T]], wh
         before_sleep=before_sleep,
         reraise=True,
     )
-    result: T = await retrying(call)
-    return result
+    async for attempt in retrying:
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -55,9 +55,10 @@ Operation = Literal["write", "delete", "read"]
 
 MAX_BATCH_REQUESTS = 1000  # the documented limit of one $batch
 _GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
-# Dataverse answers 0x80060888 "Resource not found for the segment 'x'" for an unknown entity set.
-_MISSING_SET_CODES = frozenset({"0x80060888"})
-_MISSING_SET_TEXT = "resource not found for the segment"
+# Dataverse answers 404 0x8006088a "Resource not found for the segment 'x'." for an unknown
+# entity set, and "No HTTP resource was found that matches the request URI" for an unknown path.
+_MISSING_SET_CODES = frozenset({"0x8006088a"})
+_MISSING_SET_TEXTS = ("resource not found for the segment", "no http resource was found")
 # OAuth2 errors meaning the credentials or the request are wrong (asking again will not help).
 _REFUSED = frozenset({"invalid_client", "unauthorized_client", "invalid_scope", "invalid_grant"})
 
@@ -119,7 +120,7 @@ def classify(
     if status in (401, 403):
         return Fatal(reason)
     if status == 404:
-        if code in _MISSING_SET_CODES or _MISSING_SET_TEXT in message.lower():
+        if code in _MISSING_SET_CODES or any(t in message.lower() for t in _MISSING_SET_TEXTS):
             return Fatal(reason)  # the table is missing: no record of it can ever be written
         if operation == "delete":
             return None  # already gone: what a delete wants
