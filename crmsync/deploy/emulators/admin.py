@@ -1,0 +1,69 @@
+"""The `/_admin` endpoints both emulators serve: stats, fault injection and reset."""
+
+from __future__ import annotations
+
+import json
+from typing import Protocol
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from crmsync.deploy.emulators.faults import Faults, FaultSpec
+
+
+class Administered(Protocol):
+    """What an emulator exposes to its admin endpoints."""
+
+    faults: Faults
+    requests: int
+
+    async def counts(self) -> dict[str, int]: ...
+
+    async def reset(self) -> None: ...
+
+    def revoke_tokens(self) -> None: ...
+
+    def set_token_lifetime(self, seconds: float | None) -> None: ...
+
+
+def admin_routes(emulator: Administered) -> list[Route]:
+    async def stats(request: Request) -> Response:
+        return JSONResponse({"counts": await emulator.counts(), "requests": emulator.requests})
+
+    async def set_faults(request: Request) -> Response:
+        body = await request.body()
+        try:
+            spec = FaultSpec.model_validate_json(body or b"{}")
+        except ValidationError as e:
+            errors = [
+                {"loc": list(err["loc"]), "msg": err["msg"]}
+                for err in json.loads(e.json(include_url=False, include_context=False))
+            ]
+            return JSONResponse({"error": "invalid faults", "errors": errors}, status_code=422)
+        emulator.faults.apply(spec)
+        emulator.set_token_lifetime(spec.token_lifetime_s)
+        if spec.revoke_tokens:
+            emulator.revoke_tokens()
+        return JSONResponse({"faults": emulator.faults.describe()})
+
+    async def get_faults(request: Request) -> Response:
+        return JSONResponse({"faults": emulator.faults.describe()})
+
+    async def clear_faults(request: Request) -> Response:
+        emulator.faults.clear()
+        emulator.set_token_lifetime(None)
+        return JSONResponse({"faults": emulator.faults.describe()})
+
+    async def reset(request: Request) -> Response:
+        await emulator.reset()
+        return JSONResponse({"reset": True})
+
+    return [
+        Route("/_admin/stats", stats, methods=["GET"]),
+        Route("/_admin/faults", get_faults, methods=["GET"]),
+        Route("/_admin/faults", set_faults, methods=["POST"]),
+        Route("/_admin/faults", clear_faults, methods=["DELETE"]),
+        Route("/_admin/reset", reset, methods=["POST"]),
+    ]

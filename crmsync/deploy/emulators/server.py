@@ -1,0 +1,168 @@
+"""Runs the Dynamics 365 and Campaign emulators with uvicorn on the running event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+from collections.abc import AsyncIterator, Generator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from crmsync.deploy.emulators.campaign import CampaignEmulator, CampaignOptions
+from crmsync.deploy.emulators.dynamics import DynamicsEmulator, DynamicsOptions
+
+
+@dataclass(frozen=True)
+class Emulators:
+    """Where the running emulators listen and which credentials they accept."""
+
+    dynamics_url: str
+    campaign_url: str
+    tenant: str
+    org: str
+    client_id: str
+    client_secret: str
+    data_dir: Path
+
+    @property
+    def dynamics_api_url(self) -> str:
+        return f"{self.dynamics_url}/api/data/v9.2"
+
+    @property
+    def dynamics_token_url(self) -> str:
+        return f"{self.dynamics_url}/{self.tenant}/oauth2/v2.0/token"
+
+    @property
+    def campaign_api_url(self) -> str:
+        return f"{self.campaign_url}/{self.org}/campaign"
+
+    @property
+    def campaign_token_url(self) -> str:
+        return f"{self.campaign_url}/ims/token/v3"
+
+
+class _Server(uvicorn.Server):
+    # Two servers share one loop; signals belong to whoever owns the process (serve_emulators).
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _split_options(options: dict[str, Any]) -> tuple[DynamicsOptions, CampaignOptions]:
+    """`dynamics_<field>=` / `campaign_<field>=` keyword arguments into the two option objects."""
+    picked: dict[str, dict[str, Any]] = {"dynamics": {}, "campaign": {}}
+    known = {
+        "dynamics": {f.name for f in dataclasses.fields(DynamicsOptions)},
+        "campaign": {f.name for f in dataclasses.fields(CampaignOptions)},
+    }
+    for key, value in options.items():
+        prefix, _, name = key.partition("_")
+        if prefix not in picked or name not in known[prefix]:
+            raise TypeError(f"unknown emulator option {key!r}")
+        picked[prefix][name] = value
+    return DynamicsOptions(**picked["dynamics"]), CampaignOptions(**picked["campaign"])
+
+
+async def _start(app: Any, host: str, port: int) -> tuple[_Server, asyncio.Task[None], int]:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=1,
+    )
+    server = _Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            # uvicorn reports a failed bind by exiting; make it an ordinary error.
+            with contextlib.suppress(BaseException):
+                task.result()
+            raise OSError(f"emulator could not listen on {host}:{port}")
+        await asyncio.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, int(bound)
+
+
+async def _stop(server: _Server, task: asyncio.Task[None]) -> None:
+    server.should_exit = True
+    with contextlib.suppress(asyncio.CancelledError, SystemExit):
+        await task
+
+
+@contextlib.asynccontextmanager
+async def running_emulators(
+    data_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    dynamics_port: int = 8081,
+    campaign_port: int = 8082,
+    tenant: str = "local",
+    org: str = "local",
+    client_id: str = "crmsync-local",
+    client_secret: str = "crmsync-local",
+    **options: Any,
+) -> AsyncIterator[Emulators]:
+    """Starts both emulators with uvicorn on the running loop; port 0 = pick a free port.
+
+    Extra options are `dynamics_<field>` / `campaign_<field>` of DynamicsOptions / CampaignOptions,
+    e.g. `dynamics_token_lifetime_s=2` or `campaign_requests_per_window=10`.
+    """
+    dynamics_options, campaign_options = _split_options(options)
+    await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
+    dynamics = DynamicsEmulator(
+        data_dir / "dynamics.sqlite3",
+        tenant=tenant,
+        client_id=client_id,
+        client_secret=client_secret,
+        options=dynamics_options,
+    )
+    campaign = CampaignEmulator(
+        data_dir / "campaign.sqlite3",
+        org=org,
+        client_id=client_id,
+        client_secret=client_secret,
+        options=campaign_options,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        await dynamics.open()
+        stack.push_async_callback(dynamics.close)
+        await campaign.open()
+        stack.push_async_callback(campaign.close)
+        d_server, d_task, d_port = await _start(dynamics.app, host, dynamics_port)
+        stack.push_async_callback(_stop, d_server, d_task)
+        c_server, c_task, c_port = await _start(campaign.app, host, campaign_port)
+        stack.push_async_callback(_stop, c_server, c_task)
+        yield Emulators(
+            dynamics_url=f"http://{host}:{d_port}",
+            campaign_url=f"http://{host}:{c_port}",
+            tenant=tenant,
+            org=org,
+            client_id=client_id,
+            client_secret=client_secret,
+            data_dir=data_dir,
+        )
+
+
+async def serve_emulators(data_dir: Path, **kwargs: Any) -> None:
+    """Runs both emulators until cancelled or until SIGINT/SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    try:
+        async with running_emulators(data_dir, **kwargs):
+            await stop.wait()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,297 @@
+"""SQLite document store of the emulators, driven from one dedicated worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    rid INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    doc TEXT NOT NULL,
+    UNIQUE (kind, id)
+);
+CREATE INDEX IF NOT EXISTS records_seq ON records (kind, seq);
+CREATE TABLE IF NOT EXISTS record_keys (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (kind, key, value)
+);
+CREATE INDEX IF NOT EXISTS record_keys_id ON record_keys (kind, id);
+CREATE TABLE IF NOT EXISTS tombstones (
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+CREATE INDEX IF NOT EXISTS tombstones_seq ON tombstones (kind, seq);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class DuplicateKey(Exception):
+    """Another record of the same kind already holds this alternate key value."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One stored record: its id, position (rid), version (seq) and JSON document."""
+
+    rid: int
+    id: str
+    seq: int
+    doc: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A record changed (row set) or deleted (row None) at version seq."""
+
+    seq: int
+    id: str
+    row: Row | None
+
+
+def key_value(values: Sequence[Any]) -> str:
+    """Canonical text of an alternate key value; strings compare case-insensitively (SQL Server)."""
+    return json.dumps([v.lower() if isinstance(v, str) else v for v in values])
+
+
+def doc_path(name: str) -> str:
+    """SQL for one property of a stored document."""
+    return f"json_extract(doc, '$.\"{name}\"')"
+
+
+def folded(name: str) -> str:
+    """The case-insensitive form of a string property; indexes are built on exactly this text."""
+    return f"lower({doc_path(name)})"
+
+
+def _row(r: sqlite3.Row | tuple[Any, ...]) -> Row:
+    return Row(rid=r[0], id=r[1], seq=r[2], doc=json.loads(r[3]))
+
+
+class Records:
+    """Synchronous record operations; only ever used on the store's worker thread."""
+
+    def __init__(self, conn: sqlite3.Connection, seq: list[int]) -> None:
+        self._conn = conn
+        self._seq = seq
+        self._savepoints = 0
+
+    def next_seq(self) -> int:
+        self._seq[0] += 1
+        return self._seq[0]
+
+    @property
+    def current_seq(self) -> int:
+        return self._seq[0]
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """All writes inside commit together or not at all (a SAVEPOINT)."""
+        self._savepoints += 1
+        name = f"sp{self._savepoints}"
+        self._conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute(f"ROLLBACK TO {name}")
+            self._conn.execute(f"RELEASE {name}")
+            raise
+        else:
+            self._conn.execute(f"RELEASE {name}")
+        finally:
+            self._savepoints -= 1
+
+    def get(self, kind: str, id_: str) -> Row | None:
+        r = self._conn.execute(
+            "SELECT rid, id, seq, doc FROM records WHERE kind = ? AND id = ?", (kind, id_)
+        ).fetchone()
+        return _row(r) if r else None
+
+    def find_by_key(self, kind: str, key: str, value: str) -> str | None:
+        r = self._conn.execute(
+            "SELECT id FROM record_keys WHERE kind = ? AND key = ? AND value = ?",
+            (kind, key, value),
+        ).fetchone()
+        return str(r[0]) if r else None
+
+    def save(self, kind: str, id_: str, doc: dict[str, Any], keys: dict[str, str]) -> Row:
+        """Inserts or replaces a record and its alternate key values; raises DuplicateKey."""
+        for key, value in keys.items():
+            holder = self.find_by_key(kind, key, value)
+            if holder is not None and holder != id_:
+                raise DuplicateKey(key)
+        seq = self.next_seq()
+        text = json.dumps(doc, separators=(",", ":"))
+        cur = self._conn.execute(
+            "UPDATE records SET seq = ?, doc = ? WHERE kind = ? AND id = ?", (seq, text, kind, id_)
+        )
+        if cur.rowcount == 0:
+            cur = self._conn.execute(
+                "INSERT INTO records (kind, id, seq, doc) VALUES (?, ?, ?, ?)",
+                (kind, id_, seq, text),
+            )
+            self._conn.execute("DELETE FROM tombstones WHERE kind = ? AND id = ?", (kind, id_))
+            rid = int(cur.lastrowid or 0)
+        else:
+            rid = int(
+                self._conn.execute(
+                    "SELECT rid FROM records WHERE kind = ? AND id = ?", (kind, id_)
+                ).fetchone()[0]
+            )
+            self._conn.execute("DELETE FROM record_keys WHERE kind = ? AND id = ?", (kind, id_))
+        self._conn.executemany(
+            "INSERT INTO record_keys (kind, key, value, id) VALUES (?, ?, ?, ?)",
+            [(kind, key, value, id_) for key, value in keys.items()],
+        )
+        return Row(rid=rid, id=id_, seq=seq, doc=doc)
+
+    def delete(self, kind: str, id_: str) -> bool:
+        cur = self._conn.execute("DELETE FROM records WHERE kind = ? AND id = ?", (kind, id_))
+        if cur.rowcount == 0:
+            return False
+        self._conn.execute("DELETE FROM record_keys WHERE kind = ? AND id = ?", (kind, id_))
+        self._conn.execute(
+            "INSERT OR REPLACE INTO tombstones (kind, id, seq) VALUES (?, ?, ?)",
+            (kind, id_, self.next_seq()),
+        )
+        return True
+
+    def query(
+        self,
+        kind: str,
+        where: str = "1",
+        params: Sequence[Any] = (),
+        *,
+        order_by: str = "rid",
+        limit: int = -1,
+        offset: int = 0,
+    ) -> list[Row]:
+        """Rows of a kind matching a SQL condition over `doc` (built by the caller from a model)."""
+        sql = (
+            f"SELECT rid, id, seq, doc FROM records WHERE kind = ? AND ({where}) "
+            f"ORDER BY {order_by} LIMIT ? OFFSET ?"
+        )
+        return [_row(r) for r in self._conn.execute(sql, (kind, *params, limit, offset))]
+
+    def count(self, kind: str, where: str = "1", params: Sequence[Any] = ()) -> int:
+        sql = f"SELECT count(*) FROM records WHERE kind = ? AND ({where})"
+        return int(self._conn.execute(sql, (kind, *params)).fetchone()[0])
+
+    def changes(self, kind: str, since: int, limit: int) -> list[Change]:
+        """Records changed and deleted after version `since`, oldest first."""
+        rows = self._conn.execute(
+            "SELECT seq, id, rid, doc FROM records WHERE kind = ? AND seq > ? "
+            "UNION ALL SELECT seq, id, NULL, NULL FROM tombstones WHERE kind = ? AND seq > ? "
+            "ORDER BY 1 LIMIT ?",
+            (kind, since, kind, since, limit),
+        ).fetchall()
+        return [
+            Change(
+                seq=seq,
+                id=id_,
+                row=None if rid is None else Row(rid=rid, id=id_, seq=seq, doc=json.loads(doc)),
+            )
+            for seq, id_, rid, doc in rows
+        ]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn.execute("SELECT kind, count(*) FROM records GROUP BY kind").fetchall()
+        return {str(kind): int(n) for kind, n in rows}
+
+    def meta(self, name: str) -> str | None:
+        r = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return str(r[0]) if r else None
+
+    def set_meta(self, name: str, value: str) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
+
+    def wipe(self) -> None:
+        for table in ("records", "record_keys", "tombstones"):
+            self._conn.execute(f"DELETE FROM {table}")
+
+
+class Store:
+    """One SQLite database file; every call runs on a single worker thread, in one transaction."""
+
+    def __init__(self, path: Path, indexes: Sequence[str] = ()) -> None:
+        self.path = path
+        self._indexes = list(indexes)
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._records: Records | None = None
+        self._thread_lock = threading.Lock()
+
+    async def open(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emulator-store")
+        await self._call(self._connect)
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        await self._call(self._disconnect)
+        self._executor.shutdown(wait=True)
+        self._executor = None
+
+    async def run(self, work: Callable[[Records], T]) -> T:
+        """Runs `work` in one transaction on the worker thread; an exception rolls it back."""
+        return await self._call(self._transaction, work)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise RuntimeError("store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL survives a process crash; only an OS crash may lose the last commits.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        for statement in self._indexes:
+            conn.execute(statement)
+        seq = conn.execute(
+            "SELECT max(m) FROM (SELECT max(seq) AS m FROM records "
+            "UNION ALL SELECT max(seq) FROM tombstones)"
+        ).fetchone()[0]
+        self._conn = conn
+        self._records = Records(conn, [int(seq or 0)])
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _transaction(self, work: Callable[[Records], T]) -> T:
+        assert self._conn is not None and self._records is not None
+        with self._thread_lock:
+            self._conn.execute("BEGIN")
+            try:
+                result = work(self._records)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+            return result
