@@ -111,7 +111,7 @@ GATEWAY_401 = json.dumps({"error_code": "401013", "message": "Oauth token is not
             ),
             "record",
             False,
-            Retryable,
+            RecordRejected,
         ),
         (500, "Internal Server Error", "record", False, Retryable),
         (502, "", "record", False, Retryable),

@@ -41,13 +41,13 @@ PROFILE = "profileAndServicesExt/profile"
 PROFILE_RESOURCES = ("profileAndServices/profile", "profileAndServicesExt/profile")
 Place = Literal["record", "resource"]
 
-# Campaign answers 500 for an invalid or read-only property: such a record will never be accepted.
+# Campaign answers 500 for an invalid or read-only property, with an application error code
+# (RST-xxxxxx) in the text: such a record will never be accepted. A 500 without one (a gateway or
+# platform fault) is worth another try.
 VALIDATION_MARKERS = re.compile(
     r"RST-\d+|not valid|read[- ]only|invalid|too long|exceeds|unknown (?:property|field)",
     re.IGNORECASE,
 )
-# Generic platform failures also carry an RST code but are not about the record.
-_GENERIC_FAILURES = re.compile(r"an error has occurred|please contact|timed? ?out", re.IGNORECASE)
 
 
 def error_text(body: str) -> str:
@@ -88,7 +88,7 @@ def classify(
     if status in TRANSIENT_STATUSES:
         return Retryable(reason, parse_retry_after(headers.get("retry-after")))
     if status == 500:
-        if VALIDATION_MARKERS.search(message) and not _GENERIC_FAILURES.search(message):
+        if VALIDATION_MARKERS.search(message):
             return RecordRejected(reason)
         return Retryable(reason, parse_retry_after(headers.get("retry-after")))
     if status >= 500:
@@ -293,9 +293,9 @@ class CampaignClient:
         response = await self._call("GET", url, place="resource", what=f"find {resource}")
         assert response is not None
         content = response.json().get("content", [])
-        # A filter may match loosely (e.g. prefix search): only an exact key match is the record.
+        # A filter may match loosely (prefix search): only the key itself (any case) is the record.
         for record in content:
-            if str(record.get(lookup.field)) == value:
+            if str(record.get(lookup.field)).casefold() == value.casefold():
                 found: dict[str, Any] = record
                 self._pkeys.put(self._cache_key(resource, lookup, value), str(record["PKey"]))
                 return found
