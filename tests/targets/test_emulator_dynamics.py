@@ -102,9 +102,12 @@ async def test_web_api_needs_a_valid_bearer_token(emulators: Emulators) -> None:
 async def test_expired_token_is_refused(tmp_path: Any) -> None:
     from crmsync.deploy.emulators.server import running_emulators
 
-    async with running_emulators(
-        tmp_path, dynamics_port=0, campaign_port=0, dynamics_token_lifetime_s=0.3
-    ) as emu, httpx.AsyncClient() as client:
+    async with (
+        running_emulators(
+            tmp_path, dynamics_port=0, campaign_port=0, dynamics_token_lifetime_s=0.3
+        ) as emu,
+        httpx.AsyncClient() as client,
+    ):
         token = (
             await client.post(
                 emu.dynamics_token_url,
@@ -130,7 +133,9 @@ async def test_create_read_update_delete(emulated_dynamics: httpx.AsyncClient) -
     row = created.json()
     assert row["fullname"] == "Ada Lovelace" and row["@odata.etag"] and row["modifiedon"]
     contact_id = row["contactid"]
-    assert (await c.patch(f"contacts({contact_id})", json={"firstname": "Augusta"})).status_code == 204
+    assert (
+        await c.patch(f"contacts({contact_id})", json={"firstname": "Augusta"})
+    ).status_code == 204
     got = (await c.get(f"contacts({contact_id})?$select=firstname,lastname")).json()
     assert (got["firstname"], got["lastname"]) == ("Augusta", "Lovelace")
     assert got["@odata.etag"] != row["@odata.etag"]
@@ -154,14 +159,20 @@ async def test_upsert_and_conditional_headers(emulated_dynamics: httpx.AsyncClie
     ).status_code == 204
     got = (await c.get(f"contacts({new_id})")).json()
     assert got["lastname"] == "King" and got["donotemail"] is True
-    stale = await c.patch(f"contacts({new_id})", json={"jobtitle": "x"}, headers={"If-Match": 'W/"1"'})
+    stale = await c.patch(
+        f"contacts({new_id})", json={"jobtitle": "x"}, headers={"If-Match": 'W/"1"'}
+    )
     assert stale.status_code == 412
 
 
 async def test_alternate_keys_single_and_multi_part(emulated_dynamics: httpx.AsyncClient) -> None:
     c = emulated_dynamics
-    assert (await c.patch("crmsync_emailopens(crmsync_eventid='ev-1')", json={"subject": "s"})).status_code == 204
-    assert (await c.patch("crmsync_emailopens(crmsync_eventid='EV-1')", json={"subject": "t"})).status_code == 204
+    assert (
+        await c.patch("crmsync_emailopens(crmsync_eventid='ev-1')", json={"subject": "s"})
+    ).status_code == 204
+    assert (
+        await c.patch("crmsync_emailopens(crmsync_eventid='EV-1')", json={"subject": "t"})
+    ).status_code == 204
     rows = (await c.get("crmsync_emailopens")).json()["value"]
     assert [r["subject"] for r in rows] == ["t"]  # keys compare case-insensitively
     key = "new_purchases(new_ordernumber='o-1',new_product='tea')"
@@ -273,9 +284,12 @@ async def test_change_tracking_reports_changes_and_deletions(
 async def test_expired_delta_token_asks_for_a_full_sync(tmp_path: Any) -> None:
     from crmsync.deploy.emulators.server import running_emulators
 
-    async with running_emulators(
-        tmp_path, dynamics_port=0, campaign_port=0, dynamics_delta_token_ttl_s=1
-    ) as emu, httpx.AsyncClient() as client:
+    async with (
+        running_emulators(
+            tmp_path, dynamics_port=0, campaign_port=0, dynamics_delta_token_ttl_s=1
+        ) as emu,
+        httpx.AsyncClient() as client,
+    ):
         token = (
             await client.post(
                 emu.dynamics_token_url,
@@ -288,7 +302,9 @@ async def test_expired_delta_token_asks_for_a_full_sync(tmp_path: Any) -> None:
             )
         ).json()["access_token"]
         headers = {"Authorization": f"Bearer {token}", "Prefer": "odata.track-changes"}
-        first = await client.get(f"{emu.dynamics_api_url}/contacts?$select=firstname", headers=headers)
+        first = await client.get(
+            f"{emu.dynamics_api_url}/contacts?$select=firstname", headers=headers
+        )
         await asyncio.sleep(2.1)
         expired = await client.get(first.json()["@odata.deltaLink"], headers=headers)
     assert expired.status_code == 400

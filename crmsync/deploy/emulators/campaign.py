@@ -245,7 +245,7 @@ class CampaignEmulator:
 
     async def _api(self, request: Request) -> Response:
         self.requests += 1
-        injected = await self.faults.before_request()
+        injected = self.faults.failure()
         if injected is not None:
             return self._injected(injected)
         api_key = request.headers.get("x-api-key")
@@ -266,6 +266,7 @@ class CampaignEmulator:
         self._window.add(grant.client_id, 1)
         if request.path_params["org"] != self.org:
             return _gateway(404, "404031", "Organization not found")
+        await self.faults.delay()
         body = await request.body()
         base = f"{request.url.scheme}://{request.url.netloc}/{self.org}/campaign"
         query = list(request.query_params.multi_items())

@@ -319,7 +319,7 @@ class DynamicsEmulator:
 
     async def _api(self, request: Request) -> Response:
         self.requests += 1
-        injected = await self.faults.before_request()
+        injected = self.faults.failure()
         if injected is not None:
             return self._injected(injected)
         grant = self.tokens.check(request.headers.get("authorization"))
@@ -341,6 +341,7 @@ class DynamicsEmulator:
             )
         started = time.monotonic()
         try:
+            await self.faults.delay()
             body = await request.body()
             service_root = f"{request.url.scheme}://{request.url.netloc}{API_PREFIX}"
             if request.path_params["path"] == "$batch" and request.method == "POST":

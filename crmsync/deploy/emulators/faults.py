@@ -82,10 +82,13 @@ class Faults:
         state["outage_remaining_s"] = round(max(0.0, self._outage_until - time.monotonic()), 3)
         return state
 
-    async def before_request(self) -> Injected | None:
-        """Waits the injected latency, then picks the failure (if any) this request gets."""
+    async def delay(self) -> None:
+        """The injected latency; emulators wait it while the request holds its concurrency slot."""
         if self._spec.latency_ms:
             await asyncio.sleep(self._spec.latency_ms / 1000)
+
+    def failure(self) -> Injected | None:
+        """The failure (if any) the next API request gets instead of an answer."""
         remaining = self._outage_until - time.monotonic()
         if remaining > 0:
             return Injected(503, remaining, "outage")
