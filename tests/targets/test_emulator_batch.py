@@ -1,4 +1,4 @@
-"""$batch on the Dynamics emulator: atomic change sets, stop or continue on error, 400 for garbage."""
+"""$batch on the Dynamics emulator: atomic change sets, stop/continue on error, 400 on garbage."""
 
 from __future__ import annotations
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import httpx
+import pytest
 
-from crmsync.deploy.emulators.server import Emulators, running_emulators
+from crmsync.deploy.emulators.server import Emulators, running_emulators, serve_emulators
 
 
 async def _token(client: httpx.AsyncClient, emu: Emulators) -> str:
@@ -250,3 +251,19 @@ async def test_fuzzed_urls_and_bodies_never_cause_server_errors(
         path = "/".join(quote(_noise(rng), safe="@") for _ in range(rng.randint(1, 3)))
         response = await emulated_campaign.get(f"profileAndServices/profile/{path}")
         assert response.status_code < 500, (path, response.text)
+
+
+async def test_serve_emulators_runs_until_cancelled(tmp_path: Path) -> None:
+    task = asyncio.create_task(serve_emulators(tmp_path, dynamics_port=0, campaign_port=0))
+    await asyncio.sleep(0.3)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (tmp_path / "dynamics.sqlite3").exists() and (tmp_path / "campaign.sqlite3").exists()
+
+
+async def test_emulators_refuse_to_listen_beyond_loopback(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        async with running_emulators(tmp_path, host="0.0.0.0"):
+            pass

@@ -272,7 +272,7 @@ class DynamicsEmulator:
         )
 
     def _limit_headers(self, client: str) -> list[tuple[str, str]]:
-        used = self._request_window._totals.get(client, 0.0)
+        used = self._request_window.spent(client)
         return [
             ("x-ms-dop-hint", str(self.options.dop_hint)),
             (

@@ -34,6 +34,10 @@ class SlidingWindow:
                 return start + self.window_s - now
         return self.window_s
 
+    def spent(self, client: str) -> float:
+        """What the client used in the current window (as of its last request)."""
+        return self._totals.get(client, 0.0)
+
     def add(self, client: str, amount: float, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         buckets = self._expire(client, now)

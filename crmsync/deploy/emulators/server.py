@@ -46,6 +46,9 @@ class Emulators:
         return f"{self.campaign_url}/ims/token/v3"
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 class _Server(uvicorn.Server):
     # Two servers share one loop; signals belong to whoever owns the process (serve_emulators).
     @contextlib.contextmanager
@@ -115,6 +118,8 @@ async def running_emulators(
     Extra options are `dynamics_<field>` / `campaign_<field>` of DynamicsOptions / CampaignOptions,
     e.g. `dynamics_token_lifetime_s=2` or `campaign_requests_per_window=10`.
     """
+    if host not in _LOOPBACK:
+        raise ValueError(f"the emulators listen on loopback only, not on {host!r}")
     dynamics_options, campaign_options = _split_options(options)
     await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
     dynamics = DynamicsEmulator(

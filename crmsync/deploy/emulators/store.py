@@ -276,8 +276,10 @@ class Store:
             "SELECT max(m) FROM (SELECT max(seq) AS m FROM records "
             "UNION ALL SELECT max(seq) FROM tombstones)"
         ).fetchone()[0]
+        # The counter also moves on rolled-back writes; a delta token may carry such a value.
+        high_water = conn.execute("SELECT value FROM meta WHERE name = 'seq'").fetchone()
         self._conn = conn
-        self._records = Records(conn, [int(seq or 0)])
+        self._records = Records(conn, [max(int(seq or 0), int(high_water[0]) if high_water else 0)])
 
     def _disconnect(self) -> None:
         if self._conn is not None:
@@ -288,10 +290,13 @@ class Store:
         assert self._conn is not None and self._records is not None
         with self._thread_lock:
             self._conn.execute("BEGIN")
+            before = self._records.current_seq
             try:
                 result = work(self._records)
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            if self._records.current_seq != before:
+                self._records.set_meta("seq", str(self._records.current_seq))
             self._conn.execute("COMMIT")
             return result
