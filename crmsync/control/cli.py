@@ -1,0 +1,226 @@
+"""The `crmsync` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from crmsync.settings import Settings
+
+if TYPE_CHECKING:
+    from crmsync.deploy.local.kafka import LocalKafka
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crmsync",
+        description="Keeps Microsoft Dynamics 365 and Adobe Campaign Standard in sync through Kafka.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="run the local stack in the foreground (Ctrl-C stops it)")
+    up.add_argument("--brokers", type=int, choices=(1, 3), default=1,
+                    help="local Kafka nodes (3 = a cluster on ports 9092-9094)")
+
+    publish = commands.add_parser(
+        "publish", help="validate JSON Lines and publish them as Avro events",
+        description="Streams: d365-contacts, d365-entity:<logicalname>, campaign-email-events, "
+        "campaign-profiles. Every line is validated first; if any is invalid nothing is "
+        "published (unless --skip-invalid).",
+    )
+    publish.add_argument("stream")
+    publish.add_argument("file", help="a JSON Lines file, or - for standard input")
+    publish.add_argument("--skip-invalid", action="store_true",
+                         help="publish the valid lines and report the rest")
+
+    topics_cmd = commands.add_parser("topics", help="create every crmsync topic (idempotent)")
+    topics_cmd.add_argument("action", choices=("create",))
+    topics_cmd.add_argument("--custom-entity", action="append", default=[],
+                            metavar="LOGICALNAME", help="also create its change topic")
+
+    kafka = commands.add_parser("kafka", help="the local Apache Kafka")
+    kafka_actions = kafka.add_subparsers(dest="action", required=True, metavar="ACTION")
+    kafka_run = kafka_actions.add_parser("run", help="run the local broker in the foreground")
+    kafka_run.add_argument("--brokers", type=int, choices=(1, 3), default=1)
+    kafka_actions.add_parser("fetch", help="obtain Kafka's jars into .cache/kafka (once)")
+    tool = kafka_actions.add_parser(
+        "tool", help="run one of Kafka's own tools, e.g. kafka-consumer-groups --describe ..."
+    )
+    tool.add_argument("name")
+    tool.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    settings = Settings()
+    handler = {
+        "publish": _publish, "topics": _topics, "kafka": _kafka, "up": _up,
+    }[args.command]
+    try:
+        return handler(settings, args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _publish(settings: Settings, args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from crmsync.control import publish
+
+    try:
+        spec = publish.stream(args.stream)
+    except publish.UnknownStream as error:
+        print(f"crmsync publish: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        source: TextIO = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    except OSError as error:
+        print(f"crmsync publish: cannot read {args.file}: {error.strerror}", file=sys.stderr)
+        return EXIT_INVALID
+    with source:
+        try:
+            events, errors = publish.prepare(spec, source)
+        except UnicodeDecodeError as error:
+            print(f"crmsync publish: {args.file} is not UTF-8 text: {error}", file=sys.stderr)
+            return EXIT_INVALID
+    for error in errors[:200]:
+        print(f"invalid: {error}", file=sys.stderr)
+    if len(errors) > 200:
+        print(f"invalid: ... and {len(errors) - 200} more", file=sys.stderr)
+    if errors and not args.skip_invalid:
+        lines = len({e.line for e in errors})
+        print(f"nothing published: {lines} invalid line(s)", file=sys.stderr)
+        return EXIT_INVALID
+
+    async def run() -> None:
+        with Progress(disable=not sys.stderr.isatty(), transient=True) as progress:
+            task = progress.add_task(f"publishing to {spec.topic}", total=len(events))
+            await publish.send(
+                settings.bootstrap_servers, spec, events,
+                partitions=settings.topic_partitions,
+                client_options=settings.kafka_client_options(),
+                on_sent=lambda n: progress.advance(task, n),
+            )
+
+    if not _run_kafka_call(settings, run()):
+        return EXIT_UNREACHABLE
+    print(f"published {len(events)} events to {spec.topic}")
+    if errors:
+        print(f"skipped {len({e.line for e in errors})} invalid line(s)", file=sys.stderr)
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def _run_kafka_call(settings: Settings, call: object) -> bool:
+    """Runs a coroutine that talks to Kafka; False (with a message) when Kafka is unreachable."""
+    from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+
+    try:
+        asyncio.run(call)  # type: ignore[arg-type]
+    except (KafkaConnectionError, KafkaTimeoutError, OSError) as error:
+        print(f"crmsync: cannot reach Kafka at {settings.bootstrap_servers}: {error}",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def _topics(settings: Settings, args: argparse.Namespace) -> int:
+    from crmsync import topics
+
+    async def run() -> None:
+        created = await topics.ensure_topics(
+            settings.bootstrap_servers,
+            topics.topic_specs(settings.topic_partitions, args.custom_entity),
+            replication=settings.topic_replication,
+            client_options=settings.kafka_client_options(),
+        )
+        print(f"created {len(created)} topic(s)" + (": " + ", ".join(created) if created else ""))
+
+    return EXIT_OK if _run_kafka_call(settings, run()) else EXIT_UNREACHABLE
+
+
+def _local_kafka(settings: Settings, brokers: int) -> LocalKafka:
+    from crmsync.deploy.local.kafka import LocalKafka
+
+    data = settings.local_dir / ("kafka" if brokers == 1 else "kafka-cluster")
+    return LocalKafka(cache_dir=settings.cache_dir, data_dir=data, nodes=brokers)
+
+
+def _kafka(settings: Settings, args: argparse.Namespace) -> int:
+    from crmsync.deploy.local.kafka import KafkaLaunchError, ensure_jars, run_tool
+
+    try:
+        if args.action == "fetch":
+            print(ensure_jars(settings.cache_dir))
+            return EXIT_OK
+        if args.action == "tool":
+            print(run_tool(settings.cache_dir, args.name, args.args, timeout=600), end="")
+            return EXIT_OK
+        kafka = _local_kafka(settings, args.brokers)
+        with kafka:
+            print(f"Kafka is ready on {kafka.bootstrap_servers} (Ctrl-C stops it)", flush=True)
+            _wait_for_signal()
+        return EXIT_OK
+    except KafkaLaunchError as error:
+        print(f"crmsync kafka: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+
+
+def _wait_for_signal() -> None:
+    """Blocks until SIGINT or SIGTERM."""
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    while not received:
+        signal.pause()
+
+
+def _up(settings: Settings, args: argparse.Namespace) -> int:
+    from crmsync import topics
+    from crmsync.deploy.local.kafka import KafkaLaunchError
+
+    kafka = None
+    try:
+        if settings.uses_local_kafka:
+            kafka = _local_kafka(settings, args.brokers)
+            kafka.start()
+        bootstrap = kafka.bootstrap_servers if kafka else settings.bootstrap_servers
+
+        async def create() -> None:
+            await topics.ensure_topics(
+                bootstrap, topics.topic_specs(settings.topic_partitions),
+                replication=settings.topic_replication,
+                client_options=settings.kafka_client_options(),
+            )
+
+        if not _run_kafka_call(settings, create()):
+            return EXIT_UNREACHABLE
+        print(f"crmsync is up. Kafka: {bootstrap}. Ctrl-C stops everything.", flush=True)
+        _wait_for_signal()
+        print("stopping...", flush=True)
+        return EXIT_OK
+    except KafkaLaunchError as error:
+        print(f"crmsync up: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    finally:
+        if kafka is not None:
+            kafka.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The Kafka topics of crmsync: their names, shapes, and one idempotent way to create them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+log = logging.getLogger(__name__)
+
+WORKFLOWS = ("d365-to-campaign", "campaign-to-d365", "opt-in-out")
+
+CONTACT_CHANGES = "d365.contact.changes"
+EMAIL_EVENTS = "campaign.email.events"
+PROFILE_CHANGES = "campaign.profile.changes"
+CONTROL = "crmsync.control"
+STATUS = "crmsync.status"
+AUDIT = "crmsync.audit"
+SOURCE_OFFSETS = "crmsync.source-offsets"
+
+
+def entity_changes(logical_name: str) -> str:
+    """Topic of a Dynamics custom entity's changes."""
+    return f"d365.entity.{logical_name}.changes"
+
+
+def dead_letters(workflow: str) -> str:
+    return f"crmsync.{workflow}.dlq"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    compacted: bool = False
+    config: Mapping[str, str] | None = None
+
+
+def topic_specs(partitions: int = 6, custom_entities: Iterable[str] = ()) -> list[TopicSpec]:
+    """Every topic of DESIGN.md's table. Control-side topics have one partition: one ordered log."""
+    compacted = {"min.compaction.lag.ms": "0", "segment.ms": str(3_600_000)}
+    specs = [
+        TopicSpec(CONTACT_CHANGES, partitions),
+        TopicSpec(EMAIL_EVENTS, partitions),
+        TopicSpec(PROFILE_CHANGES, partitions),
+        *(TopicSpec(entity_changes(name), partitions) for name in custom_entities),
+        TopicSpec(CONTROL, 1, compacted=True, config=compacted),
+        TopicSpec(STATUS, 1, compacted=True, config=compacted),
+        TopicSpec(AUDIT, 1, config={"retention.ms": str(90 * 24 * 3_600_000)}),
+        TopicSpec(SOURCE_OFFSETS, 1, compacted=True, config=compacted),
+        *(TopicSpec(dead_letters(w), partitions, config={"retention.ms": "-1"}) for w in WORKFLOWS),
+    ]
+    return specs
+
+
+async def ensure_topics(
+    bootstrap_servers: str,
+    specs: Iterable[TopicSpec],
+    replication: int | None = None,
+    client_options: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Creates the topics that do not exist yet; returns the names created.
+
+    Replication defaults to min(3, brokers in the cluster).
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **(client_options or {}))
+    await admin.start()
+    try:
+        if replication is None:
+            cluster = await admin.describe_cluster()
+            replication = min(3, len(cluster["brokers"]))
+        existing = set(await admin.list_topics())
+        wanted = [spec for spec in specs if spec.name not in existing]
+        created = []
+        for spec in wanted:
+            config = dict(spec.config or {})
+            if spec.compacted:
+                config["cleanup.policy"] = "compact"
+            if replication >= 3:
+                config.setdefault("min.insync.replicas", "2")
+            topic = NewTopic(spec.name, spec.partitions, replication, topic_configs=config)
+            try:
+                response = await admin.create_topics([topic])
+            except TopicAlreadyExistsError:
+                continue
+            (_, error_code, error_message) = response.topic_errors[0]
+            if error_code == TopicAlreadyExistsError.errno:
+                continue  # created meanwhile, or not yet in the metadata we listed
+            if error_code:
+                raise for_code(error_code)(f"creating {spec.name}: {error_message}")
+            log.info("event=topic_created topic=%s partitions=%s replication=%s",
+                     spec.name, spec.partitions, replication)
+            created.append(spec.name)
+        await _wait_visible(admin, created)
+        return created
+    finally:
+        await admin.close()
+
+
+async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30) -> None:
+    """Waits until every partition of the new topics has a leader: usable by the next caller."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending = list(names)
+    while pending:
+        described = await admin.describe_topics(pending)
+        pending = [
+            topic["topic"] for topic in described
+            if topic["error_code"] != 0
+            or not topic["partitions"]
+            or any(p["leader"] < 0 for p in topic["partitions"])
+        ]
+        if pending and loop.time() > deadline:
+            raise TimeoutError(f"topics not available after {timeout}s: {', '.join(pending)}")
+        if pending:
+            await asyncio.sleep(0.1)

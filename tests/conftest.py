@@ -1,0 +1,57 @@
+"""Shared fixtures: one real Kafka broker per test session, unique topic names per test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from crmsync.deploy.local.kafka import LocalKafka
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def kafka_cache() -> Path:
+    return ROOT / ".cache"
+
+
+@pytest.fixture(scope="session")
+def local_kafka(tmp_path_factory: pytest.TempPathFactory, kafka_cache: Path) -> Iterator[LocalKafka]:
+    """The session's broker, started on free ports (never the developer's 9092)."""
+    kafka = LocalKafka(
+        cache_dir=kafka_cache,
+        data_dir=tmp_path_factory.mktemp("kafka"),
+        base_port=free_port(),
+        controller_base_port=free_port(),
+        heap="512m",
+    )
+    kafka.start()
+    yield kafka
+    kafka.stop()
+
+
+@pytest.fixture(scope="session")
+def bootstrap(request: pytest.FixtureRequest) -> str:
+    """Bootstrap servers of the test cluster: KAFKA_BOOTSTRAP_SERVERS, or the session's broker."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        return external
+    kafka: LocalKafka = request.getfixturevalue("local_kafka")
+    return kafka.bootstrap_servers
+
+
+@pytest.fixture
+def topic() -> str:
+    """A topic name no other test uses."""
+    return f"test.{uuid.uuid4().hex[:12]}"
