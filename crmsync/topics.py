@@ -93,8 +93,12 @@ async def ensure_topics(
                 continue  # created meanwhile, or not yet in the metadata we listed
             if error_code:
                 raise for_code(error_code)(f"creating {spec.name}: {error_message}")
-            log.info("event=topic_created topic=%s partitions=%s replication=%s",
-                     spec.name, spec.partitions, replication)
+            log.info(
+                "event=topic_created topic=%s partitions=%s replication=%s",
+                spec.name,
+                spec.partitions,
+                replication,
+            )
             created.append(spec.name)
         await _wait_visible(admin, created)
         return created
@@ -102,20 +106,21 @@ async def ensure_topics(
         await admin.close()
 
 
-async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], timeout: float = 30) -> None:
+async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], wait_s: float = 30) -> None:
     """Waits until every partition of the new topics has a leader: usable by the next caller."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + wait_s
     pending = list(names)
     while pending:
         described = await admin.describe_topics(pending)
         pending = [
-            topic["topic"] for topic in described
+            topic["topic"]
+            for topic in described
             if topic["error_code"] != 0
             or not topic["partitions"]
             or any(p["leader"] < 0 for p in topic["partitions"])
         ]
         if pending and loop.time() > deadline:
-            raise TimeoutError(f"topics not available after {timeout}s: {', '.join(pending)}")
+            raise TimeoutError(f"topics not available after {wait_s}s: {', '.join(pending)}")
         if pending:
             await asyncio.sleep(0.1)

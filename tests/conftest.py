@@ -27,7 +27,9 @@ def kafka_cache() -> Path:
 
 
 @pytest.fixture(scope="session")
-def local_kafka(tmp_path_factory: pytest.TempPathFactory, kafka_cache: Path) -> Iterator[LocalKafka]:
+def local_kafka(
+    tmp_path_factory: pytest.TempPathFactory, kafka_cache: Path
+) -> Iterator[LocalKafka]:
     """The session's broker, started on free ports (never the developer's 9092)."""
     kafka = LocalKafka(
         cache_dir=kafka_cache,

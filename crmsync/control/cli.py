@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from crmsync.settings import Settings
@@ -22,30 +21,42 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crmsync",
-        description="Keeps Microsoft Dynamics 365 and Adobe Campaign Standard in sync through Kafka.",
+        description="Keeps Dynamics 365 and Adobe Campaign Standard in sync through Kafka.",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="run the local stack in the foreground (Ctrl-C stops it)")
-    up.add_argument("--brokers", type=int, choices=(1, 3), default=1,
-                    help="local Kafka nodes (3 = a cluster on ports 9092-9094)")
+    up.add_argument(
+        "--brokers",
+        type=int,
+        choices=(1, 3),
+        default=1,
+        help="local Kafka nodes (3 = a cluster on ports 9092-9094)",
+    )
 
     publish = commands.add_parser(
-        "publish", help="validate JSON Lines and publish them as Avro events",
+        "publish",
+        help="validate JSON Lines and publish them as Avro events",
         description="Streams: d365-contacts, d365-entity:<logicalname>, campaign-email-events, "
         "campaign-profiles. Every line is validated first; if any is invalid nothing is "
         "published (unless --skip-invalid).",
     )
     publish.add_argument("stream")
     publish.add_argument("file", help="a JSON Lines file, or - for standard input")
-    publish.add_argument("--skip-invalid", action="store_true",
-                         help="publish the valid lines and report the rest")
+    publish.add_argument(
+        "--skip-invalid", action="store_true", help="publish the valid lines and report the rest"
+    )
 
     topics_cmd = commands.add_parser("topics", help="create every crmsync topic (idempotent)")
     topics_cmd.add_argument("action", choices=("create",))
-    topics_cmd.add_argument("--custom-entity", action="append", default=[],
-                            metavar="LOGICALNAME", help="also create its change topic")
+    topics_cmd.add_argument(
+        "--custom-entity",
+        action="append",
+        default=[],
+        metavar="LOGICALNAME",
+        help="also create its change topic",
+    )
 
     kafka = commands.add_parser("kafka", help="the local Apache Kafka")
     kafka_actions = kafka.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -63,13 +74,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
+        level=args.log_level.upper(),
+        stream=sys.stderr,
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     settings = Settings()
     handler = {
-        "publish": _publish, "topics": _topics, "kafka": _kafka, "up": _up,
+        "publish": _publish,
+        "topics": _topics,
+        "kafka": _kafka,
+        "up": _up,
     }[args.command]
     try:
         return handler(settings, args)
@@ -84,19 +99,19 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         spec = publish.stream(args.stream)
-    except publish.UnknownStream as error:
-        print(f"crmsync publish: {error}", file=sys.stderr)
+    except publish.UnknownStream as unknown:
+        print(f"crmsync publish: {unknown}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        source: TextIO = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
-    except OSError as error:
-        print(f"crmsync publish: cannot read {args.file}: {error.strerror}", file=sys.stderr)
+        source: TextIO = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+    except OSError as unreadable:
+        print(f"crmsync publish: cannot read {args.file}: {unreadable.strerror}", file=sys.stderr)
         return EXIT_INVALID
     with source:
         try:
             events, errors = publish.prepare(spec, source)
-        except UnicodeDecodeError as error:
-            print(f"crmsync publish: {args.file} is not UTF-8 text: {error}", file=sys.stderr)
+        except UnicodeDecodeError as undecodable:
+            print(f"crmsync publish: {args.file} is not UTF-8 text: {undecodable}", file=sys.stderr)
             return EXIT_INVALID
     for error in errors[:200]:
         print(f"invalid: {error}", file=sys.stderr)
@@ -111,7 +126,9 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
         with Progress(disable=not sys.stderr.isatty(), transient=True) as progress:
             task = progress.add_task(f"publishing to {spec.topic}", total=len(events))
             await publish.send(
-                settings.bootstrap_servers, spec, events,
+                settings.bootstrap_servers,
+                spec,
+                events,
                 partitions=settings.topic_partitions,
                 client_options=settings.kafka_client_options(),
                 on_sent=lambda n: progress.advance(task, n),
@@ -133,8 +150,9 @@ def _run_kafka_call(settings: Settings, call: object) -> bool:
     try:
         asyncio.run(call)  # type: ignore[arg-type]
     except (KafkaConnectionError, KafkaTimeoutError, OSError) as error:
-        print(f"crmsync: cannot reach Kafka at {settings.bootstrap_servers}: {error}",
-              file=sys.stderr)
+        print(
+            f"crmsync: cannot reach Kafka at {settings.bootstrap_servers}: {error}", file=sys.stderr
+        )
         return False
     return True
 
@@ -203,7 +221,8 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
 
         async def create() -> None:
             await topics.ensure_topics(
-                bootstrap, topics.topic_specs(settings.topic_partitions),
+                bootstrap,
+                topics.topic_specs(settings.topic_partitions),
                 replication=settings.topic_replication,
                 client_options=settings.kafka_client_options(),
             )

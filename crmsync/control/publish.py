@@ -62,15 +62,29 @@ _PROFILE_FIELDS = {
 }
 STREAMS = {
     "d365-contacts": Stream(
-        "d365-contacts", topics.CONTACT_CHANGES, "contact", "contactid", "d365",
-        "modifiedon", _CONTACT_FIELDS,
+        "d365-contacts",
+        topics.CONTACT_CHANGES,
+        "contact",
+        "contactid",
+        "d365",
+        "modifiedon",
+        _CONTACT_FIELDS,
     ),
     "campaign-profiles": Stream(
-        "campaign-profiles", topics.PROFILE_CHANGES, "profile", "externalId", "campaign",
-        "lastModified", _PROFILE_FIELDS,
+        "campaign-profiles",
+        topics.PROFILE_CHANGES,
+        "profile",
+        "externalId",
+        "campaign",
+        "lastModified",
+        _PROFILE_FIELDS,
     ),
     "campaign-email-events": Stream(
-        "campaign-email-events", topics.EMAIL_EVENTS, "email_event", "contact_id", "campaign",
+        "campaign-email-events",
+        topics.EMAIL_EVENTS,
+        "email_event",
+        "contact_id",
+        "campaign",
         email=True,
     ),
 }
@@ -90,7 +104,12 @@ def stream(name: str) -> Stream:
             )
         id_field = f"{logical}id"
         return Stream(
-            name, topics.entity_changes(logical), logical, id_field, "d365", "modifiedon",
+            name,
+            topics.entity_changes(logical),
+            logical,
+            id_field,
+            "d365",
+            "modifiedon",
             {id_field: FieldRule("guid"), "modifiedon": FieldRule("datetime")},
         )
     if name not in STREAMS:
@@ -124,8 +143,10 @@ class LineError:
     message: str
 
     def __str__(self) -> str:
-        return f"line {self.line}: {self.field}: {self.message}" if self.field else (
-            f"line {self.line}: {self.message}"
+        return (
+            f"line {self.line}: {self.field}: {self.message}"
+            if self.field
+            else (f"line {self.line}: {self.message}")
         )
 
 
@@ -157,7 +178,9 @@ def prepare(
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as error:
-                raise _Invalid([("", f"not valid JSON: {error.msg} at column {error.colno}")])
+                raise _Invalid(
+                    [("", f"not valid JSON: {error.msg} at column {error.colno}")]
+                ) from None
             if not isinstance(obj, dict):
                 raise _Invalid([("", "a line must be a JSON object")])
             if spec.email:
@@ -190,8 +213,12 @@ def _change(spec: Stream, obj: dict[str, Any], clock: Callable[[], int]) -> tupl
     if "op" in obj:  # an envelope
         unknown = set(obj) - _ENVELOPE_KEYS
         if unknown:
-            problems.append((sorted(unknown)[0], "unknown envelope key; an envelope has "
-                             + ", ".join(sorted(_ENVELOPE_KEYS))))
+            problems.append(
+                (
+                    sorted(unknown)[0],
+                    "unknown envelope key; an envelope has " + ", ".join(sorted(_ENVELOPE_KEYS)),
+                )
+            )
         op = obj["op"]
         if op not in ("c", "u", "d"):
             problems.append(("op", 'must be "c", "u" or "d"'))
@@ -229,8 +256,15 @@ def _change(spec: Stream, obj: dict[str, Any], clock: Callable[[], int]) -> tupl
         stamp = (after or {}).get(spec.timestamp_field) if spec.timestamp_field else None
         source_ts = _epoch_ms(stamp) if isinstance(stamp, str) else clock()
     event = change_event(
-        op, spec.entity, str(key), after=after, before=before, system=spec.system,
-        source_ts_ms=source_ts, user=user, txid=txid,
+        op,
+        spec.entity,
+        str(key),
+        after=after,
+        before=before,
+        system=spec.system,
+        source_ts_ms=source_ts,
+        user=user,
+        txid=txid,
     )
     return str(key), _encode(CHANGE_EVENT.encode, event)
 
@@ -319,15 +353,17 @@ async def send(
     from crmsync.schemas.producer import EventProducer
 
     await topics.ensure_topics(
-        bootstrap_servers, [topics.TopicSpec(spec.topic, partitions)],
+        bootstrap_servers,
+        [topics.TopicSpec(spec.topic, partitions)],
         client_options=client_options,
     )
     async with EventProducer(bootstrap_servers, **client_options) as producer:
         window = 2000  # futures in flight: bounded memory, the producer still batches
         pending: list[asyncio.Future[Any]] = []
         for event in events:
-            pending.append(await producer.send_encoded(spec.topic, event.key, event.value,
-                                                       wait=False))
+            pending.append(
+                await producer.send_encoded(spec.topic, event.key, event.value, wait=False)
+            )
             if len(pending) >= window:
                 await asyncio.gather(*pending)
                 if on_sent:

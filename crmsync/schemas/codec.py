@@ -98,7 +98,9 @@ class EventSchema:
         for entry in resources.files(__package__).iterdir():
             match = pattern.match(entry.name)
             if match:
-                versions.append(SchemaVersion.from_json(json.loads(entry.read_text()), int(match[1])))
+                versions.append(
+                    SchemaVersion.from_json(json.loads(entry.read_text()), int(match[1]))
+                )
         return cls(name, versions)
 
     def validate(self, record: Mapping[str, Any]) -> None:

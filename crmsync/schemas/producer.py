@@ -47,9 +47,9 @@ def change_event(
 class EventProducer:
     """An idempotent Kafka producer of Avro events, keyed so one record's changes stay ordered.
 
-        async with EventProducer("127.0.0.1:9092") as producer:
-            await producer.send_change("d365.contact.changes", change_event("u", "contact", id,
-                                       after={"firstname": "Ada"}, system="d365"))
+    async with EventProducer("127.0.0.1:9092") as producer:
+        await producer.send_change("d365.contact.changes", change_event("u", "contact", id,
+                                   after={"firstname": "Ada"}, system="d365"))
     """
 
     def __init__(self, bootstrap_servers: str, **client_options: Any) -> None:
@@ -68,7 +68,9 @@ class EventProducer:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self._producer.stop()
@@ -91,4 +93,3 @@ class EventProducer:
 
     async def flush(self) -> None:
         await self._producer.flush()
-

@@ -33,8 +33,14 @@ def _own_kafka(tmp_path: Path, kafka_cache: Path, nodes: int = 1) -> LocalKafka:
         base, controller = ports
     else:  # a cluster needs consecutive ports: pick a free-looking range
         base, controller = ports[0], ports[0] + 100
-    return LocalKafka(cache_dir=kafka_cache, data_dir=tmp_path / "kafka", nodes=nodes,
-                      base_port=base, controller_base_port=controller, heap="256m")
+    return LocalKafka(
+        cache_dir=kafka_cache,
+        data_dir=tmp_path / "kafka",
+        nodes=nodes,
+        base_port=base,
+        controller_base_port=controller,
+        heap="256m",
+    )
 
 
 async def test_a_stopped_and_restarted_broker_keeps_all_data(
@@ -58,8 +64,12 @@ async def test_a_stopped_and_restarted_broker_keeps_all_data(
 def test_a_busy_port_is_refused_with_a_clear_message(
     local_kafka: LocalKafka, tmp_path: Path, kafka_cache: Path
 ) -> None:
-    clash = LocalKafka(cache_dir=kafka_cache, data_dir=tmp_path / "clash",
-                       base_port=local_kafka.base_port, controller_base_port=free_port())
+    clash = LocalKafka(
+        cache_dir=kafka_cache,
+        data_dir=tmp_path / "clash",
+        base_port=local_kafka.base_port,
+        controller_base_port=free_port(),
+    )
     with pytest.raises(KafkaLaunchError, match="already in use"):
         clash.start()
 
@@ -75,14 +85,17 @@ async def test_every_design_topic_is_created_once_with_its_shape(bootstrap: str)
     await admin.start()
     try:
         described = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topics.CONTROL),
-             ConfigResource(ConfigResourceType.TOPIC, topics.CONTACT_CHANGES)]
+            [
+                ConfigResource(ConfigResourceType.TOPIC, topics.CONTROL),
+                ConfigResource(ConfigResourceType.TOPIC, topics.CONTACT_CHANGES),
+            ]
         )
     finally:
         await admin.close()
     policies = {
         resource[3]: {entry[0]: entry[1] for entry in resource[4]}["cleanup.policy"]
-        for response in described for resource in response.resources
+        for response in described
+        for resource in response.resources
     }
     assert policies == {topics.CONTROL: "compact", topics.CONTACT_CHANGES: "delete"}
 
@@ -92,8 +105,9 @@ def test_kafkas_own_tools_run_from_the_launchers_classpath(
 ) -> None:
     listed = run_tool(kafka_cache, "kafka-topics", ["--bootstrap-server", bootstrap, "--list"])
     assert topics.CONTACT_CHANGES in listed.split()
-    groups = run_tool(kafka_cache, "kafka-consumer-groups",
-                      ["--bootstrap-server", bootstrap, "--list"])
+    groups = run_tool(
+        kafka_cache, "kafka-consumer-groups", ["--bootstrap-server", bootstrap, "--list"]
+    )
     assert isinstance(groups, str)
 
 
@@ -103,8 +117,9 @@ async def test_a_three_node_cluster_replicates_and_survives_a_node_loss(
     cluster = _own_kafka(tmp_path, kafka_cache, nodes=3)
     cluster.start(timeout=120)
     try:
-        created = await topics.ensure_topics(cluster.bootstrap_servers,
-                                             [topics.TopicSpec("replicated", 3)])
+        created = await topics.ensure_topics(
+            cluster.bootstrap_servers, [topics.TopicSpec("replicated", 3)]
+        )
         assert created == ["replicated"]
         (described,) = [await partitions_of(cluster.bootstrap_servers, "replicated")]
         assert len(described) == 3

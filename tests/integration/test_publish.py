@@ -14,18 +14,30 @@ from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT
 from tests.integration.kafka_io import read_all, total_end_offset
 
 
-def _crmsync(bootstrap: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def _crmsync(
+    bootstrap: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap}
     return subprocess.run(
         [sys.executable, "-m", "crmsync.control.cli", *args],
-        input=stdin, capture_output=True, text=True, env=env, timeout=120, check=False,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
 
 
 def _contacts(n: int) -> list[dict[str, object]]:
     return [
-        {"contactid": str(uuid.uuid4()), "firstname": f"First{i}", "lastname": f"Last{i}",
-         "emailaddress1": f"person{i}@example.org", "donotbulkemail": i % 7 == 0}
+        {
+            "contactid": str(uuid.uuid4()),
+            "firstname": f"First{i}",
+            "lastname": f"Last{i}",
+            "emailaddress1": f"person{i}@example.org",
+            "donotbulkemail": i % 7 == 0,
+        }
         for i in range(n)
     ]
 
@@ -75,13 +87,14 @@ async def test_one_bad_line_publishes_nothing_and_names_line_and_field(
 async def test_skip_invalid_publishes_the_valid_lines(bootstrap: str) -> None:
     good = {"event_id": str(uuid.uuid4()), "type": "open", "ts_ms": 1, "contact_id": "c-9"}
     stdin = json.dumps(good) + "\n" + '{"event_id": "x"}\n'
-    result = _crmsync(bootstrap, "publish", "campaign-email-events", "-", "--skip-invalid",
-                      stdin=stdin)
+    result = _crmsync(
+        bootstrap, "publish", "campaign-email-events", "-", "--skip-invalid", stdin=stdin
+    )
     assert result.returncode == 1  # something was refused, and said so
     assert f"published 1 events to {topics.EMAIL_EVENTS}" in result.stdout
     assert "line 2: type: Field required" in result.stderr
     events = [EMAIL_EVENT.decode(r.value) for r in await read_all(bootstrap, topics.EMAIL_EVENTS)]
-    assert [e for e in events if e["event_id"] == good["event_id"]][0]["contact_id"] == "c-9"
+    assert next(e for e in events if e["event_id"] == good["event_id"])["contact_id"] == "c-9"
 
 
 def test_unreachable_kafka_exits_3(tmp_path: Path) -> None:

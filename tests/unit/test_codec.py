@@ -39,15 +39,25 @@ def _crc64_avro(data: bytes) -> int:
 
 def _contact(**after: object) -> dict[str, object]:
     return change_event(
-        "u", "contact", "0f8fad5b-d9cb-469f-a165-70867728950e",
-        after={"firstname": "Ada", **after}, system="d365", source_ts_ms=1_700_000_000_000,
+        "u",
+        "contact",
+        "0f8fad5b-d9cb-469f-a165-70867728950e",
+        after={"firstname": "Ada", **after},
+        system="d365",
+        source_ts_ms=1_700_000_000_000,
     )
 
 
 def test_change_event_round_trips_every_value_type() -> None:
     event = _contact(
-        lastname="Lovelace", donotbulkemail=True, donotemail=False, visits=2**62,
-        score=-1.25, nothing=None, empty="", unicode="Zoë ✓",
+        lastname="Lovelace",
+        donotbulkemail=True,
+        donotemail=False,
+        visits=2**62,
+        score=-1.25,
+        nothing=None,
+        empty="",
+        unicode="Zoë ✓",
     )
     event["before"] = {"firstname": "A"}
     event["source"]["user"] = "admin@contoso"
@@ -69,9 +79,16 @@ def test_email_event_round_trips_with_and_without_optional_fields() -> None:
     decoded = EMAIL_EVENT.decode(EMAIL_EVENT.encode(minimal))
     assert decoded["event_id"] == "e-1" and decoded["url"] is None
     full = {
-        **minimal, "type": "click", "email": "a@b.c", "campaign_id": "CAMP1",
-        "campaign_name": "Spring", "delivery_id": "DM1", "delivery_name": "Newsletter",
-        "mirror_page_url": "https://m/1", "url": "https://x/y", "bounce_type": None,
+        **minimal,
+        "type": "click",
+        "email": "a@b.c",
+        "campaign_id": "CAMP1",
+        "campaign_name": "Spring",
+        "delivery_id": "DM1",
+        "delivery_name": "Newsletter",
+        "mirror_page_url": "https://m/1",
+        "url": "https://x/y",
+        "bounce_type": None,
         "bounce_reason": None,
     }
     assert EMAIL_EVENT.decode(EMAIL_EVENT.encode(full)) == full
@@ -90,13 +107,17 @@ def test_single_object_framing_matches_the_avro_spec() -> None:
 
 def test_golden_bytes_of_a_known_email_event() -> None:
     event = {"event_id": "e", "type": "send", "ts_ms": 1, "contact_id": "c"}
-    body = bytes([
-        0x02, ord("e"),  # event_id: length 1 (zig-zag 2), "e"
-        0x00,            # type: enum index 0 = send
-        0x02,            # ts_ms: 1 (zig-zag)
-        0x02, ord("c"),  # contact_id
-        *([0x00] * 9),   # nine optional fields: union branch 0 = null
-    ])
+    body = bytes(
+        [
+            0x02,
+            ord("e"),  # event_id: length 1 (zig-zag 2), "e"
+            0x00,  # type: enum index 0 = send
+            0x02,  # ts_ms: 1 (zig-zag)
+            0x02,
+            ord("c"),  # contact_id
+            *([0x00] * 9),  # nine optional fields: union branch 0 = null
+        ]
+    )
     fingerprint = struct.pack("<Q", _crc64_avro(EMAIL_EVENT.latest.canonical.encode()))
     assert EMAIL_EVENT.encode(event) == b"\xc3\x01" + fingerprint + body
 

@@ -19,8 +19,12 @@ def _errors(stream_name: str, *lines: object) -> list[str]:
 
 
 def test_a_plain_contact_is_an_upsert_keyed_by_contactid() -> None:
-    line = {"contactid": GUID, "firstname": "Ada", "donotbulkemail": True,
-            "modifiedon": "2026-01-02T03:04:05Z"}
+    line = {
+        "contactid": GUID,
+        "firstname": "Ada",
+        "donotbulkemail": True,
+        "modifiedon": "2026-01-02T03:04:05Z",
+    }
     events, errors = prepare(stream("d365-contacts"), [json.dumps(line)])
     assert errors == []
     assert events[0].key == GUID
@@ -32,8 +36,13 @@ def test_a_plain_contact_is_an_upsert_keyed_by_contactid() -> None:
 
 
 def test_an_envelope_keeps_op_key_before_and_source_time() -> None:
-    line = {"op": "d", "key": GUID, "before": {"firstname": "Ada"}, "source_ts_ms": 42,
-            "source_user": "u1"}
+    line = {
+        "op": "d",
+        "key": GUID,
+        "before": {"firstname": "Ada"},
+        "source_ts_ms": 42,
+        "source_user": "u1",
+    }
     events, errors = prepare(stream("d365-contacts"), [json.dumps(line)])
     assert errors == []
     event = CHANGE_EVENT.decode(events[0].value)
@@ -92,8 +101,13 @@ def test_custom_entity_stream_uses_the_logical_names_id_field() -> None:
 
 
 def test_email_events_are_validated_against_the_event_fields() -> None:
-    good = {"event_id": "e1", "type": "click", "ts_ms": 5, "contact_id": GUID,
-            "url": "https://example.org"}
+    good = {
+        "event_id": "e1",
+        "type": "click",
+        "ts_ms": 5,
+        "contact_id": GUID,
+        "url": "https://example.org",
+    }
     events, errors = prepare(stream("campaign-email-events"), [json.dumps(good)])
     assert errors == [] and events[0].key == GUID
     assert EMAIL_EVENT.decode(events[0].value)["url"] == "https://example.org"

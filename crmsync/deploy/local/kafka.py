@@ -62,8 +62,14 @@ def ensure_jars(cache_dir: Path) -> Path:
     log.info("event=kafka_jars_fetch version=%s dir=%s", kafka_version(), lib)
     result = subprocess.run(
         [
-            "mvn", "-q", "-B", "-f", str(_pom()), "dependency:copy-dependencies",
-            f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
+            "mvn",
+            "-q",
+            "-B",
+            "-f",
+            str(_pom()),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={staging}",
+            "-DincludeScope=runtime",
         ],
         capture_output=True,
         text=True,
@@ -207,10 +213,21 @@ class LocalKafka:
                 continue
             result = subprocess.run(
                 [
-                    _java(), *_log_opts(None), "-cp", f"{lib}/*", TOOLS["kafka-storage"], "format",
-                    "-t", cluster_id, "-c", str(properties), "--ignore-formatted",
+                    _java(),
+                    *_log_opts(None),
+                    "-cp",
+                    f"{lib}/*",
+                    TOOLS["kafka-storage"],
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(properties),
+                    "--ignore-formatted",
                 ],
-                capture_output=True, text=True, check=False,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if result.returncode != 0:
                 raise KafkaLaunchError(f"formatting node {spec.node_id} failed: {result.stderr}")
@@ -238,9 +255,17 @@ class LocalKafka:
         logs = spec.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         command = [
-            _java(), f"-Xmx{self.heap}", f"-Xms{self.heap}", "-XX:+UseG1GC",
-            "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true", *_log_opts(logs),
-            "-cp", f"{lib}/*", "kafka.Kafka", str(spec.data_dir / "server.properties"),
+            _java(),
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap}",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            *_log_opts(logs),
+            "-cp",
+            f"{lib}/*",
+            "kafka.Kafka",
+            str(spec.data_dir / "server.properties"),
         ]
         with (logs / "stdout.log").open("ab") as stdout:
             # Own session: Ctrl-C in a terminal reaches us, and we stop the broker in order.
@@ -248,8 +273,12 @@ class LocalKafka:
                 command, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True
             )
         (spec.data_dir / "broker.pid").write_text(str(self._procs[node_id].pid))
-        log.info("event=kafka_node_started node=%s port=%s pid=%s",
-                 node_id, spec.port, self._procs[node_id].pid)
+        log.info(
+            "event=kafka_node_started node=%s port=%s pid=%s",
+            node_id,
+            spec.port,
+            self._procs[node_id].pid,
+        )
 
     def stop_node(self, node_id: int, timeout: float = 60, kill: bool = False) -> None:
         """Stops one node: SIGTERM (controlled shutdown) and wait, or SIGKILL when `kill`."""
@@ -305,7 +334,9 @@ class LocalKafka:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.stop()
