@@ -152,3 +152,42 @@ async def test_a_token_is_renewed_before_it_expires() -> None:
     assert await tokens.get() == "t1"
     await asyncio.sleep(0.06)
     assert await tokens.get() == "t2"
+
+
+async def test_a_cap_raised_again_restores_the_concurrency() -> None:
+    throttle = Throttle(6)
+    await throttle.set_cap(2)
+    await throttle.set_cap(6)
+    running = peak = 0
+
+    async def request() -> None:
+        nonlocal running, peak
+        async with throttle.slot():
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.01)
+            running -= 1
+
+    await asyncio.gather(*(request() for _ in range(20)))
+    assert peak == 6
+
+
+async def test_lowering_the_cap_while_requests_run_takes_effect_as_they_finish() -> None:
+    throttle = Throttle(4)
+    running = 0
+    concurrency_seen: list[int] = []
+
+    async def request() -> None:
+        nonlocal running
+        async with throttle.slot():
+            running += 1
+            concurrency_seen.append(running)
+            await asyncio.sleep(0.01)
+            running -= 1
+
+    tasks = [asyncio.create_task(request()) for _ in range(12)]
+    await asyncio.sleep(0.001)  # four are in flight now
+    await throttle.set_cap(1)
+    await asyncio.gather(*tasks)
+    assert concurrency_seen[:4] == [1, 2, 3, 4]
+    assert max(concurrency_seen[4:]) == 1

@@ -117,13 +117,16 @@ class Throttle:
 
     Both APIs throttle per user, so when one request hears 429 every request of the client waits
     until ``Retry-After`` has passed instead of burning the quota with requests sure to fail.
+    The cap is a FIFO semaphore (thousands of queued requests wake one at a time); lowering it
+    takes permits out of circulation as they come free.
     """
 
     def __init__(self, max_concurrency: int) -> None:
         self.max_concurrency = max_concurrency
         self._cap = max_concurrency
-        self._in_flight = 0
-        self._cond = asyncio.Condition()
+        self._permits = asyncio.Semaphore(max_concurrency)
+        self._debt = 0  # permits still to withdraw after a lowered cap
+        self._withdrawn = 0  # permits held back from circulation
         self._paused_until = 0.0  # time.monotonic()
 
     @property
@@ -141,17 +144,31 @@ class Throttle:
     async def set_cap(self, cap: int) -> None:
         """Follow the server's parallelism hint, never above the configured maximum."""
         cap = max(1, min(self.max_concurrency, cap))
-        if cap != self._cap:
-            async with self._cond:
-                self._cap = cap
-                self._cond.notify_all()
+        delta, self._cap = cap - self._cap, cap
+        if delta < 0:
+            self._debt -= delta
+            while self._debt and not self._permits.locked():  # free permits go at once
+                await self._permits.acquire()
+                self._debt -= 1
+                self._withdrawn += 1
+            return
+        cancelled = min(delta, self._debt)
+        self._debt -= cancelled
+        for _ in range(min(delta - cancelled, self._withdrawn)):
+            self._withdrawn -= 1
+            self._permits.release()
+
+    def _release(self) -> None:
+        if self._debt:
+            self._debt -= 1
+            self._withdrawn += 1
+        else:
+            self._permits.release()
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Wait for a free slot and for any pause to end; hold the slot for one request."""
-        async with self._cond:
-            await self._cond.wait_for(lambda: self._in_flight < self._cap)
-            self._in_flight += 1
+        await self._permits.acquire()
         try:
             # A 429 may arrive while we wait, so check again after every sleep.
             while True:
@@ -161,9 +178,7 @@ class Throttle:
                 await asyncio.sleep(wait_s)
             yield
         finally:
-            async with self._cond:
-                self._in_flight -= 1
-                self._cond.notify_all()
+            self._release()
 
 
 class TokenCache:
