@@ -57,7 +57,8 @@ class SchemaVersion:
 
     @classmethod
     def from_json(cls, schema: Mapping[str, Any], version: int) -> SchemaVersion:
-        parsed = parse_schema(dict(schema), _write_hint=False)
+        # parse_schema marks the result as parsed; without the mark fastavro re-parses per call
+        parsed = parse_schema(dict(schema))
         canonical = to_parsing_canonical_form(parsed)
         return cls(
             name=str(schema["name"]),
@@ -112,13 +113,22 @@ class EventSchema:
         except ValidationError as error:
             raise InvalidEvent(self.name, _readable(error)) from None
 
-    def encode(self, record: Mapping[str, Any]) -> bytes:
-        """Avro single-object encoding with the newest schema; validates first."""
-        self.validate(record)
+    def encode(self, record: Mapping[str, Any], *, validate: bool = True) -> bytes:
+        """Avro single-object encoding with the newest schema.
+
+        `validate` checks every field strictly first (slow: for records from outside); without
+        it a record the writer cannot encode still raises InvalidEvent naming the field.
+        """
+        if validate:
+            self.validate(record)
         buffer = io.BytesIO()
         buffer.write(SINGLE_OBJECT_MAGIC)
         buffer.write(self.latest.fingerprint)
-        schemaless_writer(buffer, self.latest.parsed, record)
+        try:
+            schemaless_writer(buffer, self.latest.parsed, record)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            self.validate(record)
+            raise InvalidEvent(self.name, [("", str(error))]) from None
         return buffer.getvalue()
 
     def decode(self, data: bytes) -> dict[str, Any]:
