@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from crmsync.settings import Settings
@@ -34,6 +35,15 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="local Kafka nodes (3 = a cluster on ports 9092-9094)",
     )
+    up.add_argument("--detach", action="store_true", help="return once everything is ready")
+    commands.add_parser("down", help="stop the local stack started by `crmsync up`")
+
+    emulators = commands.add_parser(
+        "emulators", help="run the Dynamics 365 and Campaign API emulators (127.0.0.1 only)"
+    )
+    emulators.add_argument("--dynamics-port", type=int, default=8081)
+    emulators.add_argument("--campaign-port", type=int, default=8082)
+    emulators.add_argument("--data-dir", type=Path, help="default: .local/emulators")
 
     publish = commands.add_parser(
         "publish",
@@ -85,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "topics": _topics,
         "kafka": _kafka,
         "up": _up,
+        "down": _down,
+        "emulators": _emulators,
     }[args.command]
     try:
         return handler(settings, args)
@@ -208,37 +220,98 @@ def _wait_for_signal() -> None:
         signal.pause()
 
 
+def _emulators(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    from crmsync.deploy.emulators.server import serve_emulators
+
+    data_dir = args.data_dir or settings.local_dir / "emulators"
+    print(
+        f"Dynamics 365 emulator: http://127.0.0.1:{args.dynamics_port}/api/data/v9.2\n"
+        f"Campaign emulator:     http://127.0.0.1:{args.campaign_port}/local/campaign",
+        flush=True,
+    )
+    asyncio.run(
+        serve_emulators(
+            data_dir,
+            dynamics_port=args.dynamics_port,
+            campaign_port=args.campaign_port,
+            client_id=os.environ.get("CRMSYNC_EMULATOR_CLIENT_ID", "crmsync-local"),
+            client_secret=os.environ.get("CRMSYNC_EMULATOR_CLIENT_SECRET", "crmsync-local"),
+        )
+    )
+    return EXIT_OK
+
+
 def _up(settings: Settings, args: argparse.Namespace) -> int:
-    from crmsync import topics
+    from crmsync.control import stack
     from crmsync.deploy.local.kafka import KafkaLaunchError
 
-    kafka = None
+    if args.detach:
+        return _up_detached(settings, args)
+    local = stack.LocalStack(settings, brokers=args.brokers)
     try:
-        if settings.uses_local_kafka:
-            kafka = _local_kafka(settings, args.brokers)
-            kafka.start()
-        bootstrap = kafka.bootstrap_servers if kafka else settings.bootstrap_servers
-
-        async def create() -> None:
-            await topics.ensure_topics(
-                bootstrap,
-                topics.topic_specs(settings.topic_partitions),
-                replication=settings.topic_replication,
-                client_options=settings.kafka_client_options(),
-            )
-
-        if not _run_kafka_call(settings, create()):
-            return EXIT_UNREACHABLE
-        print(f"crmsync is up. Kafka: {bootstrap}. Ctrl-C stops everything.", flush=True)
+        local.start()
+        stack.write_pid_file(settings, local)
+        print("crmsync is up:", flush=True)
+        for name, where in local.describe().items():
+            print(f"  {name:<18} {where}", flush=True)
+        print("Ctrl-C stops everything.", flush=True)
         _wait_for_signal()
         print("stopping...", flush=True)
         return EXIT_OK
-    except KafkaLaunchError as error:
+    except (KafkaLaunchError, stack.StackError) as error:
         print(f"crmsync up: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE
     finally:
-        if kafka is not None:
-            kafka.stop()
+        local.stop()
+        stack.pid_file(settings).unlink(missing_ok=True)
+
+
+def _up_detached(settings: Settings, args: argparse.Namespace) -> int:
+    import subprocess
+    import time
+
+    from crmsync.control import stack
+
+    pid_file = stack.pid_file(settings)
+    pid_file.unlink(missing_ok=True)
+    logs = settings.local_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with (logs / "up.log").open("ab") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "crmsync.control.cli", "up", "--brokers", str(args.brokers)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            print(
+                f"crmsync up failed (exit {child.returncode}); see {logs / 'up.log'}",
+                file=sys.stderr,
+            )
+            return EXIT_UNREACHABLE
+        if pid_file.exists():
+            banner = (logs / "up.log").read_text().rsplit("crmsync is up:", 1)[-1]
+            print("\n".join(line for line in banner.strip().splitlines() if "Ctrl-C" not in line))
+            print("crmsync is up (detached); `crmsync down` stops it.")
+            return EXIT_OK
+        time.sleep(0.3)
+    print("crmsync up: not ready after 300s", file=sys.stderr)
+    return EXIT_UNREACHABLE
+
+
+def _down(settings: Settings, args: argparse.Namespace) -> int:
+    from crmsync.control import stack
+
+    if stack.down(settings):
+        print("crmsync stopped")
+    else:
+        print("crmsync is not running")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,0 +1,181 @@
+"""The local stack behind `make run` / `crmsync up`: every process, in order, stopped cleanly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from crmsync.deploy.local.kafka import LocalKafka
+from crmsync.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class StackError(RuntimeError):
+    """A process of the local stack did not come up."""
+
+
+@dataclass
+class Process:
+    """One child process of the stack, with its log file under .local/logs/."""
+
+    name: str
+    argv: list[str]
+    ready: Callable[[], bool]
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self, logs: Path) -> None:
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / f"{self.name}.log").open("ab") as out:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+                start_new_session=True,
+            )
+
+    def wait_ready(self, timeout: float, logs: Path) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen is not None and self.popen.poll() is not None:
+                raise StackError(
+                    f"{self.name} exited with {self.popen.returncode}; see {logs / self.name}.log"
+                )
+            if self.ready():
+                return
+            time.sleep(0.2)
+        raise StackError(f"{self.name} was not ready after {timeout:.0f}s; see {logs}")
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("event=process_kill name=%s reason=timeout", self.name)
+            self.popen.kill()
+            self.popen.wait()
+
+
+def _http_ok(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            return httpx.get(url, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return check
+
+
+@dataclass
+class LocalStack:
+    """Kafka (unless KAFKA_BOOTSTRAP_SERVERS is set), topics, and the emulators."""
+
+    settings: Settings
+    brokers: int = 1
+    kafka: LocalKafka | None = None
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def logs(self) -> Path:
+        return self.settings.local_dir / "logs"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka.bootstrap_servers if self.kafka else self.settings.bootstrap_servers
+
+    def _crmsync(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "crmsync.control.cli", *args]
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        if self.settings.uses_local_kafka:
+            data = self.settings.local_dir / ("kafka" if self.brokers == 1 else "kafka-cluster")
+            self.kafka = LocalKafka(self.settings.cache_dir, data, nodes=self.brokers)
+            self.kafka.start()
+        env = {"KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers}
+        create = Process("topics", self._crmsync("topics", "create"), lambda: False, env)
+        create.start(self.logs)
+        if create.popen is None or create.popen.wait(120) != 0:
+            raise StackError(f"creating topics failed; see {self.logs / 'topics.log'}")
+        emulators = Process(
+            "emulators",
+            self._crmsync("emulators"),
+            lambda: all(
+                _http_ok(f"{url}/_admin/stats")()
+                for url in (self.settings.dynamics_url, self.settings.campaign_url)
+            ),
+            env,
+        )
+        for process in (emulators,):
+            process.start(self.logs)
+            self.processes.append(process)
+            process.wait_ready(60, self.logs)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+        self.processes.clear()
+        if self.kafka is not None:
+            self.kafka.stop()
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "kafka": self.bootstrap_servers,
+            "dynamics emulator": f"{self.settings.dynamics_url}/api/data/v9.2",
+            "campaign emulator": (
+                f"{self.settings.campaign_url}/{self.settings.campaign_org}/campaign"
+            ),
+            "logs": str(self.logs),
+        }
+
+
+def pid_file(settings: Settings) -> Path:
+    return settings.local_dir / "run" / "up.json"
+
+
+def write_pid_file(settings: Settings, stack: LocalStack) -> None:
+    path = pid_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": os.getpid(), **stack.describe()}))
+
+
+def down(settings: Settings, timeout: float = 120) -> bool:
+    """Stops a stack started with `crmsync up` (detached or not); False when none runs."""
+    path = pid_file(settings)
+    if not path.exists():
+        return False
+    pid = int(json.loads(path.read_text())["pid"])
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        path.unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            return True
+        time.sleep(0.2)
+    raise StackError(f"crmsync up (pid {pid}) did not stop within {timeout:.0f}s")
