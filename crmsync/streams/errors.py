@@ -31,3 +31,11 @@ class Fatal(SinkError):
 
     The workflow goes FAILED and does not advance its offsets past unwritten records.
     """
+
+
+class ParentMissing(Retryable):
+    """The record links to a parent (a contact or profile) the target does not have yet.
+
+    It usually arrives soon through another workflow, so the runtime retries it for a bounded
+    time before dead-lettering it, instead of failing the workflow.
+    """
