@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from crmsync.streams.errors import Fatal, RecordRejected, Retryable, SinkError
+from crmsync.streams.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
 
 #: A value of a key column (Dynamics alternate keys may be strings, numbers, booleans or GUIDs).
 KeyValue = str | int | float | bool | uuid.UUID
@@ -30,14 +30,22 @@ class SinkRecord:
       deleted).
     - ``fields``: the field values to write (Web API / Campaign field names); ignored for a
       delete. Fields not named are left as they are (PATCH semantics).
-    - ``mode`` (Dynamics): ``create`` = create only (``If-None-Match: *``; an existing record
+    - ``mode``: ``create`` = create only (Dynamics ``If-None-Match: *``; an existing record
       counts as written: a redelivered create was already done); ``update`` = update only
-      (``If-Match: *``; a missing record is rejected). Campaign upserts always look up first.
+      (Dynamics ``If-Match: *``; Campaign: found by its key, else not written). Campaign upserts
+      always look up first.
     - ``key_field``: the field holding ``key`` when it is not the primary id. Dynamics: a
       single-column alternate key (``crmsync_eventid``); Campaign: the field the lookup filter
       matches (default ``externalId`` for profiles; required for custom resources).
     - ``alternate_key`` (Dynamics): a multi-column alternate key, column → value; wins over
       ``key_field``. ``key`` then only orders and names the record in logs.
+    - ``create_fields``: written only when the upsert creates the record (a mapping with
+      ``apply_updates`` false), never over an existing record's values.
+
+    ``mode="update"`` on a missing record is reported ``ParentMissing`` by both sinks (the record
+    is expected to come: an opt-out for a contact not synced yet), never created. A field value
+    may be a ``ProfileLink`` (Campaign): the sink writes the link to that profile, or reports
+    ``ParentMissing`` while there is none; likewise a Dynamics ``@odata.bind`` to a missing record.
     """
 
     target: str
@@ -47,11 +55,22 @@ class SinkRecord:
     mode: Literal["upsert", "create", "update"] = "upsert"
     key_field: str | None = None
     alternate_key: Mapping[str, KeyValue] | None = None
+    create_fields: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def identity(self) -> tuple[str, str]:
         """What per-key ordering is kept by."""
         return (self.target, self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileLink:
+    """A Campaign field value meaning "the profile whose externalId is ``external_id``".
+
+    The Campaign sink resolves it to ``{"PKey": ...}`` (a custom resource's link to its profile).
+    """
+
+    external_id: str
 
 
 @runtime_checkable
@@ -123,6 +142,8 @@ __all__ = [
     "Fatal",
     "KeyValue",
     "Outcome",
+    "ParentMissing",
+    "ProfileLink",
     "RecordRejected",
     "Retryable",
     "SinkError",
