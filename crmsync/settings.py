@@ -69,6 +69,21 @@ class Settings(BaseSettings):
     topic_replication: int | None = Field(default=None, ge=1, description="None → min(3, brokers)")
     schema_registry_url: str | None = None
 
+    initial_state: Literal["running", "stopped"] = Field(
+        default="running",
+        description="what a workflow does before the control plane ever said anything",
+    )
+    worker_id: str | None = Field(default=None, description="None → <host>-<pid>")
+    batch_max_records: int = Field(default=500, ge=1, le=10_000)
+    batch_wait_s: float = Field(default=0.2, gt=0)
+    heartbeat_s: float = Field(default=2.0, gt=0)
+    max_poll_interval_s: float = Field(default=300.0, gt=0)
+    session_timeout_s: float = Field(default=10.0, gt=0)
+    retry_backoff_max_s: float = Field(default=30.0, gt=0)
+    parent_wait_s: float = Field(
+        default=300.0, ge=0, description="how long a record waits for its parent before the DLQ"
+    )
+
     http_host: str = "127.0.0.1"
     http_port: int = 8080
 

@@ -22,6 +22,7 @@ CONTROL = "crmsync.control"
 STATUS = "crmsync.status"
 AUDIT = "crmsync.audit"
 SOURCE_OFFSETS = "crmsync.source-offsets"
+OPTOUT_STATE = "crmsync.opt-in-out.state"
 
 
 def entity_changes(logical_name: str) -> str:
@@ -53,6 +54,8 @@ def topic_specs(partitions: int = 6, custom_entities: Iterable[str] = ()) -> lis
         TopicSpec(STATUS, 1, compacted=True, config=compacted),
         TopicSpec(AUDIT, 1, config={"retention.ms": str(90 * 24 * 3_600_000)}),
         TopicSpec(SOURCE_OFFSETS, 1, compacted=True, config=compacted),
+        # The last opt-out value synced per contact: co-partitioned with the inputs by key.
+        TopicSpec(OPTOUT_STATE, partitions, compacted=True, config=compacted),
         *(TopicSpec(dead_letters(w), partitions, config={"retention.ms": "-1"}) for w in WORKFLOWS),
     ]
     return specs

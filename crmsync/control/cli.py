@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     emulators.add_argument("--campaign-port", type=int, default=8082)
     emulators.add_argument("--data-dir", type=Path, help="default: .local/emulators")
 
+    worker = commands.add_parser("worker", help="run one worker of one workflow")
+    worker.add_argument("workflow", choices=("d365-to-campaign", "campaign-to-d365", "opt-in-out"))
+
     publish = commands.add_parser(
         "publish",
         help="validate JSON Lines and publish them as Avro events",
@@ -97,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "up": _up,
         "down": _down,
         "emulators": _emulators,
+        "worker": _worker,
     }[args.command]
     try:
         return handler(settings, args)
@@ -218,6 +222,16 @@ def _wait_for_signal() -> None:
         signal.signal(sig, lambda signum, _frame: received.append(signum))
     while not received:
         signal.pause()
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from crmsync.streams.app import run_worker
+
+    logging.getLogger("faust").setLevel(logging.WARNING)
+    logging.getLogger("mode").setLevel(logging.WARNING)
+    if not _run_kafka_call(settings, run_worker(args.workflow, settings)):
+        return EXIT_UNREACHABLE
+    return EXIT_OK
 
 
 def _emulators(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,0 +1,167 @@
+"""A Faust consumer whose stop holds: partitions stay paused through rebalances and back-pressure.
+
+Faust's own pause only edits its set of active partitions, and several paths put partitions back
+into that set (rebalances, table recovery, back-pressure), while records already fetched for a
+paused partition are dropped after aiokafka's position moved past them. Here a stop pauses the
+partitions inside aiokafka itself, keeps polling so the member never leaves the group, and a start
+seeks every partition to its committed offset before anything is read again. A fetch epoch, bumped
+at each stop, start and assignment, lets the runtime drop records fetched before the last seek.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any, cast
+
+import aiokafka
+from faust.transport.consumer import RecordMap
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, Message
+
+log = logging.getLogger(__name__)
+
+
+class _RebalanceListener(faust_aiokafka.ConsumerRebalanceListener):
+    """Pauses newly assigned partitions inside aiokafka before they are fetched, when stopped."""
+
+    async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
+        consumer = cast(PausableConsumer, self._thread.consumer)
+        assigned = list(assigned)
+        consumer.fetch_epoch += 1
+        if consumer.stopped and assigned:
+            # Runs on the consumer thread, so aiokafka is called from its own loop.
+            self._thread._ensure_consumer().pause(*assigned)
+            log.info("event=assigned_paused partitions=%s", _names(assigned))
+        await super().on_partitions_assigned(assigned)
+
+
+class PausableConsumer(faust_aiokafka.Consumer):
+    """The workflow's consumer: `pause_all()` / `seek_and_resume_all()` are the stop and start."""
+
+    RebalanceListener = _RebalanceListener
+
+    stopped: bool = False
+    fetch_epoch: int = 0
+
+    # Faust paths that would make a stopped workflow's partitions active again.
+    def _set_active_tps(self, tps: set[TP]) -> set[TP]:
+        active = super()._set_active_tps(tps)
+        if self.stopped:
+            active.clear()
+        return active
+
+    def resume_partitions(self, tps: Iterable[TP]) -> None:
+        if not self.stopped:
+            super().resume_partitions(tps)
+
+    def on_buffer_drop(self, tp: TP) -> None:
+        if self.stopped:
+            self._buffered_partitions.discard(tp)
+            return
+        super().on_buffer_drop(tp)
+
+    async def _wait_next_records(  # noqa: ASYNC109
+        self, timeout: float
+    ) -> tuple[RecordMap | None, set[TP] | None]:
+        epoch = self.fetch_epoch
+        if self.stopped:
+            # Keep calling aiokafka while stopped: Faust would only sleep, the max-poll-interval
+            # timer would run out and the member would leave the group. Every assigned
+            # partition is paused inside aiokafka, so nothing is returned (nor kept).
+            if self.assignment():
+                await self._getmany(active_partitions=set(), timeout=min(timeout, 1.0))
+            else:
+                await self.sleep(1)
+            return {}, set()
+        records, active = await super()._wait_next_records(timeout)
+        if epoch != self.fetch_epoch:
+            return {}, active  # fetched before a stop or a seek: will be read again
+        return records, active
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:  # noqa: ASYNC109
+        epoch = self.fetch_epoch
+        async for tp, message in super().getmany(timeout):
+            if epoch != self.fetch_epoch:
+                break  # a stop or seek happened meanwhile; positions were reset
+            # Stamped so the runtime can drop what was queued before the last seek.
+            message.fetch_epoch = epoch  # type: ignore[attr-defined]
+            yield tp, message
+
+    async def pause_all(self) -> set[TP]:
+        """Stops fetching every assigned partition; they stay paused until seek_and_resume_all."""
+        self.stopped = True
+        self.fetch_epoch += 1
+        self._get_active_partitions().clear()
+        self._buffered_partitions.clear()
+        paused: set[TP] = await self._thread.call_thread(self._pause_in_thread)
+        log.info("event=paused partitions=%s", _names(paused))
+        return paused
+
+    async def _pause_in_thread(self) -> set[TP]:
+        consumer = self._thread._ensure_consumer()
+        assigned = consumer.assignment()
+        if assigned:
+            consumer.pause(*assigned)
+        return set(assigned)
+
+    async def seek_and_resume_all(self) -> Mapping[TP, int]:
+        """Seeks every assigned partition to its committed offset, then resumes it.
+
+        Records fetched before the stop must not be skipped: the position of a paused partition
+        may be past records that were never processed. Returns the positions resumed from.
+        """
+        self.fetch_epoch += 1  # queued before the seek below: nothing read earlier is used
+        positions: dict[TP, int] = await self._thread.call_thread(self._seek_in_thread)
+        for tp, offset in positions.items():
+            self._acked.pop(tp, None)
+            self._acked_index.pop(tp, None)
+            self._gap.pop(tp, None)
+            self._read_offset[tp] = offset if offset else None
+            self._committed_offset[tp] = offset if offset else None
+        self.stopped = False
+        self._set_active_tps(self.assignment())
+        log.info(
+            "event=resumed partitions=%s",
+            ",".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(positions.items())),
+        )
+        return positions
+
+    async def _seek_in_thread(self) -> dict[TP, int]:
+        consumer = self._thread._ensure_consumer()
+        assigned = list(consumer.assignment())
+        positions: dict[TP, int] = {}
+        for tp in assigned:
+            committed = await consumer.committed(tp)
+            if committed is None or committed < 0:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+        if assigned:
+            consumer.resume(*assigned)
+        for tp in assigned:
+            positions[cast(TP, tp)] = await consumer.position(tp)
+        return positions
+
+    async def commit_now(self) -> bool:
+        """Commits every acked offset at once (a stop must leave the group's lag exact)."""
+        return await self.commit()
+
+    async def committed_offsets(self, tps: Iterable[TP]) -> dict[TP, int | None]:
+        return cast(
+            dict[TP, int | None], await self._thread.call_thread(self._committed_in_thread, tps)
+        )
+
+    async def _committed_in_thread(self, tps: Iterable[TP]) -> dict[TP, int | None]:
+        consumer: aiokafka.AIOKafkaConsumer = self._thread._ensure_consumer()
+        return {tp: await consumer.committed(tp) for tp in tps}
+
+
+class PausableTransport(faust_aiokafka.Transport):
+    """The aiokafka transport with the pausable consumer."""
+
+    Consumer = PausableConsumer
+
+
+def _names(tps: Iterable[Any]) -> str:
+    return ",".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in tps)) or "-"

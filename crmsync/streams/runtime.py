@@ -1,0 +1,369 @@
+"""One worker's run of one workflow: the gate, batches written then acked, DLQ, FAILED, stop/start.
+
+A batch is written through the sinks while holding `lock`; a stop closes `gate` (no new write
+starts), pauses the consumer and waits for the lock, so once STOPPED is reported nothing more
+reaches the target. Events are acked only after the target confirmed them, in offset order per
+partition, so Faust commits nothing that was not written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from crmsync import topics
+from crmsync.schemas.codec import DecodeError
+from crmsync.settings import Settings
+from crmsync.streams import config as configs
+from crmsync.streams import workflows
+from crmsync.streams.consumer import PausableConsumer
+from crmsync.streams.control_protocol import ControlRecord, WorkerState, WorkerStatus
+from crmsync.streams.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
+from crmsync.streams.sinks.base import BatchingSink
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    """One source record in a batch, and what became of it."""
+
+    event: Any  # faust Event
+    planned: workflows.Planned | None = None
+    error: SinkError | None = None  # rejected: goes to the DLQ with this reason
+    attempts: int = 0
+    remaining: int = 0  # writes not yet confirmed
+    parent_missing_since: float | None = None
+
+    @property
+    def message(self) -> Any:
+        return self.event.message
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+
+@dataclass
+class WorkflowRuntime:
+    name: str
+    settings: Settings
+    sinks: Mapping[str, BatchingSink]
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    consumer: PausableConsumer | None = None
+    state: WorkerState = "STARTING"
+    error: str | None = None
+    generation: int = -1
+    config_version: int = 0
+    records_written: int = 0
+    dead_lettered: int = 0
+    workflow: workflows.Workflow | None = None
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _producer: AIOKafkaProducer | None = None
+    _applied: tuple[str, int, int] | None = None
+    #: Set while no write may start: wakes retry waits at once.
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            **self.settings.kafka_client_options(),
+        )
+        await self._producer.start()
+
+    async def close(self) -> None:
+        """Abandons any in-flight batch without acking it, then releases every resource."""
+        self.close_gate()
+        if self.workflow is not None:
+            await self.workflow.stop()
+        for sink in self.sinks.values():
+            await sink.aclose()
+        if self._producer is not None:
+            await self.report(left=True)
+            await self._producer.stop()
+
+    # -- control protocol ------------------------------------------------------------------
+
+    async def apply(self, record: ControlRecord | None) -> None:
+        """Brings the worker to what the control record asks (the configured initial state
+        when the control plane never wrote one)."""
+        desired = record.desired if record else self.settings.initial_state
+        generation = record.generation if record else 0
+        version = record.active_version if record else 1
+        if self._applied == (desired, generation, version):
+            return  # already there; a FAILED worker stays so until a new generation
+        if desired == "stopped":
+            await self._stop()
+        else:
+            raw = record.active_config if record else None
+            await self._start(raw, version)
+        self.generation = generation
+        self._applied = (desired, generation, version)
+        await self.report()
+
+    def close_gate(self) -> None:
+        self.gate.clear()
+        self._stopping.set()
+
+    async def _stop(self) -> None:
+        self.close_gate()
+        assert self.consumer is not None
+        await self.consumer.pause_all()
+        async with self.lock:  # the in-flight write, if any, ends (or is abandoned) first
+            pass
+        await self.consumer.commit_now()
+        self.state = "STOPPED"
+        self.error = None
+        log.info("event=stopped workflow=%s", self.name)
+
+    async def _start(self, raw_config: Mapping[str, Any] | None, version: int) -> None:
+        self.state = "STARTING"
+        self.error = None
+        await self.report()
+        try:
+            config = (
+                configs.parse_config(self.name, raw_config)
+                if raw_config is not None
+                else configs.default_config(self.name)
+            )
+        except configs.ConfigError as error:
+            await self.fail(f"invalid config version {version}: {error}")
+            return
+        new = workflows.build(
+            self.name,
+            config,
+            self.settings.bootstrap_servers,
+            self.settings.kafka_client_options(),
+        )
+        if self.workflow is not None and set(new.source_topics()) != set(
+            self.workflow.source_topics()
+        ):
+            await self.fail(
+                "the new config reads other topics "
+                f"({', '.join(sorted(new.source_topics()))}): restart the workers to apply it"
+            )
+            return
+        async with self.lock:
+            if self.workflow is not None:
+                await self.workflow.stop()
+            await new.start()
+            self.workflow = new
+            self.config_version = version
+            assert self.consumer is not None
+            await self.consumer.seek_and_resume_all()
+            self.state = "RUNNING"
+            self._stopping.clear()
+            self.gate.set()
+        log.info("event=running workflow=%s config_version=%s", self.name, version)
+
+    async def fail(self, reason: str) -> None:
+        """FAILED: nothing further is written or acked; Start (a new generation) resumes."""
+        self.close_gate()
+        self.state = "FAILED"
+        self.error = reason
+        log.error("event=failed workflow=%s reason=%r", self.name, reason)
+        if self.consumer is not None:
+            await self.consumer.pause_all()
+        await self.report()
+
+    async def report(self, *, left: bool = False) -> None:
+        """Publishes this worker's status + heartbeat (a tombstone when it leaves)."""
+        if self._producer is None:
+            return
+        status = WorkerStatus(
+            workflow=self.name,
+            worker_id=self.worker_id,
+            state=self.state,
+            generation=self.generation,
+            config_version=self.config_version,
+            error=self.error,
+            partitions=self._partitions(),
+            records_written=self.records_written,
+            dead_lettered=self.dead_lettered,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+        )
+        try:
+            await self._producer.send_and_wait(
+                topics.STATUS, None if left else status.encode(), key=status.key.encode()
+            )
+        except Exception as error:  # a status that cannot be sent must not stop the data path
+            log.warning("event=status_not_sent workflow=%s error=%r", self.name, error)
+
+    def _partitions(self) -> list[str]:
+        if self.consumer is None:
+            return []
+        try:
+            return sorted(f"{tp.topic}[{tp.partition}]" for tp in self.consumer.assignment())
+        except Exception:  # not started yet
+            return []
+
+    # -- the data path ---------------------------------------------------------------------
+
+    async def handle_batch(self, stream: Any, events: Sequence[Any]) -> None:
+        """Writes one batch; acks, in offset order, what the target confirmed or the DLQ took."""
+        async with self.lock:
+            if not self.gate.is_set() or self.workflow is None or self.consumer is None:
+                return  # read again after the next start: never acked here
+            epoch = self.consumer.fetch_epoch
+            items = [_Item(e) for e in events if getattr(e.message, "fetch_epoch", None) == epoch]
+            if not items:
+                return
+            await self._plan(items)
+            await self._write(items)
+            await self._finish(stream, items)
+
+    async def _plan(self, items: list[_Item]) -> None:
+        assert self.workflow is not None
+        decoded: list[tuple[_Item, str, dict[str, Any]]] = []
+        for item in items:
+            try:
+                value = self.workflow.decode(item.message.topic, item.message.value)
+            except DecodeError as error:
+                item.error = RecordRejected(f"undecodable: {error}")
+            else:
+                decoded.append((item, item.message.topic, value))
+        planned = await self.workflow.plan([(topic, value) for _, topic, value in decoded])
+        for (item, _, _), plan in zip(decoded, planned, strict=True):
+            if isinstance(plan.commit, SinkError):  # the mapping refused it
+                item.error = plan.commit
+                continue
+            item.planned = plan
+            item.remaining = len(plan.writes)
+
+    async def _write(self, items: list[_Item]) -> None:
+        pending = [
+            (item, write)
+            for item in items
+            if item.planned is not None
+            for write in item.planned.writes
+        ]
+        attempt = 0
+        while pending and self.gate.is_set():
+            attempt += 1
+            by_system: dict[str, list[tuple[_Item, Any]]] = defaultdict(list)
+            for item, write in pending:
+                by_system[write.system].append((item, write))
+            started = time.monotonic()
+            outcomes = await asyncio.gather(
+                *(
+                    self.sinks[system].write_batch([w.record for _, w in entries])
+                    for system, entries in by_system.items()
+                )
+            )
+            latency = time.monotonic() - started
+            retry: list[tuple[_Item, Any]] = []
+            wait: float | None = None
+            for entries, results in zip(by_system.values(), outcomes, strict=True):
+                for (item, write), outcome in zip(entries, results, strict=True):
+                    item.attempts = attempt
+                    if outcome is None:
+                        item.remaining -= 1
+                    elif isinstance(outcome, Fatal):
+                        await self.fail(f"{write.system}: {outcome.reason}")
+                        return
+                    elif isinstance(outcome, ParentMissing):
+                        now = time.monotonic()
+                        item.parent_missing_since = item.parent_missing_since or now
+                        if now - item.parent_missing_since >= self.settings.parent_wait_s:
+                            item.error = RecordRejected(
+                                f"parent never arrived within {self.settings.parent_wait_s:.0f}s:"
+                                f" {outcome.reason}"
+                            )
+                            item.remaining -= 1
+                        else:
+                            retry.append((item, write))
+                    elif isinstance(outcome, Retryable):
+                        retry.append((item, write))
+                        if outcome.retry_after:
+                            wait = max(wait or 0.0, outcome.retry_after)
+                    else:  # RecordRejected
+                        item.error = outcome
+                        item.remaining -= 1
+            log.debug(
+                "event=batch_written workflow=%s records=%s retry=%s seconds=%.3f",
+                self.name,
+                len(pending),
+                len(retry),
+                latency,
+            )
+            pending = retry
+            if pending:
+                await self._sleep_unless_stopped(self._backoff(attempt, wait))
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after:
+            return float(retry_after)
+        cap = self.settings.retry_backoff_max_s
+        ceiling: float = min(cap, 0.25 * 2.0 ** min(attempt, 10))
+        return random.uniform(0.5, 1.0) * ceiling
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        """Waits, but a stop, a failure or shutdown ends the wait at once."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _finish(self, stream: Any, items: list[_Item]) -> None:
+        """Dead-letters the rejected, runs commits, acks in offset order up to the first gap."""
+        by_partition: dict[Any, list[_Item]] = defaultdict(list)
+        for item in items:
+            by_partition[item.message.tp].append(item)
+        for partition_items in by_partition.values():
+            for item in sorted(partition_items, key=lambda i: i.message.offset):
+                if not item.done:
+                    break  # abandoned (stop, FAILED): this and later offsets are read again
+                if item.error is not None:
+                    await self._dead_letter(item)
+                elif item.planned is not None:
+                    if item.planned.commit is not None:
+                        await item.planned.commit()
+                    self.records_written += 1
+                await stream.ack(item.event)
+
+    async def _dead_letter(self, item: _Item) -> None:
+        assert self._producer is not None and item.error is not None
+        message = item.message
+        headers = [
+            ("crmsync.workflow", self.name),
+            ("crmsync.source.topic", message.topic),
+            ("crmsync.source.partition", str(message.partition)),
+            ("crmsync.source.offset", str(message.offset)),
+            ("crmsync.error.class", type(item.error).__name__),
+            ("crmsync.error.message", item.error.reason[:2000]),
+            ("crmsync.attempts", str(item.attempts)),
+            ("crmsync.time", datetime.now(UTC).isoformat()),
+        ]
+        await self._producer.send_and_wait(
+            topics.dead_letters(self.name),
+            message.value,
+            key=message.key,
+            headers=[(k, v.encode()) for k, v in headers],
+        )
+        self.dead_lettered += 1
+        log.warning(
+            "event=dead_lettered workflow=%s topic=%s partition=%s offset=%s error=%r",
+            self.name,
+            message.topic,
+            message.partition,
+            message.offset,
+            item.error.reason,
+        )
