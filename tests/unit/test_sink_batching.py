@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from crmsync.settings import DynamicsTarget
-from crmsync.streams.errors import Fatal, RecordRejected, Retryable, SinkError
+from crmsync.streams.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
 from crmsync.streams.sinks._http import RetryPolicy
 from crmsync.streams.sinks._multipart import BatchRequest, BatchResponse, ChangeSet
 from crmsync.streams.sinks.base import BatchingSink, DiscardingSink, SinkRecord, retry_after
@@ -195,6 +195,78 @@ async def test_a_fatal_batch_answer_is_every_records_outcome() -> None:
     assert [type(o) for o in outcomes] == [Fatal, Fatal, Retryable]
 
 
+def missing(entity: str = "contact") -> tuple[int, str]:
+    body = {"error": {"code": "0x80040217", "message": f"{entity} With Id = x Does Not Exist"}}
+    return 404, json.dumps(body)
+
+
+async def test_create_fields_go_only_into_a_create_then_the_rest_updates_in_order() -> None:
+    existing = {str(uuid.UUID(int=1))}
+
+    def answer(r: BatchRequest) -> tuple[int, str]:
+        if r.headers.get("If-None-Match") == "*":
+            if any(key in r.url for key in existing):
+                return error(412, "exists")
+        return 204, ""
+
+    client = ScriptedDynamics(answer)
+    sink = DynamicsSink(client)
+    records = [
+        SinkRecord("contacts", str(uuid.UUID(int=1)), fields={"a": 1}, create_fields={"c": 1}),
+        SinkRecord("contacts", str(uuid.UUID(int=2)), fields={"a": 2}, create_fields={"c": 2}),
+        SinkRecord("contacts", str(uuid.UUID(int=1)), fields={"a": 3}),
+    ]
+    outcomes = await sink.write_batch(records)
+    await sink.aclose()
+
+    assert outcomes == [None, None, None]
+    sent = [
+        (r.url[-2], r.headers.get("If-None-Match"), r.body)
+        for batch in client.batches
+        for r in batch
+        if isinstance(r, BatchRequest)
+    ]
+    assert sent == [
+        ("1", "*", {"a": 1, "c": 1}),  # create-only: the record exists (412)
+        ("2", "*", {"a": 2, "c": 2}),  # created: done in one request
+        ("1", None, {"a": 1}),  # so its fields are updated, create_fields left alone
+        ("1", None, {"a": 3}),  # and only then the next record of that key
+    ]
+
+
+async def test_a_bind_to_a_missing_contact_or_an_update_of_a_missing_record_is_parent_missing() -> (
+    None
+):
+    def answer(r: BatchRequest) -> tuple[int, str]:
+        if "regardingobjectid_contact@odata.bind" in (r.body or {}):
+            return missing()
+        if r.headers.get("If-Match") == "*":
+            return missing()
+        return 204, ""
+
+    client = ScriptedDynamics(answer)
+    sink = DynamicsSink(client)
+    contact_id = str(uuid.UUID(int=9))
+    records = [
+        SinkRecord(
+            "crmsync_emailopens",
+            "ev-1",
+            fields={"regardingobjectid_contact@odata.bind": f"/contacts({contact_id})"},
+            key_field="crmsync_eventid",
+        ),
+        SinkRecord("contacts", contact_id, fields={"donotbulkemail": True}, mode="update"),
+        SinkRecord("contacts", contact_id, fields={"firstname": "x"}),
+    ]
+    outcomes = await sink.write_batch(records)
+    await sink.aclose()
+
+    assert isinstance(outcomes[0], ParentMissing)
+    assert f"/contacts({contact_id})" in outcomes[0].reason
+    assert isinstance(outcomes[1], ParentMissing) and "does not exist" in outcomes[1].reason
+    assert isinstance(outcomes[2], Retryable) and "not attempted" in outcomes[2].reason
+    assert len(client.batches) == 1  # parked by the runtime, not retried by the sink
+
+
 class FakeCampaign:
     """Records the order and overlap of writes; fails the keys it is told to."""
 
@@ -204,7 +276,14 @@ class FakeCampaign:
         self.running = self.peak = 0
 
     async def upsert(
-        self, resource: str, value: str, fields: Mapping[str, Any], *, key_field: str | None = None
+        self,
+        resource: str,
+        value: str,
+        fields: Mapping[str, Any],
+        *,
+        key_field: str | None = None,
+        create_fields: Mapping[str, Any] | None = None,
+        mode: str = "upsert",
     ) -> str:
         self.running += 1
         self.peak = max(self.peak, self.running)

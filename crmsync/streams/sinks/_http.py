@@ -329,7 +329,7 @@ def prefixed(error: SinkError, what: str) -> SinkError:
     """The same failure, its reason prefixed with what was being done."""
     reason = f"{what}: {error.reason}"
     if isinstance(error, Retryable):
-        return Retryable(reason, error.retry_after)
+        return type(error)(reason, error.retry_after)  # keeps ParentMissing a ParentMissing
     return type(error)(reason)
 
 

@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 import httpx
 
 from crmsync.settings import CampaignTarget
-from crmsync.streams.errors import Fatal, RecordRejected, Retryable, SinkError
+from crmsync.streams.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
 from crmsync.streams.sinks._http import (
     TRANSIENT_STATUSES,
     RetryPolicy,
@@ -29,6 +29,7 @@ from crmsync.streams.sinks._http import (
 )
 from crmsync.streams.sinks.base import (
     Outcome,
+    ProfileLink,
     SinkRecord,
     blocks_its_key,
     not_attempted,
@@ -319,18 +320,68 @@ class CampaignClient:
         fields: Mapping[str, Any],
         *,
         key_field: str | None = None,
+        create_fields: Mapping[str, Any] | None = None,
+        mode: Literal["upsert", "create", "update"] = "upsert",
     ) -> str:
         """Update the record whose key field is ``value``, or create it; returns its PKey.
 
         POST is not idempotent, so the record is always looked up first (or known from the PKey
-        cache); a cached PKey that has gone stale (404) is looked up again.
+        cache); a cached PKey that has gone stale (404) is looked up again. ``create_fields`` go
+        only into a POST. ``mode="update"`` never creates: a missing record is ``ParentMissing``;
+        ``mode="create"`` leaves an existing record alone. ``ProfileLink`` values become links
+        to that profile (``ParentMissing`` while there is none).
         """
+        for attempt in range(2):
+            body, linked = await self._resolve_links(fields)
+            extra, linked_too = await self._resolve_links(create_fields or {})
+            try:
+                return await self._upsert(resource, value, body, extra, key_field, mode)
+            except RecordRejected:
+                # A cached link target may have been deleted meanwhile: look it up once more.
+                if attempt or not (linked or linked_too):
+                    raise
+                for external_id in (*linked, *linked_too):
+                    self._pkeys.drop(
+                        self._cache_key(PROFILE, self.lookup_for(PROFILE), external_id)
+                    )
+        raise AssertionError("unreachable")
+
+    async def _resolve_links(self, fields: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """``fields`` with each ``ProfileLink`` replaced by ``{"PKey": ...}``; the ids linked."""
+        resolved = dict(fields)
+        linked: list[str] = []
+        for name, link in fields.items():
+            if not isinstance(link, ProfileLink):
+                continue
+            pkey = await self._pkey(PROFILE, self.lookup_for(PROFILE), link.external_id)
+            if pkey is None:
+                raise ParentMissing(
+                    f"{name}: no profile with externalId {link.external_id} yet (link target)"
+                )
+            resolved[name] = {"PKey": pkey}
+            linked.append(link.external_id)
+        return resolved, linked
+
+    async def _upsert(
+        self,
+        resource: str,
+        value: str,
+        fields: Mapping[str, Any],
+        create_fields: Mapping[str, Any],
+        key_field: str | None,
+        mode: Literal["upsert", "create", "update"],
+    ) -> str:
         lookup = self.lookup_for(resource, key_field)
         cache_key = self._cache_key(resource, lookup, value)
         for _ in range(2):
             pkey = await self._pkey(resource, lookup, value)
             if pkey is None:
-                body = {**fields, lookup.field: value}
+                if mode == "update":
+                    raise ParentMissing(
+                        f"update {resource}: no record with {lookup.field}={value} yet "
+                        "(update only: not created)"
+                    )
+                body = {**fields, **create_fields, lookup.field: value}
                 response = await self._call(
                     "POST",
                     self.url(resource),
@@ -342,6 +393,8 @@ class CampaignClient:
                 created = str(response.json()["PKey"])
                 self._pkeys.put(cache_key, created)
                 return created
+            if mode == "create" or not fields:
+                return pkey
             response = await self._call(
                 "PATCH",
                 self.url(resource, pkey),
@@ -437,7 +490,12 @@ class CampaignSink:
                 await self.client.delete(record.target, record.key, key_field=record.key_field)
             else:
                 await self.client.upsert(
-                    record.target, record.key, record.fields, key_field=record.key_field
+                    record.target,
+                    record.key,
+                    record.fields,
+                    key_field=record.key_field,
+                    create_fields=record.create_fields,
+                    mode=record.mode,
                 )
         except SinkError as error:
             return error

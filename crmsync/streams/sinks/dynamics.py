@@ -17,7 +17,7 @@ import httpx
 import msal
 
 from crmsync.settings import DynamicsTarget
-from crmsync.streams.errors import Fatal, RecordRejected, Retryable, SinkError
+from crmsync.streams.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
 from crmsync.streams.sinks._http import (
     TRANSIENT_STATUSES,
     RetryPolicy,
@@ -133,6 +133,34 @@ def classify(
     if 400 <= status < 500:
         return RecordRejected(reason)
     return Fatal(f"unexpected answer: {reason}")
+
+
+def parent_missing(
+    status: int,
+    body: str,
+    fields: Mapping[str, Any] | None,
+    mode: WriteMode,
+    *,
+    update_missing: bool = True,
+) -> ParentMissing | None:
+    """A 404 "does not exist" for a write that needs another record to exist first, else None.
+
+    Dataverse answers 404 (0x80040217) when an ``@odata.bind`` names a missing record, and when an
+    update-only write (``If-Match: *``) finds no record: both usually arrive soon (the contact
+    through another workflow), so the runtime parks them instead of dead-lettering them.
+    """
+    if status != 404 or fields is None:
+        return None
+    code, message = error_message(body)
+    if code in _MISSING_SET_CODES or any(t in message.lower() for t in _MISSING_SET_TEXTS):
+        return None
+    binds = {k: v for k, v in fields.items() if k.endswith("@odata.bind")}
+    if binds:
+        named = ", ".join(f"{k[: -len('@odata.bind')]} → {v}" for k, v in binds.items())
+        return ParentMissing(f"linked record missing ({named}): HTTP 404 {code}: {message}")
+    if mode == "update" and update_missing:
+        return ParentMissing(f"the record to update does not exist yet: HTTP 404 {code}: {message}")
+    return None
 
 
 def _transient(response: httpx.Response) -> Retryable | None:
@@ -384,15 +412,44 @@ class DynamicsClient:
         return BatchRequest("PATCH", url, condition or {}, write.fields, content_id)
 
     async def upsert(
-        self, entity_set: str, key: Key, fields: Mapping[str, Any], *, mode: WriteMode = "upsert"
+        self,
+        entity_set: str,
+        key: Key,
+        fields: Mapping[str, Any],
+        *,
+        mode: WriteMode = "upsert",
+        create_fields: Mapping[str, Any] | None = None,
     ) -> None:
-        """Create or update (``mode="create"``/``"update"``: only create / only update)."""
+        """Create or update (``mode="create"``/``"update"``: only create / only update).
+
+        ``create_fields`` are written only if the record is created: a create-only PATCH with
+        them, then (when the record existed) an update of ``fields``. A bind to a missing record
+        raises ``ParentMissing``; an update-only write of a missing record ``RecordRejected``
+        (the sink reports it ``ParentMissing``).
+        """
+        if create_fields and mode != "update":
+            created = await self._patch(entity_set, key, {**fields, **create_fields}, "create")
+            if created or mode == "create" or not fields:
+                return
+            mode = "upsert"
+        await self._patch(entity_set, key, fields, mode)
+
+    async def _patch(
+        self, entity_set: str, key: Key, fields: Mapping[str, Any], mode: WriteMode
+    ) -> bool:
+        """One PATCH; False when a create-only PATCH found the record already there."""
         request = self.write_request(Write(entity_set, key, fields, mode))
         what = f"{request.method} {entity_set}"
         response = await self._request(
             request.method, request.url, body=fields, headers=request.headers, what=what
         )
+        missing = parent_missing(
+            response.status_code, response.text, fields, mode, update_missing=False
+        )
+        if missing is not None:
+            raise prefixed(missing, what)
         self._raise_for(response, what, operation="write", mode=mode)
+        return response.status_code != 412
 
     async def delete(self, entity_set: str, key: Key) -> None:
         """Delete a record; one already gone counts as deleted."""
@@ -581,8 +638,11 @@ class DynamicsSink:
         for index, record in enumerate(records):
             queues.setdefault(record.identity, []).append(index)
         blocked: dict[tuple[str, str], SinkError] = {}
+        # A record with create_fields is two steps: a create-only PATCH with them, then (when the
+        # record existed: 412) a PATCH of its other fields, sent in the next round.
+        updates: dict[int, BatchRequest] = {}
         while True:
-            round_ = [queue.pop(0) for queue in queues.values() if queue]
+            round_ = [queue[0] for queue in queues.values() if queue]
             if not round_:
                 return outcomes
             requests: dict[int, BatchRequest] = {}
@@ -591,26 +651,48 @@ class DynamicsSink:
                 cause = blocked.get(record.identity)
                 if cause is not None:
                     outcomes[index] = not_attempted(record, cause)
+                elif index in updates:
+                    requests[index] = updates.pop(index)
                     continue
-                try:
-                    requests[index] = self.client.write_request(_write_of(record))
-                except RecordRejected as error:
-                    outcomes[index] = error
+                else:
+                    try:
+                        requests[index] = self.client.write_request(_write_of(record))
+                        continue
+                    except RecordRejected as error:
+                        outcomes[index] = error
+                queues[record.identity].pop(0)
             try:
                 written = await self._write_round(requests)
             except Exception as error:  # a bug must not lose records: report them, stop the flow
                 log.exception("dynamics sink failed unexpectedly")
-                written = dict.fromkeys(requests, unexpected(error))
-            for index, outcome in written.items():
+                written = {i: (unexpected(error), 0) for i in requests}
+            for index, (outcome, status) in written.items():
+                record = records[index]
                 outcomes[index] = outcome
+                if (
+                    status == 412
+                    and _mode_of(requests[index]) == "create"
+                    and record.create_fields
+                    and record.mode == "upsert"
+                    and record.fields
+                ):
+                    updates[index] = self.client.write_request(
+                        Write(record.target, record_key(record), record.fields, "upsert")
+                    )
+                    continue  # the record stays first in its queue for its second step
+                queues[record.identity].pop(0)
                 if blocks_its_key(outcome):
                     assert outcome is not None
-                    blocked[records[index].identity] = outcome
+                    blocked[record.identity] = outcome
 
-    async def _write_round(self, requests: Mapping[int, BatchRequest]) -> dict[int, Outcome]:
-        """Outcomes of requests on distinct keys; transient failures retried within the policy."""
+    async def _write_round(
+        self, requests: Mapping[int, BatchRequest]
+    ) -> dict[int, tuple[Outcome, int]]:
+        """Outcomes (and statuses) of requests on distinct keys; transient failures retried
+        within the policy. A missing parent (``ParentMissing``) is not retried here: the runtime
+        parks it."""
         policy = self.client.retry
-        outcomes: dict[int, Outcome] = {}
+        outcomes: dict[int, tuple[Outcome, int]] = {}
         todo = dict(requests)
         modes = {i: _mode_of(r) for i, r in requests.items()}
         attempt, started = 1, time.monotonic()
@@ -619,7 +701,7 @@ class DynamicsSink:
             try:
                 answers = await self.client.batch(self._items([todo[i] for i in indices]))
             except SinkError as error:
-                outcomes.update(dict.fromkeys(indices, error))
+                outcomes.update(dict.fromkeys(indices, (error, 0)))
                 return outcomes
             retry: dict[int, BatchRequest] = {}
             waits: list[float] = []
@@ -633,15 +715,21 @@ class DynamicsSink:
                     operation="delete" if request.method == "DELETE" else "write",
                     mode=modes[index],
                 )
-                if isinstance(outcome, Retryable):
+                if isinstance(outcome, RecordRejected) and request.method == "PATCH":
+                    outcome = (
+                        parent_missing(answer.status, answer.body, request.body, modes[index])
+                        or outcome
+                    )
+                if isinstance(outcome, Retryable) and not isinstance(outcome, ParentMissing):
                     retry[index] = request
                     if outcome.retry_after:
                         waits.append(outcome.retry_after)
                     if answer.status == 429:
                         self.client.pause(outcome.retry_after)
                 elif outcome is not None:
-                    rejected_in_set |= self.atomic and isinstance(outcome, RecordRejected)
-                outcomes[index] = None if outcome is None else prefixed(outcome, _what(request))
+                    rejected_in_set |= self.atomic and not isinstance(outcome, Fatal)
+                written = None if outcome is None else prefixed(outcome, _what(request))
+                outcomes[index] = (written, answer.status)
             todo = retry
             if not todo or rejected_in_set:
                 continue  # an atomic set failed for a record now dropped: resend the rest at once
@@ -660,8 +748,13 @@ class DynamicsSink:
 
 
 def _write_of(record: SinkRecord) -> Write:
-    fields = None if record.op == "delete" else record.fields
-    return Write(record.target, record_key(record), fields, record.mode)
+    """The record's (first) request: with create_fields, a create-only write including them."""
+    if record.op == "delete":
+        return Write(record.target, record_key(record), None, record.mode)
+    if record.create_fields and record.mode != "update":
+        fields = {**record.fields, **record.create_fields}
+        return Write(record.target, record_key(record), fields, "create")
+    return Write(record.target, record_key(record), record.fields, record.mode)
 
 
 def _mode_of(request: BatchRequest) -> WriteMode:
