@@ -61,8 +61,8 @@ class PausableConsumer(faust_aiokafka.Consumer):
             return
         super().on_buffer_drop(tp)
 
-    async def _wait_next_records(  # noqa: ASYNC109
-        self, timeout: float
+    async def _wait_next_records(
+        self, timeout: float  # noqa: ASYNC109 - Faust's signature
     ) -> tuple[RecordMap | None, set[TP] | None]:
         epoch = self.fetch_epoch
         if self.stopped:
