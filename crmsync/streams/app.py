@@ -135,6 +135,15 @@ async def run_worker(workflow: str, settings: Settings) -> None:
     await control.loaded.wait()
     first = _control_record(control, workflow)
     source = _source_topics(workflow, first)
+    await topics.ensure_topics(
+        settings.bootstrap_servers,
+        [
+            *topics.topic_specs(settings.topic_partitions),
+            *(topics.TopicSpec(name, settings.topic_partitions) for name in source),
+        ],
+        replication=settings.topic_replication,
+        client_options=settings.kafka_client_options(),
+    )
     app, runtime = create_app(workflow, settings, source_topics=source)
     app.finalize()
     consumer = app.consumer

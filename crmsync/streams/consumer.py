@@ -10,6 +10,7 @@ at each stop, start and assignment, lets the runtime drop records fetched before
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, cast
@@ -20,6 +21,9 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 
 log = logging.getLogger(__name__)
+
+#: A partition no consumer is assigned: fetching it polls aiokafka without consuming anything.
+_NO_PARTITION = cast(TP, aiokafka.TopicPartition("crmsync.no-partition", -1))
 
 
 class _RebalanceListener(faust_aiokafka.ConsumerRebalanceListener):
@@ -62,22 +66,35 @@ class PausableConsumer(faust_aiokafka.Consumer):
         super().on_buffer_drop(tp)
 
     async def _wait_next_records(
-        self, timeout: float  # noqa: ASYNC109 - Faust's signature
+        self,
+        timeout: float,  # noqa: ASYNC109 - Faust's signature
     ) -> tuple[RecordMap | None, set[TP] | None]:
-        epoch = self.fetch_epoch
-        if self.stopped:
-            # Keep calling aiokafka while stopped: Faust would only sleep, the max-poll-interval
-            # timer would run out and the member would leave the group. Every assigned
-            # partition is paused inside aiokafka, so nothing is returned (nor kept).
-            if self.assignment():
-                await self._getmany(active_partitions=set(), timeout=min(timeout, 1.0))
-            else:
-                await self.sleep(1)
-            return {}, set()
-        records, active = await super()._wait_next_records(timeout)
-        if epoch != self.fetch_epoch:
-            return {}, active  # fetched before a stop or a seek: will be read again
-        return records, active
+        # One fetch at a time, never during a seek: a fetch running while the position is
+        # moved would consume records from the new position that the epoch check then drops.
+        async with self._fetch_lock():
+            epoch = self.fetch_epoch
+            if self.stopped:
+                # Keep calling aiokafka while stopped: Faust would only sleep, the
+                # max-poll-interval timer would run out and the member would leave the group.
+                # Asking for a partition nobody has returns nothing and consumes nothing
+                # (an empty set would mean every partition to aiokafka).
+                if self.assignment():
+                    await self._getmany(
+                        active_partitions={_NO_PARTITION}, timeout=min(timeout, 1.0)
+                    )
+                else:
+                    await self.sleep(1)
+                return {}, set()
+            records, active = await super()._wait_next_records(timeout)
+            if epoch != self.fetch_epoch:
+                return {}, active  # fetched across a stop: read again after the next start
+            return records, active
+
+    def _fetch_lock(self) -> asyncio.Lock:
+        lock: asyncio.Lock | None = self.__dict__.get("_crmsync_fetch_lock")
+        if lock is None:
+            lock = self.__dict__["_crmsync_fetch_lock"] = asyncio.Lock()
+        return lock
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:  # noqa: ASYNC109
         epoch = self.fetch_epoch
@@ -111,8 +128,9 @@ class PausableConsumer(faust_aiokafka.Consumer):
         Records fetched before the stop must not be skipped: the position of a paused partition
         may be past records that were never processed. Returns the positions resumed from.
         """
-        self.fetch_epoch += 1  # queued before the seek below: nothing read earlier is used
-        positions: dict[TP, int] = await self._thread.call_thread(self._seek_in_thread)
+        async with self._fetch_lock():
+            self.fetch_epoch += 1  # what was fetched before the seek is dropped downstream
+            positions: dict[TP, int] = await self._thread.call_thread(self._seek_in_thread)
         for tp, offset in positions.items():
             self._acked.pop(tp, None)
             self._acked_index.pop(tp, None)
@@ -120,6 +138,9 @@ class PausableConsumer(faust_aiokafka.Consumer):
             self._read_offset[tp] = offset if offset else None
             self._committed_offset[tp] = offset if offset else None
         self.stopped = False
+        # Faust's own pause (table recovery pauses every assigned partition) was refused a
+        # resume while stopped: lift it too, or the partitions would never be active again.
+        self._paused_partitions.difference_update(positions)
         self._set_active_tps(self.assignment())
         log.info(
             "event=resumed partitions=%s",

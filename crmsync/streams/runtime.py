@@ -227,6 +227,8 @@ class WorkflowRuntime:
             if not items:
                 return
             await self._plan(items)
+            if not self.gate.is_set():
+                return  # FAILED while planning
             await self._write(items)
             await self._finish(stream, items)
 
@@ -242,6 +244,9 @@ class WorkflowRuntime:
                 decoded.append((item, item.message.topic, value))
         planned = await self.workflow.plan([(topic, value) for _, topic, value in decoded])
         for (item, _, _), plan in zip(decoded, planned, strict=True):
+            if isinstance(plan.commit, Fatal):
+                await self.fail(plan.commit.reason)
+                return
             if isinstance(plan.commit, SinkError):  # the mapping refused it
                 item.error = plan.commit
                 continue

@@ -20,6 +20,7 @@ from crmsync.streams.config import (
     WorkflowConfig,
 )
 from crmsync.streams.control_protocol import TopicFollower
+from crmsync.streams.errors import Fatal
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ class Workflow(Protocol):
     def decode(self, topic: str, value: bytes) -> dict[str, Any]: ...
 
     async def plan(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> list[Planned]:
-        """One Planned per (topic, event), in order. Raises nothing for a single bad record:
-        a record that cannot be mapped is a `Planned` whose `commit` is the MappingError."""
+        """One Planned per (topic, event), in order. Raises nothing for a single record: one
+        that cannot be mapped is a `Planned` whose `commit` is the MappingError (or Fatal)."""
         ...
 
     async def start(self) -> None: ...
@@ -68,7 +69,7 @@ def _plan_each(batch: Sequence[tuple[str, dict[str, Any]]], fn: Any) -> list[Pla
     for topic, event in batch:
         try:
             planned.append(Planned(fn(topic, event)))
-        except mapping.MappingError as error:
+        except (mapping.MappingError, Fatal) as error:
             planned.append(Planned([], commit=error))
     return planned
 
