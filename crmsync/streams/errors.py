@@ -23,11 +23,11 @@ class Retryable(SinkError):
 
 
 class RecordRejected(SinkError):
-    """The target refused this one record (or it cannot be decoded/mapped): dead-letter it, go on."""
+    """The target refused this one record (or it cannot be decoded or mapped): dead-letter it."""
 
 
 class Fatal(SinkError):
-    """The workflow cannot go on (credentials refused, forbidden, target entity missing, bad config).
+    """The workflow cannot go on (credentials refused, forbidden, entity missing, bad config).
 
     The workflow goes FAILED and does not advance its offsets past unwritten records.
     """
