@@ -74,6 +74,7 @@ class WorkerStatus(BaseModel):
     partitions: list[str] = Field(default_factory=list)
     records_written: int = 0
     dead_lettered: int = 0
+    replayed: str | None = Field(default=None, description="id of the last replay carried out")
     heartbeat_ms: int = Field(default_factory=lambda: int(time.time() * 1000))
     host: str = ""
     pid: int = 0
