@@ -164,6 +164,40 @@ class PausableConsumer(faust_aiokafka.Consumer):
             positions[cast(TP, tp)] = await consumer.position(tp)
         return positions
 
+    async def rewind(self, from_ms: int | None) -> dict[TP, int]:
+        """Commits, for every assigned partition, the offset of the first record at or after
+        `from_ms` (None = the earliest kept), straight through aiokafka: Faust only commits
+        offsets above what it believes committed. Only while stopped."""
+        if not self.stopped:
+            raise RuntimeError("a replay needs the workflow stopped")
+        async with self._fetch_lock():
+            offsets: dict[TP, int] = await self._thread.call_thread(self._rewind_in_thread, from_ms)
+            for tp, offset in offsets.items():
+                self._acked.pop(tp, None)
+                self._acked_index.pop(tp, None)
+                self._gap.pop(tp, None)
+                self._read_offset[tp] = offset if offset else None
+                self._committed_offset[tp] = offset if offset else None
+        log.info(
+            "event=rewound partitions=%s",
+            ",".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(offsets.items())),
+        )
+        return offsets
+
+    async def _rewind_in_thread(self, from_ms: int | None) -> dict[TP, int]:
+        consumer = self._thread._ensure_consumer()
+        assigned = list(consumer.assignment())
+        if not assigned:
+            return {}
+        if from_ms is None:
+            offsets = dict(await consumer.beginning_offsets(assigned))
+        else:
+            ends = await consumer.end_offsets(assigned)
+            found = await consumer.offsets_for_times({tp: from_ms for tp in assigned})
+            offsets = {tp: found[tp].offset if found.get(tp) else ends[tp] for tp in assigned}
+        await consumer.commit({tp: offset for tp, offset in offsets.items()})
+        return {cast(TP, tp): offset for tp, offset in offsets.items()}
+
     async def commit_now(self) -> bool:
         """Commits every acked offset at once (a stop must leave the group's lag exact)."""
         return await self.commit()

@@ -28,7 +28,12 @@ from crmsync.settings import Settings
 from crmsync.streams import config as configs
 from crmsync.streams import workflows
 from crmsync.streams.consumer import PausableConsumer
-from crmsync.streams.control_protocol import ControlRecord, WorkerState, WorkerStatus
+from crmsync.streams.control_protocol import (
+    ControlRecord,
+    ReplayRequest,
+    WorkerState,
+    WorkerStatus,
+)
 from crmsync.streams.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
 from crmsync.streams.sinks.base import BatchingSink
 
@@ -68,6 +73,7 @@ class WorkflowRuntime:
     config_version: int = 0
     records_written: int = 0
     dead_lettered: int = 0
+    replayed: str | None = None
     workflow: workflows.Workflow | None = None
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -107,6 +113,8 @@ class WorkflowRuntime:
         desired = record.desired if record else self.settings.initial_state
         generation = record.generation if record else 0
         version = record.active_version if record else 1
+        if record is not None and record.replay is not None and desired == "stopped":
+            await self._replay(record.replay)
         if self._applied == (desired, generation, version):
             return  # already there; a FAILED worker stays so until a new generation
         if desired == "stopped":
@@ -121,6 +129,24 @@ class WorkflowRuntime:
     def close_gate(self) -> None:
         self.gate.clear()
         self._stopping.set()
+
+    async def _replay(self, request: ReplayRequest) -> None:
+        """Moves this worker's partitions' committed offsets back, once per request id.
+
+        Kafka refuses commits from outside a group that has members, and a stopped worker is
+        still a member: so the workers commit the replayed offsets themselves.
+        """
+        if request.id == self.replayed:
+            return
+        if self._applied is None or self._applied[0] != "stopped":
+            await self._stop()
+        assert self.consumer is not None
+        start = request.from_
+        from_ms = None if start == "earliest" else _epoch_ms(start)
+        await self.consumer.rewind(from_ms)
+        self.replayed = request.id
+        log.info("event=replayed workflow=%s replay=%s from=%s", self.name, request.id, start)
+        await self.report()
 
     async def _stop(self) -> None:
         self.close_gate()
@@ -197,6 +223,7 @@ class WorkflowRuntime:
             partitions=self._partitions(),
             records_written=self.records_written,
             dead_lettered=self.dead_lettered,
+            replayed=self.replayed,
             host=socket.gethostname(),
             pid=os.getpid(),
         )
@@ -372,3 +399,10 @@ class WorkflowRuntime:
             message.offset,
             item.error.reason,
         )
+
+
+def _epoch_ms(iso_time: str) -> int:
+    moment = datetime.fromisoformat(iso_time.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)

@@ -21,7 +21,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from crmsync import topics
 from crmsync.schemas.producer import EventProducer, change_event
 from crmsync.settings import CampaignTarget, DynamicsTarget
-from crmsync.streams.control_protocol import ControlRecord, WorkerStatus, write_control
+from crmsync.streams.control_protocol import (
+    ControlRecord,
+    ReplayRequest,
+    WorkerStatus,
+    write_control,
+)
 from crmsync.streams.sinks.campaign import CampaignClient
 from crmsync.streams.sinks.dynamics import DynamicsClient
 
@@ -167,6 +172,7 @@ class Cluster:
         desired: str,
         config: dict[str, Any] | None = None,
         version: int = 1,
+        replay: dict[str, str] | None = None,
     ) -> int:
         """Writes a control record with a new generation; returns the generation."""
         from crmsync.streams.config import default_config
@@ -179,6 +185,7 @@ class Cluster:
             generation=generation,
             active_config=config or default_config(workflow).model_dump(mode="json"),
             active_version=version,
+            replay=ReplayRequest.model_validate(replay) if replay else None,
         )
         await write_control(self.bootstrap, record)
         return generation
@@ -344,3 +351,18 @@ async def recreate_topics(bootstrap: str) -> None:
         except Exception:  # still being deleted on the broker: try again shortly
             await asyncio.sleep(0.5)
     await topics.ensure_topics(bootstrap, specs)
+
+
+async def group_members(bootstrap: str, group: str) -> list[str]:
+    """Member ids of a consumer group (a member that left and came back has a new id)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    members: list[str] = []
+    for response in described:
+        for entry in response.groups:
+            members += [member[0] for member in entry[5]]
+    return sorted(members)

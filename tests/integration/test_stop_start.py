@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.integration.harness import Cluster, contacts, wait_for
+from tests.integration.harness import Cluster, contacts, group_members, wait_for
 
 WORKFLOW = "d365-to-campaign"
 
@@ -69,3 +69,106 @@ async def _publish_steadily(cluster: Cluster, batches: int, size: int) -> int:
         sent += await cluster.publish_contacts(contacts(size))
         await asyncio.sleep(0.1)
     return sent
+
+
+async def test_stops_and_starts_mid_batch_under_back_pressure_lose_nothing(
+    cluster: Cluster,
+) -> None:
+    """The pause trap: records fetched before a stop must be read again after the start."""
+    cluster.emulators.faults("campaign", latency_ms=15)  # slow target: buffers fill up
+    cluster.start_worker(WORKFLOW, CRMSYNC_BATCH_MAX_RECORDS="100")
+    await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))
+    first = contacts(1500, tag="a")
+    await cluster.publish_contacts(first)
+    # a second version of every contact: the target must end with it (per-key order)
+    second = [{**c, "firstname": f"{c['firstname'][:25]}-v2"} for c in first]
+    await cluster.publish_contacts(second)
+
+    for _ in range(4):
+        await asyncio.sleep(1.5)
+        await cluster.wait_state(WORKFLOW, "STOPPED", await cluster.control(WORKFLOW, "stopped"))
+        await asyncio.sleep(0.5)
+        await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))
+    cluster.emulators.clear_faults()
+
+    async def drained() -> bool:
+        return await cluster.lag(WORKFLOW) == 0
+
+    await wait_for(drained, 120, "backlog drained")
+    profiles = await cluster.profiles()
+    assert len(profiles) == 1500
+    stale = [
+        c["contactid"] for c in second if profiles[c["contactid"]]["firstName"] != c["firstname"]
+    ]
+    assert stale == []
+
+
+async def test_a_worker_joining_while_stopped_leaves_the_workflow_stopped(
+    cluster: Cluster,
+) -> None:
+    cluster.start_worker(WORKFLOW)
+    await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))
+    stopped = await cluster.control(WORKFLOW, "stopped")
+    await cluster.wait_state(WORKFLOW, "STOPPED", stopped)
+    cluster.start_worker(WORKFLOW)  # joins the group: a rebalance while stopped
+    await cluster.wait_state(WORKFLOW, "STOPPED", stopped, workers=2)
+    await cluster.publish_contacts(contacts(200))
+    await asyncio.sleep(8)  # the rebalance and any wrongly resumed fetch have happened by now
+    assert await _profiles_count(cluster) == 0
+    assert await cluster.lag(WORKFLOW) == 200
+
+    started = await cluster.control(WORKFLOW, "running")
+    await cluster.wait_state(WORKFLOW, "RUNNING", started, workers=2)
+
+    async def drained() -> bool:
+        return await cluster.lag(WORKFLOW) == 0 and await _profiles_count(cluster) == 200
+
+    await wait_for(drained, 60, "200 profiles")
+
+
+async def test_a_stop_longer_than_the_max_poll_interval_keeps_the_group(
+    cluster: Cluster,
+) -> None:
+    cluster.start_worker(WORKFLOW, CRMSYNC_MAX_POLL_INTERVAL_S="4")
+    await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))
+    stopped = await cluster.control(WORKFLOW, "stopped")
+    await cluster.wait_state(WORKFLOW, "STOPPED", stopped)
+    members = await group_members(cluster.bootstrap, f"crmsync.{WORKFLOW}")
+    assert len(members) == 1
+    await asyncio.sleep(12)  # three times the max poll interval
+    assert await group_members(cluster.bootstrap, f"crmsync.{WORKFLOW}") == members
+    await cluster.publish_contacts(contacts(50))
+    await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))
+
+    async def synced() -> bool:
+        return await _profiles_count(cluster) == 50
+
+    await wait_for(synced, 30, "50 profiles")
+
+
+async def test_replay_from_earliest_while_stopped_resyncs_without_duplicates(
+    cluster: Cluster,
+) -> None:
+    cluster.start_worker(WORKFLOW)
+    await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))
+    await cluster.publish_contacts(contacts(120))
+
+    async def synced() -> bool:
+        return await cluster.lag(WORKFLOW) == 0 and await _profiles_count(cluster) == 120
+
+    await wait_for(synced, 60, "120 profiles")
+    stopped = await cluster.control(WORKFLOW, "stopped")
+    await cluster.wait_state(WORKFLOW, "STOPPED", stopped)
+    requests_before = cluster.emulators.stats("campaign")["requests"]
+
+    await cluster.control(WORKFLOW, "stopped", replay={"id": "r1", "from": "earliest"})
+
+    async def replayed() -> bool:
+        return any(s.replayed == "r1" for s in await cluster.statuses(WORKFLOW))
+
+    await wait_for(replayed, 30, "the worker to carry out the replay")
+    assert await cluster.lag(WORKFLOW) == 120  # the whole topic is backlog again
+    await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))
+    await wait_for(synced, 60, "re-synced")
+    assert cluster.emulators.stats("campaign")["requests"] > requests_before  # written again
+    assert await _profiles_count(cluster) == 120  # and no duplicates
