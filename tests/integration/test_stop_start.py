@@ -172,3 +172,28 @@ async def test_replay_from_earliest_while_stopped_resyncs_without_duplicates(
     await wait_for(synced, 60, "re-synced")
     assert cluster.emulators.stats("campaign")["requests"] > requests_before  # written again
     assert await _profiles_count(cluster) == 120  # and no duplicates
+
+
+async def test_sigterm_during_a_target_outage_leaves_promptly_without_acking(
+    cluster: Cluster,
+) -> None:
+    worker = cluster.start_worker(WORKFLOW)
+    await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))
+    cluster.emulators.faults("campaign", outage_s=120)
+    await cluster.publish_contacts(contacts(100))
+    await asyncio.sleep(3)  # the worker is retrying against the outage now
+    assert await cluster.lag(WORKFLOW) == 100
+    started = asyncio.get_running_loop().time()
+    assert worker.terminate(timeout=30) == 0
+    assert asyncio.get_running_loop().time() - started < 20
+    assert await cluster.lag(WORKFLOW) == 100  # nothing acked that was not written
+    assert await group_members(cluster.bootstrap, f"crmsync.{WORKFLOW}") == []  # it left
+    assert [s for s in await cluster.statuses(WORKFLOW) if s.state == "RUNNING"] == []
+
+    cluster.emulators.clear_faults()
+    cluster.start_worker(WORKFLOW)
+
+    async def synced() -> bool:
+        return await _profiles_count(cluster) == 100 and await cluster.lag(WORKFLOW) == 0
+
+    await wait_for(synced, 60, "100 profiles after the restart")
