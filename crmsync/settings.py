@@ -86,6 +86,25 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    control_url: str | None = Field(
+        default=None, description="where the CLI finds the control plane; None → http_host:port"
+    )
+    admin_token: SecretStr | None = Field(
+        default=None, description="None → random, kept in .local/admin-token"
+    )
+    api_tokens: SecretStr | None = Field(
+        default=None, description="more bearer tokens: name:role:token,... (viewer/operator/admin)"
+    )
+    worker_liveness_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="a worker is live while its heartbeat is younger; None → 3 x heartbeat_s + 2",
+    )
+    backlog_sample_s: float = Field(default=5.0, gt=0, description="backlog sampling interval")
+    backlog_window_s: float = Field(default=60.0, gt=0, description="the trend's sliding window")
+    replay_timeout_s: float = Field(
+        default=30.0, gt=0, description="how long a replay waits for every live worker"
+    )
 
     dynamics_url: str = "http://127.0.0.1:8081"
     dynamics_tenant: str = "local"
@@ -118,6 +137,18 @@ class Settings(BaseSettings):
                 cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
             )
         return options
+
+    @property
+    def liveness_s(self) -> float:
+        """How old a worker's last heartbeat may be for it to count as live."""
+        return self.worker_liveness_s or 3 * self.heartbeat_s + 2
+
+    @property
+    def control_base_url(self) -> str:
+        if self.control_url:
+            return self.control_url.rstrip("/")
+        host = "127.0.0.1" if self.http_host in ("0.0.0.0", "::", "") else self.http_host
+        return f"http://{host}:{self.http_port}"
 
     @property
     def uses_local_kafka(self) -> bool:

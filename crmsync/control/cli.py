@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from crmsync.settings import Settings
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from crmsync.deploy.local.kafka import LocalKafka
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+WORKFLOWS = ("d365-to-campaign", "campaign-to-d365", "opt-in-out")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +47,44 @@ def _parser() -> argparse.ArgumentParser:
     emulators.add_argument("--data-dir", type=Path, help="default: .local/emulators")
 
     worker = commands.add_parser("worker", help="run one worker of one workflow")
-    worker.add_argument("workflow", choices=("d365-to-campaign", "campaign-to-d365", "opt-in-out"))
+    worker.add_argument("workflow", choices=WORKFLOWS)
+
+    commands.add_parser(
+        "control",
+        help="run the control plane (HTTP API, metrics) on CRMSYNC_HTTP_HOST:CRMSYNC_HTTP_PORT",
+    )
+    flows = commands.add_parser(
+        "workflows",
+        help="status, stop/start and replay of the workflows, over the control plane's API",
+        description="Talks to the control plane at CRMSYNC_CONTROL_URL (default "
+        "http://CRMSYNC_HTTP_HOST:CRMSYNC_HTTP_PORT) with CRMSYNC_ADMIN_TOKEN or the token in "
+        ".local/admin-token. Exit codes: 0 ok, 1 refused, 2 usage, 3 control plane unreachable.",
+    )
+    flows.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    flow_actions = flows.add_subparsers(dest="action", metavar="ACTION")
+    flow_actions.add_parser("list", help="every workflow: status, backlog, trend (the default)")
+    for action, text in (
+        ("show", "one workflow in detail"),
+        ("start", "start (pending config changes become active)"),
+        ("stop", "stop: nothing more is written once STOPPED"),
+    ):
+        one = flow_actions.add_parser(action, help=text)
+        one.add_argument("workflow", choices=WORKFLOWS)
+        if action != "show":
+            one.add_argument(
+                "--wait", action="store_true", help="return once the status is RUNNING/STOPPED"
+            )
+    replay = flow_actions.add_parser(
+        "replay", help="move a STOPPED workflow's committed offsets back"
+    )
+    replay.add_argument("workflow", choices=WORKFLOWS)
+    replay.add_argument(
+        "--from",
+        dest="from_",
+        required=True,
+        metavar="earliest|ISO-TIME",
+        help="earliest, or an ISO-8601 time (no zone = UTC)",
+    )
 
     publish = commands.add_parser(
         "publish",
@@ -92,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings()
     handler = {
         "publish": _publish,
@@ -101,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "down": _down,
         "emulators": _emulators,
         "worker": _worker,
+        "control": _control,
+        "workflows": _workflows,
     }[args.command]
     try:
         return handler(settings, args)
@@ -232,6 +273,122 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     if not _run_kafka_call(settings, run_worker(args.workflow, settings)):
         return EXIT_UNREACHABLE
     return EXIT_OK
+
+
+def _control(settings: Settings, args: argparse.Namespace) -> int:
+    from crmsync.control.auth import TokenError
+    from crmsync.control.server import ControlPlaneFailed, serve
+
+    try:
+        asyncio.run(serve(settings))
+    except TokenError as error:
+        print(f"crmsync control: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ControlPlaneFailed as error:
+        print(f"crmsync control: {error}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    return EXIT_OK
+
+
+def _workflows(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from crmsync.control.auth import stored_admin_token
+    from crmsync.control.client import ControlClient, Refused, Unreachable
+
+    action = args.action or "list"
+    with ControlClient(settings.control_base_url, stored_admin_token(settings)) as client:
+        try:
+            if action == "list":
+                flows = client.workflows()
+                print(json.dumps(flows, indent=2) if args.json else _table(flows))
+                return EXIT_OK
+            if action == "show":
+                detail = client.workflow(args.workflow)
+                print(json.dumps(detail, indent=2) if args.json else _describe(detail))
+                return EXIT_OK
+            if action == "replay":
+                answer = client.replay(args.workflow, args.from_)
+                print(
+                    json.dumps(answer, indent=2)
+                    if args.json
+                    else f"{args.workflow}: replay from {args.from_}: backlog {answer['backlog']}"
+                )
+                return EXIT_OK
+            act = client.start if action == "start" else client.stop
+            answer = act(args.workflow)
+            print(json.dumps(answer) if args.json else f"{args.workflow}: {answer['status']}")
+            if args.wait:
+                wanted = "RUNNING" if action == "start" else "STOPPED"
+                deadline = time.monotonic() + 120
+                while (status := client.workflow(args.workflow)["status"]) != wanted:
+                    if status == "FAILED" or time.monotonic() > deadline:
+                        print(f"{args.workflow}: {status}, not {wanted}", file=sys.stderr)
+                        return EXIT_INVALID
+                    time.sleep(0.5)
+                print(f"{args.workflow}: {wanted}")
+            return EXIT_OK
+        except Refused as refused:
+            print(f"crmsync workflows {action}: {refused}", file=sys.stderr)
+            return EXIT_INVALID
+        except Unreachable as error:
+            print(f"crmsync workflows: {error}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+
+
+def _table(flows: list[dict[str, Any]]) -> str:
+    rows = [("WORKFLOW", "STATUS", "BACKLOG", "TREND", "PENDING", "ERROR")]
+    for flow in flows:
+        trend = str(flow["trend"]).replace("_", " ")
+        if flow.get("eta_s") is not None:
+            trend += f" (ETA {flow['eta_s']:.0f}s)"
+        rows.append(
+            (
+                str(flow["name"]),
+                str(flow["status"]),
+                str(flow["backlog"]),
+                trend,
+                "yes" if flow["pending_changes"] else "",
+                str(flow.get("error") or ""),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _describe(detail: dict[str, Any]) -> str:
+    lines = [
+        f"{detail['name']} — {detail['title']}",
+        f"  status:   {detail['status']}"
+        + (f" ({detail['error']})" if detail.get("error") else ""),
+        f"  desired:  {detail['desired']} (generation {detail['generation']})",
+        f"  backlog:  {detail['backlog']} ({str(detail['trend']).replace('_', ' ')})",
+        f"  config:   version {detail['active_version']}"
+        + (f", pending version {detail['pending_version']}" if detail["pending_changes"] else ""),
+        f"  updated:  {detail['updated_at']} by {detail['updated_by']}",
+    ]
+    for change in detail.get("pending_diff") or []:
+        lines.append(f"    {change['path']}: {change['active']!r} -> {change['pending']!r}")
+    lines.append("  partitions:")
+    for p in detail["partitions"]:
+        committed = "-" if p["committed_offset"] is None else p["committed_offset"]
+        lines.append(
+            f"    {p['topic']}[{p['partition']}] end {p['end_offset']} committed {committed}"
+            f" lag {p['lag']}"
+        )
+    lines.append("  workers:")
+    for w in detail["workers"]:
+        live = "" if w["live"] else " (no heartbeat)"
+        lines.append(
+            f"    {w['worker_id']}: {w['state']} generation {w['generation']} config "
+            f"{w['config_version']}, {len(w['partitions'])} partitions, "
+            f"{w['records_written']} written{live}"
+        )
+    return "\n".join(lines)
 
 
 def _emulators(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,0 +1,263 @@
+"""The HTTP API: thin routes over the supervisor, one table that also yields /openapi.json.
+
+Every refusal is a typed `ControlError`; `_error_response` is the one place that turns them
+into HTTP codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from crmsync.control import models
+from crmsync.control.auth import Authenticator, Principal, Role, require
+from crmsync.control.errors import (
+    BadRequest,
+    Conflict,
+    ControlError,
+    Forbidden,
+    Invalid,
+    Unauthenticated,
+    Unavailable,
+    UnknownWorkflow,
+)
+from crmsync.control.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+_STATUS: dict[type[ControlError], int] = {
+    BadRequest: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
+    UnknownWorkflow: 404,
+    Conflict: 409,
+    Invalid: 422,
+    Unavailable: 503,
+}
+DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
+
+
+def _error_response(error: ControlError) -> JSONResponse:
+    status = next((code for kind, code in _STATUS.items() if isinstance(error, kind)), 400)
+    body: dict[str, Any] = {"error": error.message, "detail": error.detail}
+    if isinstance(error, Invalid):
+        body["errors"] = error.errors
+    headers = {}
+    if isinstance(error, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="crmsync"' + (
+            ', error="invalid_token"' if "not valid" in error.message else ""
+        )
+    return JSONResponse(body, status, headers=headers)
+
+
+def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (unknown path, wrong method) in our error shape."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(
+        {"error": exc.detail or "error", "detail": None}, exc.status_code, headers=exc.headers
+    )
+
+
+def _answer(model: BaseModel, status: int = 200) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json", by_alias=True), status)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a handler gets: the request, the supervisor, and who called (None: open route)."""
+
+    request: Request
+    supervisor: Supervisor
+    who: Principal | None
+
+    @property
+    def principal(self) -> Principal:
+        assert self.who is not None
+        return self.who
+
+    @property
+    def name(self) -> str:
+        return str(self.request.path_params["name"])
+
+    def limit(self) -> int:
+        raw = self.request.query_params.get("limit")
+        if raw is None:
+            return DEFAULT_LIMIT
+        try:
+            limit = int(raw)
+        except ValueError:
+            raise BadRequest(f"limit must be a whole number, got {raw!r}") from None
+        if not 1 <= limit <= MAX_LIMIT:
+            raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+        return limit
+
+    async def json(self) -> Any:
+        body = await self.request.body()
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise BadRequest("the body is not valid JSON", str(error)) from None
+
+    async def body(self, model: type[BaseModel]) -> Any:
+        data = await self.json()
+        try:
+            return model.model_validate(data)
+        except ValidationError as error:
+            errors = [
+                {"loc": list(e["loc"]), "msg": e["msg"].removeprefix("Value error, ")}
+                for e in error.errors()
+            ]
+            raise Invalid("invalid body", errors) from None
+
+
+Handler = Callable[[Call], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One route: how it is called, who may call it, what it answers (for /openapi.json)."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    role: Role | None
+    answer: type[BaseModel] | None
+    status: int = 200
+    body: type[BaseModel] | str | None = None  # str: a components schema named so
+    query: tuple[str, ...] = ()
+    refusals: tuple[int, ...] = ()
+    content_type: str = "application/json"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+
+async def _list(call: Call) -> Response:
+    return _answer(models.WorkflowList(workflows=await call.supervisor.summaries()))
+
+
+async def _show(call: Call) -> Response:
+    return _answer(await call.supervisor.detail(call.name))
+
+
+async def _start(call: Call) -> Response:
+    return _answer(await call.supervisor.start_workflow(call.name, call.principal), 202)
+
+
+async def _stop(call: Call) -> Response:
+    return _answer(await call.supervisor.stop_workflow(call.name, call.principal), 202)
+
+
+async def _get_config(call: Call) -> Response:
+    return _answer(call.supervisor.config(call.name))
+
+
+async def _put_config(call: Call) -> Response:
+    call.supervisor.config(call.name)  # an unknown workflow is a 404 before the body is read
+    data = await call.json()
+    if not isinstance(data, dict):
+        raise Invalid("invalid config", [{"loc": [], "msg": "a config is a JSON object"}])
+    return _answer(await call.supervisor.edit_config(call.name, data, call.principal))
+
+
+async def _replay(call: Call) -> Response:
+    call.supervisor.config(call.name)
+    body: models.ReplayBody = await call.body(models.ReplayBody)
+    return _answer(await call.supervisor.replay(call.name, body.from_, call.principal))
+
+
+async def _dead_letters(call: Call) -> Response:
+    return _answer(await call.supervisor.dead_letters(call.name, call.limit()))
+
+
+async def _audit(call: Call) -> Response:
+    return _answer(await call.supervisor.audit(call.limit()))
+
+
+async def _healthz(call: Call) -> Response:
+    return _answer(models.Health(status="ok"))
+
+
+async def _readyz(call: Call) -> Response:
+    try:
+        await call.supervisor.ready()
+    except Unavailable as error:
+        return _answer(models.Health(status="unavailable", detail=error.message), 503)
+    return _answer(models.Health(status="ok"))
+
+
+_W = "/api/v1/workflows/{name}"
+ENDPOINTS: list[Endpoint] = [
+    Endpoint(
+        "GET", "/api/v1/workflows", _list, "Every workflow's status and backlog",
+        Role.viewer, models.WorkflowList,
+    ),
+    Endpoint(
+        "GET", _W, _show, "One workflow: partitions, configs, workers",
+        Role.viewer, models.WorkflowDetail, refusals=(404,),
+    ),
+    Endpoint(
+        "POST", f"{_W}/start", _start, "Start (pending config changes become active)",
+        Role.operator, models.StatusAnswer, 202, refusals=(404, 409),
+    ),
+    Endpoint(
+        "POST", f"{_W}/stop", _stop, "Stop: nothing more is written once STOPPED",
+        Role.operator, models.StatusAnswer, 202, refusals=(404, 409),
+    ),
+    Endpoint(
+        "GET", f"{_W}/config", _get_config, "The active and pending config (secrets redacted)",
+        Role.viewer, models.ConfigAnswer, refusals=(404,),
+    ),
+    Endpoint(
+        "PUT", f"{_W}/config", _put_config, "Validate a config and store it as pending",
+        Role.admin, models.PendingAnswer, body="WorkflowConfig", refusals=(400, 404, 422),
+    ),
+    Endpoint(
+        "POST", f"{_W}/replay", _replay, "Move the committed offsets back (only while STOPPED)",
+        Role.operator, models.ReplayAnswer, body=models.ReplayBody,
+        refusals=(400, 404, 409, 422),
+    ),
+    Endpoint(
+        "GET", f"{_W}/dead-letters", _dead_letters, "The newest dead letters with their reasons",
+        Role.viewer, models.DeadLetterList, query=("limit",), refusals=(400, 404),
+    ),
+    Endpoint(
+        "GET", "/api/v1/audit", _audit, "The newest audit entries",
+        Role.viewer, models.AuditList, query=("limit",), refusals=(400,),
+    ),
+    Endpoint("GET", "/healthz", _healthz, "Liveness", None, models.Health),
+    Endpoint(
+        "GET", "/readyz", _readyz, "Readiness: Kafka reachable, control topics read",
+        None, models.Health, refusals=(503,),
+    ),
+]  # fmt: skip
+
+
+def _route(endpoint: Endpoint, authenticator: Authenticator) -> Route:
+    async def run(request: Request) -> Response:
+        try:
+            who = None
+            if endpoint.role is not None:
+                who = authenticator.authenticate(request.headers.get("authorization"))
+                require(who, endpoint.role)
+            supervisor: Supervisor = request.state.supervisor
+            return await endpoint.handler(Call(request, supervisor, who))
+        except ControlError as error:
+            return _error_response(error)
+
+    return Route(endpoint.path, run, methods=[endpoint.method], name=endpoint.handler.__name__)
+
+
+def routes(authenticator: Authenticator) -> list[Route]:
+    return [_route(endpoint, authenticator) for endpoint in ENDPOINTS]

@@ -1,0 +1,177 @@
+"""The shapes the control plane answers and accepts (the HTTP API's JSON, also used by the CLI)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from crmsync.control.backlog import Trend
+from crmsync.control.status import Status
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class WorkflowSummary(_Answer):
+    name: str
+    title: str
+    status: Status
+    backlog: int = Field(description="records in Kafka not yet written to the target")
+    trend: Trend
+    eta_s: float | None = Field(default=None, description="draining: seconds to caught up")
+    pending_changes: bool
+    error: str | None = Field(default=None, description="why FAILED, or what STARTING waits for")
+
+
+class WorkflowList(_Answer):
+    workflows: list[WorkflowSummary]
+
+
+class PartitionBacklog(_Answer):
+    topic: str
+    partition: int
+    end_offset: int
+    committed_offset: int | None = Field(description="null: the group never committed here")
+    lag: int
+
+
+class WorkerView(_Answer):
+    worker_id: str
+    host: str
+    pid: int
+    state: str
+    generation: int
+    config_version: int
+    error: str | None
+    partitions: list[str]
+    records_written: int
+    dead_lettered: int
+    replayed: str | None
+    heartbeat_at: str
+    live: bool
+
+
+class ConfigChange(_Answer):
+    path: str
+    active: Any
+    pending: Any
+
+
+class WorkflowDetail(WorkflowSummary):
+    desired: Literal["running", "stopped"]
+    generation: int
+    partitions: list[PartitionBacklog]
+    active_config: dict[str, Any]
+    active_version: int
+    pending_config: dict[str, Any] | None
+    pending_version: int | None
+    pending_diff: list[ConfigChange]
+    workers: list[WorkerView]
+    updated_at: str
+    updated_by: str
+
+
+class StatusAnswer(_Answer):
+    name: str
+    status: Status
+    generation: int
+
+
+class ConfigAnswer(_Answer):
+    active: dict[str, Any]
+    active_version: int
+    pending: dict[str, Any] | None
+    pending_version: int | None
+    pending_diff: list[ConfigChange]
+
+
+class PendingAnswer(_Answer):
+    pending: dict[str, Any] | None = Field(description="null when the edit equals the active")
+    pending_version: int | None
+    pending_diff: list[ConfigChange]
+
+
+class ReplayBody(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    from_: str = Field(
+        alias="from",
+        description='"earliest", or an ISO-8601 time (no zone = UTC): the first record at or '
+        "after it",
+        examples=["earliest", "2026-01-31T12:00:00Z"],
+    )
+
+    @field_validator("from_")
+    @classmethod
+    def _earliest_or_time(cls, value: str) -> str:
+        if value == "earliest":
+            return value
+        try:
+            datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError('must be "earliest" or an ISO-8601 time') from None
+        return value
+
+
+class ReplayAnswer(_Answer):
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    name: str
+    status: Status
+    replay_id: str
+    from_: str = Field(alias="from")
+    backlog: int
+    partitions: list[PartitionBacklog]
+    committed_by: Literal["workers", "control plane"]
+
+
+class DeadLetter(_Answer):
+    topic: str
+    partition: int
+    offset: int
+    timestamp: str
+    key: str | None
+    headers: dict[str, str]
+    value: dict[str, Any] | None = Field(description="the decoded Avro event, when it decodes")
+    value_base64: str | None = Field(description="the original bytes, when they do not decode")
+
+
+class DeadLetterList(_Answer):
+    workflow: str
+    dead_letters: list[DeadLetter]
+
+
+class AuditView(_Answer):
+    id: str
+    who: str
+    role: str
+    action: str
+    workflow: str
+    at: str
+    details: dict[str, Any]
+
+
+class AuditList(_Answer):
+    audit: list[AuditView]
+
+
+class ErrorItem(_Answer):
+    loc: list[str | int]
+    msg: str
+
+
+class ErrorAnswer(_Answer):
+    error: str
+    detail: Any = None
+
+
+class InvalidAnswer(ErrorAnswer):
+    errors: list[ErrorItem]
+
+
+class Health(_Answer):
+    status: Literal["ok", "unavailable"]
+    detail: str | None = None
