@@ -120,8 +120,14 @@ def _credentials(settings: Settings) -> Any:
     return None
 
 
-async def run_worker(workflow: str, settings: Settings) -> None:
-    """Runs one worker until SIGTERM/SIGINT: follows the control topic, reports status."""
+async def run_worker(
+    workflow: str,
+    settings: Settings,
+    sinks: Mapping[str, BatchingSink] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Runs one worker until SIGTERM/SIGINT (or `stop`): follows the control topic, reports
+    status. `sinks` replaces the API clients (benchmarks use a discarding sink)."""
     await topics.ensure_topics(
         settings.bootstrap_servers,
         topics.topic_specs(settings.topic_partitions),
@@ -144,7 +150,7 @@ async def run_worker(workflow: str, settings: Settings) -> None:
         replication=settings.topic_replication,
         client_options=settings.kafka_client_options(),
     )
-    app, runtime = create_app(workflow, settings, source_topics=source)
+    app, runtime = create_app(workflow, settings, sinks=sinks, source_topics=source)
     app.finalize()
     consumer = app.consumer
     assert isinstance(consumer, PausableConsumer)
@@ -152,10 +158,11 @@ async def run_worker(workflow: str, settings: Settings) -> None:
     runtime.consumer = consumer
     await runtime.open()
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     await app.start()
     log.info(
         "event=worker_started workflow=%s worker=%s topics=%s",

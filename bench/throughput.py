@@ -1,0 +1,293 @@
+"""d365-to-campaign throughput and CPU per record, side by side with raw Kafka baselines.
+
+Run: .venv/bin/python bench/throughput.py [--records N]. One run measures, over the same topic:
+  (a) a plain aiokafka consumer + fastavro decode loop (the client-side baseline);
+  (b) the workflow with a discarding sink (decode, map, batch, ack, commit — no HTTP);
+  (c) the workflow writing to the Campaign emulator (a separate process);
+  (d) Kafka's own consumer perf tool (the broker-side ceiling, a JVM: its CPU is not comparable).
+CPU µs per record counts the consuming process only (user + sys), the stable figure on a shared
+machine; ratios against (a) measured in the same run are what to compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from rich.console import Console
+
+from crmsync import topics
+from crmsync.deploy.local.kafka import LocalKafka, run_tool
+from crmsync.schemas.codec import CHANGE_EVENT
+from crmsync.schemas.producer import EventProducer, change_event
+from crmsync.settings import Settings
+from crmsync.streams.app import group_id, run_worker
+from crmsync.streams.sinks.base import DiscardingSink
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW = "d365-to-campaign"
+console = Console(stderr=True)
+
+
+async def _partitions(bootstrap: str, *names: str) -> list[TopicPartition]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(names))
+    finally:
+        await admin.close()
+    return [TopicPartition(t["topic"], p["partition"]) for t in described for p in t["partitions"]]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _publish(bootstrap: str, n: int, partitions: int) -> None:
+    await topics.ensure_topics(
+        bootstrap, topics.topic_specs(partitions, custom_entities=["new_purchase"])
+    )
+    async with EventProducer(bootstrap) as producer:
+        pending = []
+        for i in range(n):
+            key = str(uuid.uuid4())
+            after = {
+                "contactid": key,
+                "firstname": f"First{i}",
+                "lastname": f"Last{i}",
+                "emailaddress1": f"person{i}@example.org",
+                "donotbulkemail": False,
+            }
+            event = change_event("u", "contact", key, after=after, system="d365")
+            pending.append(
+                await producer.send_encoded(
+                    topics.CONTACT_CHANGES,
+                    key,
+                    CHANGE_EVENT.encode(event, validate=False),
+                    wait=False,
+                )
+            )
+            if len(pending) >= 5000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+
+
+async def _baseline(bootstrap: str, n: int) -> dict[str, float]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=500
+    )
+    await consumer.start()
+    try:
+        tps = await _partitions(bootstrap, topics.CONTACT_CHANGES)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        seen = 0
+        cpu, wall = time.process_time(), time.perf_counter()
+        while seen < n:
+            batch = await consumer.getmany(timeout_ms=1000)
+            for records in batch.values():
+                for record in records:
+                    CHANGE_EVENT.decode(record.value)
+                    seen += 1
+        return _figures(n, time.perf_counter() - wall, time.process_time() - cpu)
+    finally:
+        await consumer.stop()
+
+
+async def _lag(admin: AIOKafkaAdminClient, consumer: AIOKafkaConsumer, tps: list[Any]) -> int:
+    committed = await admin.list_consumer_group_offsets(group_id(WORKFLOW))
+    ends = await consumer.end_offsets(tps)
+    return sum(
+        end - max(committed[tp].offset, 0) if tp in committed else end for tp, end in ends.items()
+    )
+
+
+async def _reset_group(bootstrap: str, tail: int | None) -> None:
+    """Commits, while the group has no member, where the next run starts: offset 0, or `tail`
+    records before the end spread over the partitions."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group_id(WORKFLOW), enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        tps = await _partitions(
+            bootstrap, topics.CONTACT_CHANGES, topics.entity_changes("new_purchase")
+        )
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        share = (tail or 0) // max(1, len([tp for tp in tps if ends[tp]]))
+        await consumer.commit(
+            {tp: max(0, ends[tp] - share) if tail is not None else 0 for tp in tps}
+        )
+    finally:
+        await consumer.stop()
+
+
+async def _workflow(
+    bootstrap: str, settings: Settings, discard: bool, tail: int | None = None
+) -> dict[str, float]:
+    await _reset_group(bootstrap, tail)
+    stop = asyncio.Event()
+    sinks = {"campaign": DiscardingSink()} if discard else None
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await admin.start()
+    await probe.start()
+    tps = await _partitions(bootstrap, topics.CONTACT_CHANGES)
+    initial = await _lag(admin, probe, tps)
+    worker = asyncio.create_task(run_worker(WORKFLOW, settings, sinks=sinks, stop=stop))
+    try:
+        while await _lag(admin, probe, tps) == initial:  # startup and group join excluded
+            if worker.done():
+                worker.result()
+            await asyncio.sleep(0.05)
+        cpu, wall = time.process_time(), time.perf_counter()
+        start_lag = await _lag(admin, probe, tps)
+        while await _lag(admin, probe, tps) > 0:
+            if worker.done():
+                worker.result()
+            await asyncio.sleep(0.1)
+        return _figures(start_lag, time.perf_counter() - wall, time.process_time() - cpu)
+    finally:
+        stop.set()
+        await worker
+        await probe.stop()
+        await admin.close()
+
+
+def _perf_tool(bootstrap: str, n: int) -> dict[str, float]:
+    started = time.perf_counter()
+    out = run_tool(
+        ROOT / ".cache",
+        "kafka-consumer-perf-test",
+        [
+            "--bootstrap-server",
+            bootstrap,
+            "--topic",
+            topics.CONTACT_CHANGES,
+            "--messages",
+            str(n),
+            "--timeout",
+            "60000",
+            "--group",
+            f"perf-{uuid.uuid4().hex[:6]}",
+        ],
+        timeout=300,
+    )
+    wall = time.perf_counter() - started
+    lines = [line for line in out.splitlines() if line.strip()]
+    header, values = lines[-2].split(","), lines[-1].split(",")
+    row = {h.strip(): v.strip() for h, v in zip(header, values, strict=False)}
+    rate = float(row.get("nMsg.sec", "0"))
+    return {"records_per_s": rate, "cpu_us_per_record": float("nan"), "seconds": wall}
+
+
+def _figures(n: int, wall: float, cpu: float) -> dict[str, float]:
+    return {"records_per_s": n / wall, "cpu_us_per_record": cpu / n * 1e6, "seconds": wall}
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="crmsync-bench-"))
+    kafka = None
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if not bootstrap:
+        kafka = LocalKafka(
+            ROOT / ".cache",
+            tmp / "kafka",
+            base_port=_free_port(),
+            controller_base_port=_free_port(),
+        )
+        await asyncio.to_thread(kafka.start)
+        bootstrap = kafka.bootstrap_servers
+    emulators = None
+    try:
+        console.print(f"publishing {args.records} contact changes on {args.partitions} partitions")
+        await _publish(bootstrap, args.records, args.partitions)
+        results: dict[str, Any] = {}
+        console.print("(a) aiokafka + fastavro baseline")
+        results["a_baseline"] = await _baseline(bootstrap, args.records)
+        settings = Settings(
+            kafka_bootstrap_servers=bootstrap, home=tmp, topic_partitions=args.partitions
+        )
+        console.print("(b) workflow, discarding sink")
+        results["b_workflow_discard"] = await _workflow(bootstrap, settings, True)
+        dport, cport = _free_port(), _free_port()
+        emulators = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "crmsync.control.cli",
+            "emulators",
+            "--dynamics-port",
+            str(dport),
+            "--campaign-port",
+            str(cport),
+            "--data-dir",
+            str(tmp / "emulators"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        await asyncio.sleep(3)
+        n_emulator = min(args.records, args.emulator_records)
+        console.print(f"(c) workflow → Campaign emulator ({n_emulator} records)")
+        emulator_settings = Settings(
+            kafka_bootstrap_servers=bootstrap,
+            home=tmp,
+            topic_partitions=args.partitions,
+            campaign_url=f"http://127.0.0.1:{cport}",
+        )
+        results["c_workflow_emulator"] = await _workflow(
+            bootstrap, emulator_settings, False, tail=n_emulator
+        )
+        console.print("(d) kafka-consumer-perf-test")
+        results["d_kafka_perf_tool"] = await asyncio.to_thread(_perf_tool, bootstrap, args.records)
+        return results
+    finally:
+        if emulators is not None:
+            emulators.terminate()
+            await emulators.wait()
+        if kafka is not None:
+            await asyncio.to_thread(kafka.stop)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--emulator-records", type=int, default=3_000)
+    parser.add_argument("--json-out", type=Path, default=ROOT / "bench/results/throughput.json")
+    args = parser.parse_args()
+    results = asyncio.run(main_async(args))
+    base = results["a_baseline"]
+    print(f"\nd365-to-campaign, {args.records} records on {args.partitions} partitions\n")
+    print("| run | records/s | CPU µs/record | CPU vs baseline |")
+    print("|---|---:|---:|---:|")
+    for name, row in results.items():
+        if not row:
+            continue
+        ratio = row["cpu_us_per_record"] / base["cpu_us_per_record"]
+        print(
+            f"| {name} | {row['records_per_s']:,.0f} | {row['cpu_us_per_record']:.1f} "
+            f"| {ratio:.2f} |"
+        )
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
