@@ -178,11 +178,13 @@ async def _replay(call: Call) -> Response:
 
 
 async def _dead_letters(call: Call) -> Response:
-    return _answer(await call.supervisor.dead_letters(call.name, call.limit()))
+    limit = call.limit()
+    return _answer(await call.supervisor.dead_letters(call.name, limit))
 
 
 async def _audit(call: Call) -> Response:
-    return _answer(await call.supervisor.audit(call.limit()))
+    limit = call.limit()
+    return _answer(await call.supervisor.audit(limit))
 
 
 async def _healthz(call: Call) -> Response:
@@ -251,7 +253,7 @@ def _route(endpoint: Endpoint, authenticator: Authenticator) -> Route:
             if endpoint.role is not None:
                 who = authenticator.authenticate(request.headers.get("authorization"))
                 require(who, endpoint.role)
-            supervisor: Supervisor = request.state.supervisor
+            supervisor: Supervisor = request.app.state.supervisor
             return await endpoint.handler(Call(request, supervisor, who))
         except ControlError as error:
             return _error_response(error)

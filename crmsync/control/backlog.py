@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
 
 Trend = Literal["caught_up", "draining", "growing", "stalled", "steady"]
 #: How long a topic's partition list is trusted before the metadata is read again.
@@ -165,14 +167,32 @@ class OffsetReader:
         tps = await self.partitions(topics)
         if not tps:
             return Backlog([])
-        committed_task = self._admin.list_consumer_group_offsets(group_id(workflow), partitions=tps)
-        committed, (starts, ends) = await asyncio.gather(committed_task, self.edges(tps))
+        committed, (starts, ends) = await asyncio.gather(
+            self._committed(group_id(workflow), tps), self.edges(tps)
+        )
         rows = []
         for tp in tps:
             meta = committed.get(tp)
             offset = meta.offset if meta is not None and meta.offset >= 0 else None
             rows.append(PartitionLag(tp.topic, tp.partition, ends[tp], offset, starts[tp]))
         return Backlog(rows)
+
+    async def _committed(
+        self, group: str, tps: list[TopicPartition], patience_s: float = 10.0
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """The group's commits; retried while the coordinator is not there yet (a new cluster
+        creates __consumer_offsets on first use)."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                result: dict[
+                    TopicPartition, OffsetAndMetadata
+                ] = await self._admin.list_consumer_group_offsets(group, partitions=tps)
+                return result
+            except KafkaError as error:
+                if not error.retriable or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
 
     async def commit_as_group(self, workflow: str, offsets: Mapping[TopicPartition, int]) -> None:
         """Commits offsets for the group from outside it: Kafka allows it only while the group

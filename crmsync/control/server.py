@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -43,10 +42,11 @@ def create_app(
     document = openapi.document()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with supervisor_factory(settings) as supervisor:
+            app.state.supervisor = supervisor
             app.state.registry = metrics.registry(supervisor)
-            yield {"supervisor": supervisor}
+            yield
 
     async def scrape(request: Request) -> Response:
         return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

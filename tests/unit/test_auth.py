@@ -1,0 +1,160 @@
+"""Bearer tokens and roles: 401 without a valid token, 403 below the needed role."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from crmsync.control import models
+from crmsync.control.auth import (
+    Authenticator,
+    Role,
+    TokenError,
+    parse_tokens,
+    require,
+    resolve_admin_token,
+)
+from crmsync.control.errors import Forbidden, Unauthenticated
+from crmsync.control.server import create_app
+from crmsync.control.supervisor import Figures
+from crmsync.settings import Settings
+
+TOKENS = "ada:viewer:view-token,ops:operator:op:with:colons, root:admin:root-token"
+
+
+def test_tokens_parse_with_roles_and_colons_in_the_token() -> None:
+    assert parse_tokens(TOKENS) == [
+        ("ada", Role.viewer, "view-token"),
+        ("ops", Role.operator, "op:with:colons"),
+        ("root", Role.admin, "root-token"),
+    ]
+    assert parse_tokens("") == []
+
+
+@pytest.mark.parametrize("spec", ["ada:viewer", "ada:boss:x", ":viewer:x", "ada:viewer:"])
+def test_malformed_token_lists_are_refused(spec: str) -> None:
+    with pytest.raises(TokenError):
+        parse_tokens(spec)
+
+
+def test_authentication_and_roles() -> None:
+    auth = Authenticator("the-admin", parse_tokens(TOKENS))
+    assert auth.authenticate("Bearer the-admin").role is Role.admin
+    assert auth.authenticate("bearer view-token").name == "ada"
+    for header in (None, "", "Bearer", "Basic dmlldy10b2tlbg==", "Bearer nope", "view-token"):
+        with pytest.raises(Unauthenticated):
+            auth.authenticate(header)
+    ops = auth.authenticate("Bearer op:with:colons")
+    require(ops, Role.viewer)
+    require(ops, Role.operator)
+    with pytest.raises(Forbidden):
+        require(ops, Role.admin)
+
+
+def test_the_admin_token_is_kept_for_the_cli_and_the_next_start(tmp_path: Any) -> None:
+    settings = Settings(home=tmp_path)
+    first = resolve_admin_token(settings)
+    assert len(first) >= 24
+    assert resolve_admin_token(settings) == first
+    assert (tmp_path / ".local/admin-token").stat().st_mode & 0o077 == 0
+    chosen = Settings(home=tmp_path, admin_token="chosen")  # type: ignore[arg-type]
+    assert resolve_admin_token(chosen) == "chosen"
+    assert (tmp_path / ".local/admin-token").read_text().strip() == "chosen"
+
+
+class _FakeSupervisor:
+    """Answers like a supervisor with every workflow running; records the actions."""
+
+    def __init__(self) -> None:
+        self.actions: list[tuple[str, str, str]] = []
+
+    async def summaries(self) -> list[models.WorkflowSummary]:
+        return []
+
+    def config(self, name: str) -> models.ConfigAnswer:
+        return models.ConfigAnswer(
+            active={}, active_version=1, pending=None, pending_version=None, pending_diff=[]
+        )
+
+    async def stop_workflow(self, name: str, who: Any) -> models.StatusAnswer:
+        self.actions.append(("stop", name, who.name))
+        return models.StatusAnswer(name=name, status="STARTING", generation=2)
+
+    async def edit_config(self, name: str, data: Any, who: Any) -> models.PendingAnswer:
+        self.actions.append(("edit", name, who.name))
+        return models.PendingAnswer(pending=data, pending_version=2, pending_diff=[])
+
+    def figures(self) -> list[Figures]:
+        return []
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[tuple[httpx.AsyncClient, _FakeSupervisor]]:
+    fake = _FakeSupervisor()
+
+    @contextlib.asynccontextmanager
+    async def factory(settings: Settings) -> AsyncIterator[Any]:
+        yield fake
+
+    auth = Authenticator("the-admin", parse_tokens(TOKENS))
+    app = create_app(Settings(), auth, factory)  # type: ignore[arg-type]
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://control") as client:
+            yield client, fake
+
+
+async def test_the_api_answers_401_403_and_lets_the_right_role_act(
+    api: tuple[httpx.AsyncClient, _FakeSupervisor],
+) -> None:
+    client, fake = api
+    missing = await client.get("/api/v1/workflows")
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    assert set(missing.json()) == {"error", "detail"}
+    wrong = await client.get("/api/v1/workflows", headers={"Authorization": "Bearer guess"})
+    assert wrong.status_code == 401
+    assert 'error="invalid_token"' in wrong.headers["www-authenticate"]
+    stop = "/api/v1/workflows/opt-in-out/stop"
+    put = "/api/v1/workflows/opt-in-out/config"
+    viewer = {"Authorization": "Bearer view-token"}
+    assert (await client.get("/api/v1/workflows", headers=viewer)).status_code == 200
+    refused = await client.post(stop, headers=viewer)
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "ada is a viewer; this needs operator"
+    operator = {"Authorization": "Bearer op:with:colons"}
+    assert (await client.post(stop, headers=operator)).status_code == 202
+    assert (await client.put(put, headers=operator, json={})).status_code == 403
+    admin = {"Authorization": "Bearer the-admin"}
+    assert (await client.put(put, headers=admin, json={})).status_code == 200
+    assert fake.actions == [("stop", "opt-in-out", "ops"), ("edit", "opt-in-out", "admin")]
+
+
+async def test_open_routes_need_no_token(api: tuple[httpx.AsyncClient, _FakeSupervisor]) -> None:
+    client, _ = api
+    assert (await client.get("/healthz")).json() == {"status": "ok", "detail": None}
+    assert (await client.get("/openapi.json")).json()["openapi"].startswith("3.")
+    assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_malformed_requests_are_4xx_in_the_error_shape(
+    api: tuple[httpx.AsyncClient, _FakeSupervisor],
+) -> None:
+    client, _ = api
+    admin = {"Authorization": "Bearer the-admin"}
+    put = "/api/v1/workflows/opt-in-out/config"
+    assert (await client.put(put, headers=admin, content=b"{not json")).status_code == 400
+    assert (await client.put(put, headers=admin, content=b"\xff\xfe")).status_code == 400
+    listed = await client.put(put, headers=admin, json=[1, 2])
+    assert listed.status_code == 422
+    assert listed.json()["errors"] == [{"loc": [], "msg": "a config is a JSON object"}]
+    for limit in ("x", "0", "100000", "-1"):
+        answer = await client.get(f"/api/v1/audit?limit={limit}", headers=admin)
+        assert answer.status_code == 400, limit
+        assert "limit" in answer.json()["error"]
+    assert (await client.delete("/api/v1/workflows", headers=admin)).status_code == 405
+    assert (await client.get("/api/v1/nothing", headers=admin)).status_code == 404
