@@ -246,8 +246,12 @@ ENDPOINTS: list[Endpoint] = [
 ]  # fmt: skip
 
 
-def _route(endpoint: Endpoint, authenticator: Authenticator) -> Route:
+def _route(path: str, endpoints: list[Endpoint], authenticator: Authenticator) -> Route:
+    """One route per path (so a 405 names every allowed method), dispatching on the method."""
+    by_method = {endpoint.method: endpoint for endpoint in endpoints}
+
     async def run(request: Request) -> Response:
+        endpoint = by_method["GET" if request.method == "HEAD" else request.method]
         try:
             who = None
             if endpoint.role is not None:
@@ -258,8 +262,11 @@ def _route(endpoint: Endpoint, authenticator: Authenticator) -> Route:
         except ControlError as error:
             return _error_response(error)
 
-    return Route(endpoint.path, run, methods=[endpoint.method], name=endpoint.handler.__name__)
+    return Route(path, run, methods=list(by_method), name=endpoints[0].handler.__name__)
 
 
 def routes(authenticator: Authenticator) -> list[Route]:
-    return [_route(endpoint, authenticator) for endpoint in ENDPOINTS]
+    paths: dict[str, list[Endpoint]] = {}
+    for endpoint in ENDPOINTS:
+        paths.setdefault(endpoint.path, []).append(endpoint)
+    return [_route(path, endpoints, authenticator) for path, endpoints in paths.items()]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -94,6 +94,9 @@ class PendingAnswer(_Answer):
     pending_diff: list[ConfigChange]
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 class ReplayBody(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -102,6 +105,9 @@ class ReplayBody(BaseModel):
         description='"earliest", or an ISO-8601 time (no zone = UTC): the first record at or '
         "after it",
         examples=["earliest", "2026-01-31T12:00:00Z"],
+        json_schema_extra={
+            "anyOf": [{"const": "earliest"}, {"type": "string", "format": "date-time"}]
+        },
     )
 
     @field_validator("from_")
@@ -110,10 +116,13 @@ class ReplayBody(BaseModel):
         if value == "earliest":
             return value
         try:
-            datetime.fromisoformat(value.replace("Z", "+00:00"))
+            moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
         except ValueError:
             raise ValueError('must be "earliest" or an ISO-8601 time') from None
-        return value
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        # Kafka takes no time before the epoch; from then on is the same records anyway. The
+        # canonical form (with its zone) is what the workers parse and the audit shows.
+        return max(moment, _EPOCH).isoformat()
 
 
 class ReplayAnswer(_Answer):

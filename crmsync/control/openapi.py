@@ -61,8 +61,8 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
     parameters: list[dict[str, Any]] = []
     if "{name}" in endpoint.path:
         parameters.append(
-            {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
-             "description": "workflow: " + ", ".join(TITLES)}
+            {"name": "name", "in": "path", "required": True,
+             "schema": {"type": "string", "enum": list(TITLES)}, "description": "the workflow"}
         )  # fmt: skip
     if "limit" in endpoint.query:
         parameters.append(

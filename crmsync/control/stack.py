@@ -15,10 +15,14 @@ from pathlib import Path
 
 import httpx
 
+from crmsync.control.auth import resolve_admin_token
+from crmsync.control.client import ControlClient, Refused, Unreachable
 from crmsync.deploy.local.kafka import LocalKafka
 from crmsync.settings import Settings
 
 log = logging.getLogger(__name__)
+
+WORKFLOWS = ("d365-to-campaign", "campaign-to-d365", "opt-in-out")
 
 
 class StackError(RuntimeError):
@@ -82,12 +86,15 @@ def _http_ok(url: str) -> Callable[[], bool]:
 
 @dataclass
 class LocalStack:
-    """Kafka (unless KAFKA_BOOTSTRAP_SERVERS is set), topics, and the emulators."""
+    """Kafka (unless KAFKA_BOOTSTRAP_SERVERS is set), topics, the emulators, the control plane
+    and one worker per workflow."""
 
     settings: Settings
     brokers: int = 1
     kafka: LocalKafka | None = None
     processes: list[Process] = field(default_factory=list)
+    admin_token: str = ""
+    statuses: dict[str, str] = field(default_factory=dict)
 
     @property
     def logs(self) -> Path:
@@ -130,6 +137,51 @@ class LocalStack:
             process.start(self.logs)
             self.processes.append(process)
             process.wait_ready(60, self.logs)
+        self.admin_token = resolve_admin_token(self.settings)
+        control = Process(
+            "control",
+            self._crmsync("control"),
+            _http_ok(f"{self.settings.control_base_url}/readyz"),
+            {**env, "CRMSYNC_ADMIN_TOKEN": self.admin_token},
+        )
+        control.start(self.logs)
+        self.processes.append(control)
+        control.wait_ready(90, self.logs)
+        workers = [
+            Process(f"worker-{name}", self._crmsync("worker", name), lambda: True, env)
+            for name in WORKFLOWS
+        ]
+        for worker in workers:
+            worker.start(self.logs)
+            self.processes.append(worker)
+        self._wait_settled(workers, timeout=180)
+
+    def _wait_settled(self, workers: list[Process], timeout: float) -> None:
+        """Waits until no workflow is STARTING (RUNNING, or as a previous session left it)."""
+        client = ControlClient(self.settings.control_base_url, self.admin_token, timeout=5)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                for worker in workers:
+                    if worker.popen is not None and worker.popen.poll() is not None:
+                        raise StackError(
+                            f"{worker.name} exited with {worker.popen.returncode}; "
+                            f"see {self.logs / worker.name}.log"
+                        )
+                try:
+                    self.statuses = {w["name"]: w["status"] for w in client.workflows()}
+                except (Unreachable, Refused):
+                    self.statuses = {}
+                if self.statuses and "STARTING" not in self.statuses.values():
+                    return
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"workflows not running after {timeout:.0f}s: {self.statuses}; "
+                        f"see {self.logs}"
+                    )
+                time.sleep(0.5)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         for process in reversed(self.processes):
@@ -145,6 +197,10 @@ class LocalStack:
             "campaign emulator": (
                 f"{self.settings.campaign_url}/{self.settings.campaign_org}/campaign"
             ),
+            "control plane": self.settings.control_base_url,
+            "HTTP API": f"{self.settings.control_base_url}/api/v1/workflows",
+            "admin token": self.admin_token,
+            "workflows": ", ".join(f"{name} {status}" for name, status in self.statuses.items()),
             "logs": str(self.logs),
         }
 

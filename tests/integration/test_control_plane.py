@@ -136,7 +136,7 @@ async def test_api_rules_tokens_and_replay_without_workers(
         ("replay", "admin"),
         ("stop", "ops"),
     ]
-    assert audit[0]["details"]["from"] == "2000-01-01T00:00:00"
+    assert audit[0]["details"]["from"] == "2000-01-01T00:00:00+00:00"
     # dead letters, newest first, headers decoded
     await _dead_letters(cluster.bootstrap, 3)
     letters = (await plane.call("GET", f"/api/v1/workflows/{D2C}/dead-letters?limit=2"))[
