@@ -250,9 +250,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             topic_partitions=args.partitions,
             campaign_url=f"http://127.0.0.1:{cport}",
         )
-        results["c_workflow_emulator"] = await _workflow(
-            bootstrap, emulator_settings, False, tail=n_emulator
-        )
+        if n_emulator:
+            results["c_workflow_emulator"] = await _workflow(
+                bootstrap, emulator_settings, False, tail=n_emulator
+            )
         console.print("(d) kafka-consumer-perf-test")
         results["d_kafka_perf_tool"] = await asyncio.to_thread(_perf_tool, bootstrap, args.records)
         return results

@@ -182,7 +182,16 @@ async def run_worker(
                 await asyncio.sleep(settings.heartbeat_s)
                 await runtime.report()
 
-        tasks = [asyncio.create_task(follow()), asyncio.create_task(heartbeat())]
+        async def retry_parked() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                await runtime.tick()
+
+        tasks = [
+            asyncio.create_task(follow()),
+            asyncio.create_task(heartbeat()),
+            asyncio.create_task(retry_parked()),
+        ]
         await stop.wait()
         for task in tasks:
             task.cancel()

@@ -14,7 +14,7 @@ import os
 import random
 import socket
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +61,14 @@ class _Item:
 
 
 @dataclass
+class _Parked:
+    """The writes of one target record waiting for its parent, in order."""
+
+    writes: list[tuple[_Item, Any]] = field(default_factory=list)
+    retry_at: float = 0.0
+
+
+@dataclass
 class WorkflowRuntime:
     name: str
     settings: Settings
@@ -78,6 +86,10 @@ class WorkflowRuntime:
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _producer: AIOKafkaProducer | None = None
+    _stream: Any = None
+    _epoch: int = -1
+    _queues: dict[Any, deque[_Item]] = field(default_factory=lambda: defaultdict(deque))
+    _parked: dict[tuple[str, ...], _Parked] = field(default_factory=dict)
     _applied: tuple[str, int, int] | None = None
     #: Set while no write may start: wakes retry waits at once.
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -243,21 +255,57 @@ class WorkflowRuntime:
             return []
 
     # -- the data path ---------------------------------------------------------------------
+    #
+    # Every record read is queued per partition in offset order until it is written (or
+    # dead-lettered), and acked only from the head of that queue: acking past a record that is
+    # not written yet could let Faust commit past it (faust-streaming #606). A record whose
+    # parent is missing is parked (with later records of its key), so it holds back only its
+    # own partition's commit, never the writes of other records.
 
     async def handle_batch(self, stream: Any, events: Sequence[Any]) -> None:
-        """Writes one batch; acks, in offset order, what the target confirmed or the DLQ took."""
+        """Writes one batch (after any parked records that are due), then acks what it can."""
         async with self.lock:
             if not self.gate.is_set() or self.workflow is None or self.consumer is None:
                 return  # read again after the next start: never acked here
+            self._stream = stream
             epoch = self.consumer.fetch_epoch
+            if epoch != self._epoch:  # a stop, start or rebalance: the queues are stale
+                self._forget_pending(epoch)
             items = [_Item(e) for e in events if getattr(e.message, "fetch_epoch", None) == epoch]
-            if not items:
-                return
+            for item in items:
+                self._queues[item.message.tp].append(item)
             await self._plan(items)
             if not self.gate.is_set():
                 return  # FAILED while planning
-            await self._write(items)
-            await self._finish(stream, items)
+            pending = self._due_parked() + [
+                (item, write)
+                for item in items
+                if item.planned is not None
+                for write in item.planned.writes
+            ]
+            await self._write(pending)
+            await self._ack_ready()
+
+    async def tick(self) -> None:
+        """Retries parked records that are due when no new batch arrives to carry them."""
+        if not self._parked or not self.gate.is_set():
+            return
+        async with self.lock:
+            if not self.gate.is_set() or self.consumer is None:
+                return
+            if self.consumer.fetch_epoch != self._epoch:
+                self._forget_pending(self.consumer.fetch_epoch)
+                return
+            due = self._due_parked()
+            if due:
+                await self._write(due)
+                await self._ack_ready()
+
+    def _forget_pending(self, epoch: int) -> None:
+        """Drops queued and parked records: they will all be read again from the commit."""
+        self._queues.clear()
+        self._parked.clear()
+        self._epoch = epoch
 
     async def _plan(self, items: list[_Item]) -> None:
         assert self.workflow is not None
@@ -280,15 +328,35 @@ class WorkflowRuntime:
             item.planned = plan
             item.remaining = len(plan.writes)
 
-    async def _write(self, items: list[_Item]) -> None:
-        pending = [
-            (item, write)
-            for item in items
-            if item.planned is not None
-            for write in item.planned.writes
-        ]
+    def _due_parked(self) -> list[tuple[_Item, Any]]:
+        """Takes the parked writes whose retry time has come, in their original order."""
+        now = time.monotonic()
+        due: list[tuple[_Item, Any]] = []
+        for identity in [i for i, parked in self._parked.items() if parked.retry_at <= now]:
+            due += self._parked.pop(identity).writes
+        return due
+
+    def _park(self, item: _Item, write: Any) -> None:
+        identity = (write.system, *write.record.identity)
+        parked = self._parked.get(identity)
+        if parked is None:
+            parked = self._parked[identity] = _Parked()
+        parked.writes.append((item, write))
+
+    async def _write(self, pending: list[tuple[_Item, Any]]) -> None:
+        """Writes until every write is confirmed, rejected or parked; retries the retryable
+        with backoff while the workflow runs (a stop ends the wait at once)."""
         attempt = 0
         while pending and self.gate.is_set():
+            # Records of a parked key wait behind it: their order is kept.
+            waiting = [(i, w) for i, w in pending if (w.system, *w.record.identity) in self._parked]
+            for item, write in waiting:
+                self._park(item, write)
+            pending = [
+                (i, w) for i, w in pending if (w.system, *w.record.identity) not in self._parked
+            ]
+            if not pending:
+                return
             attempt += 1
             by_system: dict[str, list[tuple[_Item, Any]]] = defaultdict(list)
             for item, write in pending:
@@ -300,28 +368,18 @@ class WorkflowRuntime:
                     for system, entries in by_system.items()
                 )
             )
-            latency = time.monotonic() - started
             retry: list[tuple[_Item, Any]] = []
             wait: float | None = None
             for entries, results in zip(by_system.values(), outcomes, strict=True):
                 for (item, write), outcome in zip(entries, results, strict=True):
-                    item.attempts = attempt
+                    item.attempts += 1
                     if outcome is None:
                         item.remaining -= 1
                     elif isinstance(outcome, Fatal):
                         await self.fail(f"{write.system}: {outcome.reason}")
                         return
                     elif isinstance(outcome, ParentMissing):
-                        now = time.monotonic()
-                        item.parent_missing_since = item.parent_missing_since or now
-                        if now - item.parent_missing_since >= self.settings.parent_wait_s:
-                            item.error = RecordRejected(
-                                f"parent never arrived within {self.settings.parent_wait_s:.0f}s:"
-                                f" {outcome.reason}"
-                            )
-                            item.remaining -= 1
-                        else:
-                            retry.append((item, write))
+                        self._parent_missing(item, write, outcome)
                     elif isinstance(outcome, Retryable):
                         retry.append((item, write))
                         if outcome.retry_after:
@@ -330,15 +388,33 @@ class WorkflowRuntime:
                         item.error = outcome
                         item.remaining -= 1
             log.debug(
-                "event=batch_written workflow=%s records=%s retry=%s seconds=%.3f",
+                "event=batch_written workflow=%s records=%s retry=%s parked=%s seconds=%.3f",
                 self.name,
                 len(pending),
                 len(retry),
-                latency,
+                len(self._parked),
+                time.monotonic() - started,
             )
             pending = retry
-            if pending:
+            if pending and not all(
+                (w.system, *w.record.identity) in self._parked for _, w in pending
+            ):
                 await self._sleep_unless_stopped(self._backoff(attempt, wait))
+
+    def _parent_missing(self, item: _Item, write: Any, outcome: ParentMissing) -> None:
+        now = time.monotonic()
+        item.parent_missing_since = item.parent_missing_since or now
+        waited = now - item.parent_missing_since
+        if waited >= self.settings.parent_wait_s:
+            item.error = RecordRejected(
+                f"parent never arrived within {self.settings.parent_wait_s:.0f}s: {outcome.reason}"
+            )
+            item.remaining -= 1
+            return
+        self._park(item, write)
+        identity = (write.system, *write.record.identity)
+        # Soon at first (the parent is usually in flight), then less often.
+        self._parked[identity].retry_at = now + min(5.0, 0.5 + waited / 2)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after:
@@ -354,22 +430,18 @@ class WorkflowRuntime:
         except TimeoutError:
             pass
 
-    async def _finish(self, stream: Any, items: list[_Item]) -> None:
-        """Dead-letters the rejected, runs commits, acks in offset order up to the first gap."""
-        by_partition: dict[Any, list[_Item]] = defaultdict(list)
-        for item in items:
-            by_partition[item.message.tp].append(item)
-        for partition_items in by_partition.values():
-            for item in sorted(partition_items, key=lambda i: i.message.offset):
-                if not item.done:
-                    break  # abandoned (stop, FAILED): this and later offsets are read again
+    async def _ack_ready(self) -> None:
+        """Dead-letters, commits and acks each partition's written records from the head."""
+        for queue in self._queues.values():
+            while queue and queue[0].done:
+                item = queue.popleft()
                 if item.error is not None:
                     await self._dead_letter(item)
                 elif item.planned is not None:
                     if item.planned.commit is not None:
                         await item.planned.commit()
                     self.records_written += 1
-                await stream.ack(item.event)
+                await self._stream.ack(item.event)
 
     async def _dead_letter(self, item: _Item) -> None:
         assert self._producer is not None and item.error is not None
