@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +19,9 @@ from crmsync import topics
 from crmsync.schemas.codec import CHANGE_EVENT
 from crmsync.schemas.producer import change_event
 from crmsync.streams.config import default_config
+from tests.conftest import free_port
 from tests.integration.control_helpers import (
+    ADMIN,
     OPERATOR,
     VIEWER,
     ControlPlane,
@@ -402,3 +407,64 @@ async def _states_are(plane: ControlPlane, expected: list[str]) -> bool:
 
 async def _no_live_worker(plane: ControlPlane) -> bool:
     return not [w for w in (await plane.workflow(D2C))["workers"] if w["live"]]
+
+
+async def test_a_failed_workflow_shows_why_and_start_resumes_it(
+    cluster: Cluster, plane: ControlPlane
+) -> None:
+    cluster.start_worker(D2C)
+    await plane.wait_status(D2C, "RUNNING", within=90)
+    cluster.emulators.faults("campaign", fail_next=[{"status": 403}])
+    await cluster.publish_contacts(contacts(5))
+    failed = await plane.wait_status(D2C, "FAILED")
+    assert "403" in failed["error"]
+    assert failed["backlog"] == 5  # nothing skipped
+    cluster.emulators.clear_faults()
+    assert (await plane.action(D2C, "start"))["status"] in ("STARTING", "RUNNING")
+    await plane.wait_status(D2C, "RUNNING")
+    await plane.wait_backlog(D2C, 0)
+    await wait_for(lambda: _async(_profiles(cluster) == 5), 30, "5 profiles")
+
+
+async def _crmsync(plane: ControlPlane, *args: str, url: str | None = None) -> tuple[int, str, str]:
+    env = {
+        **os.environ,
+        "CRMSYNC_CONTROL_URL": url or str(plane.http.base_url),
+        "CRMSYNC_ADMIN_TOKEN": ADMIN,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "crmsync.control.cli",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_the_workflows_command_uses_the_api_and_its_exit_codes(
+    cluster: Cluster, plane: ControlPlane
+) -> None:
+    code, out, _ = await _crmsync(plane, "workflows", "list")
+    assert code == 0
+    assert out.split()[:6] == ["WORKFLOW", "STATUS", "BACKLOG", "TREND", "PENDING", "ERROR"]
+    assert "d365-to-campaign  STARTING" in out
+    code, out, _ = await _crmsync(plane, "workflows", "stop", D2C, "--wait")
+    assert (code, out.splitlines()[-1]) == (0, f"{D2C}: STOPPED")
+    code, _, err = await _crmsync(plane, "workflows", "stop", D2C)
+    assert code == 1
+    assert "409" in err and "already STOPPED" in err
+    code, out, _ = await _crmsync(plane, "workflows", "replay", D2C, "--from", "earliest")
+    assert (code, out.strip()) == (0, f"{D2C}: replay from earliest: backlog 0")
+    code, _, err = await _crmsync(plane, "workflows", "replay", D2C, "--from", "last tuesday")
+    assert code == 1 and "earliest" in err
+    code, _, _ = await _crmsync(plane, "workflows", "stop", "no-such-workflow")
+    assert code == 2
+    code, _, err = await _crmsync(plane, "workflows", "list", url=f"http://127.0.0.1:{free_port()}")
+    assert code == 3 and "no control plane" in err
+    code, out, _ = await _crmsync(plane, "workflows", "--json", "show", D2C)
+    assert code == 0 and json.loads(out)["status"] == "STOPPED"
