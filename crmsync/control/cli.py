@@ -189,6 +189,7 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
                 partitions=settings.topic_partitions,
                 client_options=settings.kafka_client_options(),
                 on_sent=lambda n: progress.advance(task, n),
+                registry_url=settings.schema_registry_url,
             )
 
     if not _run_kafka_call(settings, run()):

@@ -346,6 +346,7 @@ async def send(
     partitions: int,
     client_options: Mapping[str, Any],
     on_sent: Callable[[int], None] | None = None,
+    registry_url: str | None = None,
 ) -> None:
     """Creates the stream's topic if needed, then sends every event and waits for Kafka's acks."""
     import asyncio
@@ -357,13 +358,17 @@ async def send(
         [topics.TopicSpec(spec.topic, partitions)],
         client_options=client_options,
     )
-    async with EventProducer(bootstrap_servers, **client_options) as producer:
+    schema = EMAIL_EVENT if spec.email else CHANGE_EVENT
+    async with EventProducer(
+        bootstrap_servers, registry_url=registry_url, **client_options
+    ) as producer:
         window = 2000  # futures in flight: bounded memory, the producer still batches
         pending: list[asyncio.Future[Any]] = []
         for event in events:
-            pending.append(
-                await producer.send_encoded(spec.topic, event.key, event.value, wait=False)
-            )
+            value = event.value
+            if registry_url:  # Confluent framing: the same record, with a registered schema id
+                value = await producer.encode(schema, spec.topic, schema.decode(value))
+            pending.append(await producer.send_encoded(spec.topic, event.key, value, wait=False))
             if len(pending) >= window:
                 await asyncio.gather(*pending)
                 if on_sent:

@@ -54,6 +54,7 @@ class SchemaVersion:
     parsed: Any
     canonical: str
     fingerprint: bytes  # CRC-64-AVRO of the parsing canonical form, little-endian as on the wire
+    source: str  # the schema as written, with docs and defaults (what a registry is given)
 
     @classmethod
     def from_json(cls, schema: Mapping[str, Any], version: int) -> SchemaVersion:
@@ -66,6 +67,7 @@ class SchemaVersion:
             parsed=parsed,
             canonical=canonical,
             fingerprint=bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")),
+            source=json.dumps(schema),
         )
 
 

@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
 
-from .codec import CHANGE_EVENT, EMAIL_EVENT
+from .codec import CHANGE_EVENT, EMAIL_EVENT, EventSchema
+from .registry import RegistryCodec, SchemaRegistry
 
 Scalar = None | bool | int | float | str
 
@@ -52,7 +53,10 @@ class EventProducer:
                                    after={"firstname": "Ada"}, system="d365"))
     """
 
-    def __init__(self, bootstrap_servers: str, **client_options: Any) -> None:
+    def __init__(
+        self, bootstrap_servers: str, *, registry_url: str | None = None, **client_options: Any
+    ) -> None:
+        self._registry = SchemaRegistry(registry_url) if registry_url else None
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap_servers,
             acks="all",
@@ -74,13 +78,27 @@ class EventProducer:
         tb: TracebackType | None,
     ) -> None:
         await self._producer.stop()
+        if self._registry is not None:
+            await self._registry.aclose()
 
     async def send_change(self, topic: str, event: Mapping[str, Any]) -> None:
         """Encodes (validating) and sends; returns once Kafka acknowledged it."""
-        await self.send_encoded(topic, str(event["key"]), CHANGE_EVENT.encode(event))
+        await self.send_encoded(
+            topic, str(event["key"]), await self.encode(CHANGE_EVENT, topic, event)
+        )
 
     async def send_email_event(self, topic: str, event: Mapping[str, Any]) -> None:
-        await self.send_encoded(topic, str(event["contact_id"]), EMAIL_EVENT.encode(event))
+        await self.send_encoded(
+            topic, str(event["contact_id"]), await self.encode(EMAIL_EVENT, topic, event)
+        )
+
+    async def encode(self, schema: EventSchema, topic: str, event: Mapping[str, Any]) -> bytes:
+        """Single-object encoding, or Confluent framing (subject `<topic>-value`) when the
+        producer was given a schema registry."""
+        if self._registry is None:
+            return schema.encode(event)
+        schema.validate(event)
+        return await RegistryCodec(schema, self._registry).encode(dict(event), f"{topic}-value")
 
     async def send_encoded(
         self, topic: str, key: str | None, value: bytes | None, *, wait: bool = True

@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 
 from crmsync import topics
 from crmsync.schemas.codec import DecodeError
+from crmsync.schemas.registry import RegistryCodec, SchemaRegistry
 from crmsync.settings import Settings
 from crmsync.streams import config as configs
 from crmsync.streams import workflows
@@ -86,6 +87,7 @@ class WorkflowRuntime:
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _producer: AIOKafkaProducer | None = None
+    _registry: RegistryCodec | None = None
     _stream: Any = None
     _epoch: int = -1
     _queues: dict[Any, deque[_Item]] = field(default_factory=lambda: defaultdict(deque))
@@ -113,6 +115,8 @@ class WorkflowRuntime:
             await self.workflow.stop()
         for sink in self.sinks.values():
             await sink.aclose()
+        if self._registry is not None:
+            await self._registry.registry.aclose()
         if self._producer is not None:
             await self.report(left=True)
             await self._producer.stop()
@@ -203,6 +207,12 @@ class WorkflowRuntime:
                 await self.workflow.stop()
             await new.start()
             self.workflow = new
+            if self.settings.schema_registry_url:
+                if self._registry is not None:
+                    await self._registry.registry.aclose()
+                self._registry = RegistryCodec(
+                    new.schema, SchemaRegistry(self.settings.schema_registry_url)
+                )
             self.config_version = version
             assert self.consumer is not None
             await self.consumer.seek_and_resume_all()
@@ -312,7 +322,10 @@ class WorkflowRuntime:
         decoded: list[tuple[_Item, str, dict[str, Any]]] = []
         for item in items:
             try:
-                value = self.workflow.decode(item.message.topic, item.message.value)
+                if self._registry is not None:
+                    value = await self._registry.decode(item.message.value)
+                else:
+                    value = self.workflow.schema.decode(item.message.value)
             except DecodeError as error:
                 item.error = RecordRejected(f"undecodable: {error}")
             else:

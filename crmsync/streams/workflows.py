@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaProducer
 
 from crmsync import topics
-from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT
+from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, EventSchema
 from crmsync.streams import mapping, optout
 from crmsync.streams.config import (
     CampaignToD365Config,
@@ -52,7 +52,8 @@ class Workflow(Protocol):
 
     def source_topics(self) -> list[str]: ...
 
-    def decode(self, topic: str, value: bytes) -> dict[str, Any]: ...
+    @property
+    def schema(self) -> EventSchema: ...
 
     async def plan(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> list[Planned]:
         """One Planned per (topic, event), in order. Raises nothing for a single record: one
@@ -82,8 +83,9 @@ class D365ToCampaign:
     def source_topics(self) -> list[str]:
         return self.config.source_topics()
 
-    def decode(self, topic: str, value: bytes) -> dict[str, Any]:
-        return CHANGE_EVENT.decode(value)
+    @property
+    def schema(self) -> EventSchema:
+        return CHANGE_EVENT
 
     async def plan(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> list[Planned]:
         return _plan_each(batch, lambda topic, event: mapping.writes_for(event, topic, self.config))
@@ -103,8 +105,9 @@ class CampaignToD365:
     def source_topics(self) -> list[str]:
         return self.config.source_topics()
 
-    def decode(self, topic: str, value: bytes) -> dict[str, Any]:
-        return EMAIL_EVENT.decode(value)
+    @property
+    def schema(self) -> EventSchema:
+        return EMAIL_EVENT
 
     async def plan(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> list[Planned]:
         return _plan_each(
@@ -137,8 +140,9 @@ class OptInOut:
     def source_topics(self) -> list[str]:
         return self.config.source_topics()
 
-    def decode(self, topic: str, value: bytes) -> dict[str, Any]:
-        return CHANGE_EVENT.decode(value)
+    @property
+    def schema(self) -> EventSchema:
+        return CHANGE_EVENT
 
     async def start(self) -> None:
         def remember(key: str, value: bytes | None) -> None:
