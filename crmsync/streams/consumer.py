@@ -73,11 +73,13 @@ class PausableConsumer(faust_aiokafka.Consumer):
         # moved would consume records from the new position that the epoch check then drops.
         async with self._fetch_lock():
             epoch = self.fetch_epoch
-            if self.stopped:
-                # Keep calling aiokafka while stopped: Faust would only sleep, the
-                # max-poll-interval timer would run out and the member would leave the group.
-                # Asking for a partition nobody has returns nothing and consumes nothing
-                # (an empty set would mean every partition to aiokafka).
+            idle = self.stopped or (self.flow_active and not self._get_active_partitions())
+            if idle:
+                # Nothing to fetch: stopped, or every partition held back because the agent's
+                # buffer is full (a slow or unreachable target). Faust would only sleep, the
+                # max-poll-interval timer would run out and the member would leave the group:
+                # keep calling aiokafka instead. Asking for a partition nobody has returns
+                # nothing and consumes nothing (an empty set would mean every partition).
                 if self.assignment():
                     await self._getmany(
                         active_partitions={_NO_PARTITION}, timeout=min(timeout, 1.0)

@@ -197,3 +197,24 @@ async def test_sigterm_during_a_target_outage_leaves_promptly_without_acking(
         return await _profiles_count(cluster) == 100 and await cluster.lag(WORKFLOW) == 0
 
     await wait_for(synced, 60, "100 profiles after the restart")
+
+
+async def test_an_outage_longer_than_the_max_poll_interval_keeps_the_group(
+    cluster: Cluster,
+) -> None:
+    """A target down for long fills the agent's buffer; the worker must keep polling Kafka."""
+    cluster.start_worker(WORKFLOW, CRMSYNC_MAX_POLL_INTERVAL_S="4", CRMSYNC_BATCH_MAX_RECORDS="20")
+    await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))
+    cluster.emulators.faults("campaign", outage_s=14)
+    await cluster.publish_contacts(contacts(3000))  # far more than the buffers hold
+    await asyncio.sleep(1)
+    members = await group_members(cluster.bootstrap, f"crmsync.{WORKFLOW}")
+    assert len(members) == 1
+    await asyncio.sleep(12)  # three times the max poll interval, the target still down
+    assert await group_members(cluster.bootstrap, f"crmsync.{WORKFLOW}") == members
+
+    async def drained() -> bool:
+        return await cluster.lag(WORKFLOW) == 0
+
+    await wait_for(drained, 240, "backlog drained after the outage")
+    assert await _profiles_count(cluster) == 3000
