@@ -106,6 +106,24 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="how long a replay waits for every live worker"
     )
 
+    source_poll_interval_s: float = Field(
+        default=3.0, gt=0, description="Dynamics source: pause between polls of a delta link"
+    )
+    source_page_size: int = Field(
+        default=500, ge=1, le=5000, description="Dynamics source: Prefer odata.maxpagesize"
+    )
+    source_fatal_retry_s: float = Field(
+        default=30.0, gt=0, description="Dynamics source: wait after a fatal error (FAILED)"
+    )
+    source_tombstones: bool = Field(
+        default=True, description="Dynamics source: a tombstone for the key after each delete"
+    )
+    source_entity_sets: str | None = Field(
+        default=None,
+        description="Dynamics source: logicalname=EntitySetName,... where EntityDefinitions "
+        "cannot be read (else read from it, or the logical name + s)",
+    )
+
     dynamics_url: str = "http://127.0.0.1:8081"
     dynamics_tenant: str = "local"
     dynamics_client_id: str = "crmsync-local"

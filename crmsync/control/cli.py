@@ -49,6 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run one worker of one workflow")
     worker.add_argument("workflow", choices=WORKFLOWS)
 
+    source = commands.add_parser(
+        "source", help="run a change source: d365 = Dynamics change tracking → Kafka"
+    )
+    source.add_argument("system", choices=("d365",))
+
+    demo = commands.add_parser(
+        "demo",
+        help="create contacts in the Dynamics emulator, flip opt-outs on both sides and publish "
+        "email events, so every workflow moves",
+    )
+    demo.add_argument("--contacts", type=int, default=50, metavar="N", help="default 50")
+
     commands.add_parser(
         "control",
         help="run the control plane (HTTP API, metrics) on CRMSYNC_HTTP_HOST:CRMSYNC_HTTP_PORT",
@@ -141,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "emulators": _emulators,
         "worker": _worker,
         "control": _control,
+        "source": _source,
+        "demo": _demo,
         "workflows": _workflows,
     }[args.command]
     try:
@@ -272,6 +286,29 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     logging.getLogger("faust").setLevel(logging.WARNING)
     logging.getLogger("mode").setLevel(logging.WARNING)
     if not _run_kafka_call(settings, run_worker(args.workflow, settings)):
+        return EXIT_UNREACHABLE
+    return EXIT_OK
+
+
+def _source(settings: Settings, args: argparse.Namespace) -> int:
+    from crmsync.streams.source import run_source
+
+    if not _run_kafka_call(settings, run_source(settings)):
+        return EXIT_UNREACHABLE
+    return EXIT_OK
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    from crmsync.control.demo import DemoFailed, run_demo
+
+    if args.contacts < 1:
+        print("crmsync demo: --contacts must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if not _run_kafka_call(settings, run_demo(settings, args.contacts)):
+            return EXIT_UNREACHABLE
+    except DemoFailed as error:
+        print(f"crmsync demo: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE
     return EXIT_OK
 

@@ -60,6 +60,8 @@ _GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 _MISSING_SET_CODES = frozenset({"0x8006088a"})
 _MISSING_SET_TEXTS = ("resource not found for the segment", "no http resource was found")
 # OAuth2 errors meaning the credentials or the request are wrong (asking again will not help).
+# Dataverse: "Version stamp associated with the client has expired. Please perform a full sync."
+_EXPIRED_CODE = "0x80044352"
 _REFUSED = frozenset({"invalid_client", "unauthorized_client", "invalid_scope", "invalid_grant"})
 
 
@@ -180,6 +182,20 @@ class Write:
     @property
     def operation(self) -> Operation:
         return "delete" if self.fields is None else "write"
+
+
+class FullSyncRequired(RecordRejected):
+    """The delta token expired or is unknown (0x80044352): only a fresh initial load helps."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesPage:
+    """One page of change tracking: rows and ``$deletedEntity`` entries, in the server's order,
+    and either the next page's link or the delta link to poll next (relative to the API root)."""
+
+    value: list[dict[str, Any]]
+    next_link: str | None
+    delta_link: str | None
 
 
 class _MsalHttp:
@@ -503,6 +519,70 @@ class DynamicsClient:
             for record in page.get("value", []):
                 yield record
             url = page.get("@odata.nextLink")
+
+    # -- change tracking ---------------------------------------------------------------------
+
+    async def read_changes(
+        self,
+        entity_set: str | None = None,
+        *,
+        link: str | None = None,
+        select: Sequence[str] | None = None,
+        page_size: int | None = None,
+    ) -> ChangesPage:
+        """One page of change tracking (``Prefer: odata.track-changes``).
+
+        Without ``link``: the first page of an initial load of ``entity_set``. With ``link``: the
+        page at a ``@odata.nextLink`` or ``@odata.deltaLink`` this client returned (absolute, or
+        relative to the API root as ``relative_link`` spells it). A token the server no longer
+        knows raises ``FullSyncRequired``; other refusals are classified as for any read.
+        """
+        if link is not None:
+            url = self._own_link(link)
+            what = f"GET {link.split('?', 1)[0].rsplit('/', 1)[-1]} changes"
+        elif entity_set is not None:
+            url = self.url(entity_set)
+            if select:
+                url += "?" + urlencode({"$select": ",".join(select)}, safe="$,")
+            what = f"GET {entity_set} changes"
+        else:
+            raise ValueError("read_changes needs an entity set or a link")
+        prefer = "odata.track-changes" + (f",odata.maxpagesize={page_size}" if page_size else "")
+        response = await self._request("GET", url, headers={"Prefer": prefer}, what=what)
+        if response.status_code == 400:
+            code, message = error_message(response.text)
+            if code.lower() == _EXPIRED_CODE or "perform a full sync" in message.lower():
+                raise FullSyncRequired(f"{what}: HTTP 400 {code}: {message}")
+        self._raise_for(response, what, operation="read")
+        page = response.json()
+        next_link, delta_link = page.get("@odata.nextLink"), page.get("@odata.deltaLink")
+        return ChangesPage(
+            list(page.get("value", [])),
+            self.relative_link(next_link) if next_link else None,
+            self.relative_link(delta_link) if delta_link else None,
+        )
+
+    def relative_link(self, link: str) -> str:
+        """A link of this API without its origin and root (``contacts?$deltatoken=...``), so a
+        stored link survives a change of host name or port."""
+        path = link
+        if link.startswith(("http://", "https://")):
+            parts = urlsplit(link)
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+        prefix = self._api_path.rstrip("/") + "/"
+        if not path.startswith(prefix):
+            raise Fatal(f"link outside the Web API {self.api_url}: {short(link)}")
+        return path[len(prefix) :]
+
+    def _own_link(self, link: str) -> str:
+        """The absolute path of a link; a link to another host is refused (it would get our
+        bearer token)."""
+        if link.startswith(("http://", "https://")):
+            origin = urlsplit(link)
+            if f"{origin.scheme}://{origin.netloc}".lower() != self._origin.lower():
+                raise Fatal(f"link to another host refused: {short(link)}")
+            return self._api_path.rstrip("/") + "/" + self.relative_link(link)
+        return self._api_path.rstrip("/") + "/" + link.lstrip("/")
 
     # -- $batch -------------------------------------------------------------------------------
 
