@@ -1,4 +1,4 @@
-"""The control plane's ASGI app (API, metrics, OpenAPI) and `crmsync control`, served by uvicorn."""
+"""The control plane's ASGI app (API, page, metrics, OpenAPI) and `crmsync control`, on uvicorn."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from crmsync.control import api, metrics, openapi
+from crmsync.control import api, metrics, openapi, pages
 from crmsync.control.auth import Authenticator, resolve_admin_token
 from crmsync.control.supervisor import Supervisor
 from crmsync.settings import Settings
@@ -22,11 +22,6 @@ from crmsync.settings import Settings
 log = logging.getLogger(__name__)
 
 SupervisorFactory = Callable[[Settings], contextlib.AbstractAsyncContextManager[Supervisor]]
-
-_PLACEHOLDER = """<!doctype html><title>crmsync</title>
-<h1>crmsync control plane</h1>
-<p>The Workflows page is coming. Meanwhile: <a href="/openapi.json">/openapi.json</a>,
-<code>GET /api/v1/workflows</code> (bearer token), <a href="/metrics">/metrics</a>.</p>"""
 
 
 class ControlPlaneFailed(RuntimeError):
@@ -54,9 +49,6 @@ def create_app(
     async def describe(request: Request) -> Response:
         return JSONResponse(document)
 
-    async def home(request: Request) -> Response:
-        return HTMLResponse(_PLACEHOLDER)
-
     async def crashed(request: Request, exc: Exception) -> Response:
         log.exception("event=internal_error path=%s", request.url.path, exc_info=exc)
         return JSONResponse({"error": "internal error", "detail": type(exc).__name__}, 500)
@@ -66,7 +58,7 @@ def create_app(
             *api.routes(authenticator),
             Route("/metrics", scrape, methods=["GET"]),
             Route("/openapi.json", describe, methods=["GET"]),
-            Route("/", home, methods=["GET"]),
+            *pages.routes(authenticator),
         ],
         exception_handlers={HTTPException: api.http_error, Exception: crashed},
         lifespan=lifespan,

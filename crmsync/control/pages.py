@@ -1,0 +1,404 @@
+"""The Workflows web page: sign-in, the table, Start/Stop and the edit form, over the supervisor."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from crmsync.control import config_form, models
+from crmsync.control.auth import Authenticator, Principal, Role
+from crmsync.control.errors import (
+    ControlError,
+    Forbidden,
+    Invalid,
+    Unavailable,
+    UnknownWorkflow,
+)
+from crmsync.control.supervisor import Supervisor
+from crmsync.streams import config as configs
+
+_Endpoint = Callable[[Request], Awaitable[Response]]
+_HERE = Path(__file__).parent
+_COOKIE = "crmsync_session"
+_SESSION_MAX_AGE_S = 12 * 3600
+_PENDING_TIP = "edited; changes apply on the next Stop + Start"
+_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+_CODES: dict[type[ControlError], int] = {
+    Forbidden: 403,
+    UnknownWorkflow: 404,
+    Invalid: 422,
+    Unavailable: 503,
+}
+_TRENDS = {
+    "caught_up": "caught up",
+    "draining": "draining",
+    "growing": "growing",
+    "stalled": "stalled",
+    "steady": "steady",
+}
+
+templates = Jinja2Templates(directory=str(_HERE / "templates"))
+
+
+def _code(error: ControlError) -> int:
+    return next((c for kind, c in _CODES.items() if isinstance(error, kind)), 409)
+
+
+def row(summary: models.WorkflowSummary) -> dict[str, Any]:
+    """One table row as the template and the page's script both show it."""
+    trend = _TRENDS.get(summary.trend, summary.trend)
+    if summary.trend == "draining" and summary.eta_s is not None:
+        trend += f", ETA {_duration(summary.eta_s)}"
+    action = "start" if summary.status == "STOPPED" else "stop"
+    return {
+        **summary.model_dump(mode="json"),
+        "backlog_text": f"{summary.backlog:,}",
+        "trend_text": trend,
+        "action": action,
+        "busy": summary.status == "STARTING",
+        "note": summary.error if summary.status != "FAILED" else None,
+        "reason": summary.error if summary.status == "FAILED" else None,
+    }
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(round(seconds), 1)} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@dataclass
+class _Session:
+    """The signed cookie's content: who signed in (never the token), the CSRF token, a notice."""
+
+    csrf: str
+    who: str | None = None
+    role: str | None = None
+    flash: str | None = None
+    changed: bool = False
+
+    @property
+    def principal(self) -> Principal | None:
+        if self.who is None or self.role is None or self.role not in Role.__members__:
+            return None
+        return Principal(self.who, Role[self.role])
+
+    def can(self, role: Role) -> bool:
+        principal = self.principal
+        return principal is not None and principal.role >= role
+
+    def take_flash(self) -> str | None:
+        flash, self.flash = self.flash, None
+        self.changed = self.changed or flash is not None
+        return flash
+
+
+class _Sessions:
+    def __init__(self, secret: bytes) -> None:
+        self._signer = URLSafeTimedSerializer(secret, salt="crmsync.page-session")
+
+    def read(self, request: Request) -> _Session:
+        raw = request.cookies.get(_COOKIE)
+        if raw:
+            try:
+                data = self._signer.loads(raw, max_age=_SESSION_MAX_AGE_S)
+                return _Session(
+                    csrf=str(data["csrf"]), who=data.get("who"), role=data.get("role"),
+                    flash=data.get("flash"),
+                )  # fmt: skip
+            except (BadSignature, KeyError, TypeError):
+                pass
+        return _Session(csrf=secrets.token_urlsafe(24), changed=True)
+
+    def write(self, request: Request, response: Response, session: _Session) -> Response:
+        response.headers.update(_HEADERS)
+        if session.changed:
+            data = {"csrf": session.csrf, "who": session.who, "role": session.role}
+            if session.flash:
+                data["flash"] = session.flash
+            response.set_cookie(
+                _COOKIE,
+                self._signer.dumps(data),
+                max_age=_SESSION_MAX_AGE_S,
+                path="/",
+                httponly=True,
+                samesite="lax",
+                secure=request.url.scheme == "https",
+            )
+        return response
+
+
+def _csrf_ok(session: _Session, form: FormData) -> bool:
+    given = form.get("csrf")
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), session.csrf.encode())
+
+
+def _wants_json(request: Request) -> bool:
+    return "application/json" in request.headers.get("accept", "")
+
+
+def _local(target: str | None) -> str:
+    """Only a path of ours to go back to after signing in (no //host, no scheme)."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/"
+
+
+def _config_hash(config: Any) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Pages:
+    def __init__(self, authenticator: Authenticator, secret: bytes) -> None:
+        self._auth = authenticator
+        self._sessions = _Sessions(secret)
+
+    # -- rendering ---------------------------------------------------------------------
+
+    def _page(
+        self,
+        request: Request,
+        session: _Session,
+        template: str,
+        context: dict[str, Any],
+        status: int = 200,
+    ) -> Response:
+        context = {
+            "session": session,
+            "principal": session.principal,
+            "csrf": session.csrf,
+            "flash": session.take_flash(),
+            "can_operate": session.can(Role.operator),
+            "can_edit": session.can(Role.admin),
+            "pending_tip": _PENDING_TIP,
+            **context,
+        }
+        response = templates.TemplateResponse(request, template, context, status_code=status)
+        return self._sessions.write(request, response, session)
+
+    def _redirect(self, request: Request, session: _Session, to: str) -> Response:
+        return self._sessions.write(request, RedirectResponse(to, 303), session)
+
+    def _refuse(self, request: Request, session: _Session, status: int, message: str) -> Response:
+        if _wants_json(request):
+            return self._sessions.write(
+                request, JSONResponse({"error": message, "detail": None}, status), session
+            )
+        context = {"title": "Refused", "message": message, "status": status}
+        return self._page(request, session, "error.html", context, status)
+
+    @staticmethod
+    def _supervisor(request: Request) -> Supervisor:
+        supervisor: Supervisor = request.app.state.supervisor
+        return supervisor
+
+    # -- sign-in -----------------------------------------------------------------------
+
+    async def login_form(self, request: Request) -> Response:
+        session = self._sessions.read(request)
+        if session.principal is not None:
+            return self._redirect(request, session, "/")
+        context = {"next": _local(request.query_params.get("next")), "error": None}
+        return self._page(request, session, "login.html", context)
+
+    async def login(self, request: Request) -> Response:
+        session = self._sessions.read(request)
+        form = await request.form()
+        if not _csrf_ok(session, form):
+            return self._refuse(request, session, 403, "The form expired: reload it and retry.")
+        token = form.get("token")
+        principal = self._auth.identify(token.strip()) if isinstance(token, str) else None
+        target = _local(str(form.get("next") or "/"))
+        if principal is None:
+            context = {"next": target, "error": "That token is not valid."}
+            return self._page(request, session, "login.html", context, 401)
+        # A new CSRF token on sign-in: one planted before it is worth nothing after.
+        signed_in = _Session(
+            csrf=secrets.token_urlsafe(24), who=principal.name, role=principal.role.name,
+            changed=True,
+        )  # fmt: skip
+        return self._redirect(request, signed_in, target)
+
+    async def logout(self, request: Request) -> Response:
+        session = self._sessions.read(request)
+        form = await request.form()
+        if not _csrf_ok(session, form):
+            return self._refuse(request, session, 403, "The form expired: reload it and retry.")
+        fresh = _Session(csrf=secrets.token_urlsafe(24), flash="Signed out.", changed=True)
+        return self._redirect(request, fresh, "/login")
+
+    # -- the table ---------------------------------------------------------------------
+
+    async def index(self, request: Request) -> Response:
+        session = self._sessions.read(request)
+        if session.principal is None:
+            return self._redirect(request, session, "/login")
+        rows: list[dict[str, Any]] = []
+        problem = None
+        try:
+            rows = [row(s) for s in await self._supervisor(request).summaries()]
+        except ControlError as error:
+            problem = error.message
+        return self._page(request, session, "index.html", {"rows": rows, "problem": problem})
+
+    async def rows(self, request: Request) -> Response:
+        session = self._sessions.read(request)
+        if session.principal is None:
+            return JSONResponse({"error": "sign in first", "detail": None}, 401, headers=_HEADERS)
+        try:
+            summaries = await self._supervisor(request).summaries()
+        except ControlError as error:
+            return JSONResponse({"error": error.message, "detail": None}, _code(error), _HEADERS)
+        return JSONResponse({"workflows": [row(s) for s in summaries]}, headers=_HEADERS)
+
+    async def toggle(self, request: Request) -> Response:
+        session = self._sessions.read(request)
+        form = await request.form()
+        if not _csrf_ok(session, form):
+            return self._refuse(request, session, 403, "The form expired: reload it and retry.")
+        principal = session.principal
+        if principal is None or principal.role < Role.operator:
+            return self._refuse(request, session, 403, "Starting and stopping needs an operator.")
+        name, action = request.path_params["name"], request.url.path.rsplit("/", 1)[-1]
+        supervisor = self._supervisor(request)
+        try:
+            if action == "start":
+                answer = await supervisor.start_workflow(name, principal)
+            else:
+                answer = await supervisor.stop_workflow(name, principal)
+        except ControlError as error:
+            if _wants_json(request):
+                return self._refuse(request, session, _code(error), error.message)
+            session.flash, session.changed = error.message, True
+            return self._redirect(request, session, "/")
+        if _wants_json(request):
+            body = {"name": name, "status": answer.status}
+            return self._sessions.write(request, JSONResponse(body, 202), session)
+        session.flash = f"{'Starting' if action == 'start' else 'Stopping'} {name}."
+        session.changed = True
+        return self._redirect(request, session, "/")
+
+    # -- the edit form -----------------------------------------------------------------
+
+    async def edit_form(self, request: Request) -> Response:
+        session = self._sessions.read(request)
+        if session.principal is None:
+            return self._redirect(request, session, f"/login?next={request.url.path}")
+        name = request.path_params["name"]
+        try:
+            config = self._supervisor(request).config(name)
+            summary = await self._supervisor(request).summary(name)
+        except ControlError as error:
+            return self._refuse(request, session, _code(error), error.message)
+        form = config_form.from_config(name, config.pending or config.active)
+        diff = [c.model_dump(mode="json") for c in config.pending_diff]
+        context = {
+            "row": row(summary), "form": form, "diff": diff if config.pending else None,
+            "review": None, "reviewed": None,
+        }  # fmt: skip
+        return self._page(request, session, "edit.html", context)
+
+    async def edit(self, request: Request) -> Response:
+        session = self._sessions.read(request)
+        form_data = await request.form()
+        if not _csrf_ok(session, form_data):
+            return self._refuse(request, session, 403, "The form expired: reload it and retry.")
+        principal = session.principal
+        if principal is None:
+            return self._refuse(request, session, 403, "Sign in first.")
+        name = request.path_params["name"]
+        supervisor = self._supervisor(request)
+        try:
+            current = supervisor.config(name)
+            summary = await supervisor.summary(name)
+        except ControlError as error:
+            return self._refuse(request, session, _code(error), error.message)
+        data = {k: v for k, v in form_data.items() if isinstance(v, str)}
+        config, form = config_form.parse(name, data, current.pending or current.active)
+        context: dict[str, Any] = {"row": row(summary), "form": form, "diff": None}
+        saving = form_data.get("action") == "save"
+        if saving and principal.role < Role.admin:
+            return self._refuse(request, session, 403, "Editing a config needs an admin.")
+        parsed: configs.WorkflowConfig | None = None
+        if not form.errors and not form.general:
+            try:
+                parsed = configs.parse_config(name, config)
+            except configs.ConfigError as error:
+                form.add_errors(error.errors)
+        if parsed is None:
+            context |= {"review": None, "reviewed": None}
+            return self._page(request, session, "edit.html", context, 422)
+        pending = parsed.model_dump(mode="json")
+        review = configs.config_diff(configs.redacted(current.active), configs.redacted(parsed))
+        digest = _config_hash(pending)
+        if saving and form_data.get("reviewed") == digest:
+            try:
+                await supervisor.edit_config(name, config, principal)
+            except Invalid as error:
+                form.add_errors(error.errors)
+                context |= {"review": None, "reviewed": None}
+                return self._page(request, session, "edit.html", context, 422)
+            except ControlError as error:
+                return self._refuse(request, session, _code(error), error.message)
+            session.changed = True
+            session.flash = (
+                f"Saved {name}'s changes: they apply on the next Stop + Start."
+                if review
+                else f"{name} has no pending changes: it runs its active config."
+            )
+            return self._redirect(request, session, "/")
+        if saving:
+            form.general.append("The form changed after the review: check the changes again.")
+        context |= {"review": review, "reviewed": digest}
+        return self._page(request, session, "edit.html", context)
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/", self.index, methods=["GET"]),
+            Route("/login", _by_method(self.login_form, self.login), methods=["GET", "POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Route("/workflows.json", self.rows, methods=["GET"]),
+            Route("/workflows/{name}/start", self.toggle, methods=["POST"]),
+            Route("/workflows/{name}/stop", self.toggle, methods=["POST"]),
+            Route(
+                "/workflows/{name}/edit",
+                _by_method(self.edit_form, self.edit),
+                methods=["GET", "POST"],
+            ),
+            Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
+        ]
+
+
+def _by_method(get: _Endpoint, post: _Endpoint) -> _Endpoint:
+    """One route per path, so a 405 names every method the path takes."""
+
+    async def endpoint(request: Request) -> Response:
+        return await (post if request.method == "POST" else get)(request)
+
+    return endpoint
+
+
+def routes(authenticator: Authenticator, session_secret: bytes | None = None) -> list[BaseRoute]:
+    """The page's routes; without a secret, sessions last as long as this process."""
+    return _Pages(authenticator, session_secret or secrets.token_bytes(32)).routes()
