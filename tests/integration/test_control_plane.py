@@ -361,11 +361,6 @@ async def test_two_workers_honour_stop_and_start_and_leave_the_replay_to_the_con
     assert _tool_total(kafka_tool_lag(kafka_cache, cluster.bootstrap, D2C)) == 200
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="data plane, about half the runs: after a rebalance the survivor keeps the dead "
-    "worker's partitions assigned but never fetches them (lag stays); see the report",
-)
 async def test_a_killed_workers_partitions_go_to_the_other_and_the_status_stays_truthful(
     cluster: Cluster, plane: ControlPlane
 ) -> None:
