@@ -194,6 +194,12 @@ class Supervisor:
     def names(self) -> list[str]:
         return list(TITLES)
 
+    def _lock(self, name: str) -> asyncio.Lock:
+        """Serialises one workflow's read-modify-write of its control record."""
+        if name not in self._locks:
+            raise UnknownWorkflow(f"no workflow {name!r}", {"workflows": list(TITLES)})
+        return self._locks[name]
+
     def _record(self, name: str) -> ControlRecord:
         if name not in TITLES:
             raise UnknownWorkflow(f"no workflow {name!r}", {"workflows": list(TITLES)})
@@ -347,7 +353,7 @@ class Supervisor:
 
     async def start_workflow(self, name: str, who: Principal) -> models.StatusAnswer:
         """A new generation, desired running; pending changes become the active config."""
-        async with self._locks[name] if name in self._locks else contextlib.nullcontext():
+        async with self._lock(name):
             record = self._record(name)
             status = self.derived(name).status
             if record.desired == "running" and status != "FAILED":
@@ -376,7 +382,7 @@ class Supervisor:
 
     async def stop_workflow(self, name: str, who: Principal) -> models.StatusAnswer:
         """A new generation, desired stopped: the workers close the gate and pause."""
-        async with self._locks[name] if name in self._locks else contextlib.nullcontext():
+        async with self._lock(name):
             record = self._record(name)
             if record.desired == "stopped":
                 raise Conflict(f"{name} is already {self.derived(name).status}")
@@ -397,7 +403,7 @@ class Supervisor:
         self, name: str, data: Mapping[str, Any], who: Principal
     ) -> models.PendingAnswer:
         """Validates the config and stores it as pending: the running workers keep the active."""
-        async with self._locks[name] if name in self._locks else contextlib.nullcontext():
+        async with self._lock(name):
             record = self._record(name)
             try:
                 parsed = configs.parse_config(name, data)
@@ -438,7 +444,7 @@ class Supervisor:
         only from them: so the request travels in the control record and the supervisor waits
         for every live worker's confirmation. With no live worker it commits itself.
         """
-        async with self._locks[name] if name in self._locks else contextlib.nullcontext():
+        async with self._lock(name):
             record = self._record(name)
             status = self.derived(name).status
             if status != "STOPPED":
