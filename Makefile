@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA_STAMP := .cache/kafka/.fetched
 
-.PHONY: run test test-unit lint bench clean setup kafka
+.PHONY: run test test-unit test-e2e lint bench clean setup kafka browser
 
 setup: $(STAMP) $(KAFKA_STAMP)
 
@@ -23,8 +23,21 @@ $(KAFKA_STAMP): $(STAMP) crmsync/deploy/local/pom.xml
 run: setup
 	$(BIN)/crmsync up
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -p no:cacheprovider tests
+
+test-e2e: setup browser
+	$(BIN)/python -m pytest -p no:cacheprovider tests/e2e
+
+# Debian's Chromium for the browser tests (Playwright drives it; it downloads no browser).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else \
+			echo "tests/e2e need /usr/bin/chromium: run 'sudo apt-get install -y chromium'" >&2; \
+		fi; \
+	fi
 
 test-unit: setup
 	$(BIN)/python -m pytest -p no:cacheprovider tests/unit
