@@ -1,4 +1,4 @@
-"""The Workflows page in Debian's Chromium (Playwright) against a real stack: broker, workers, control."""
+"""Debian's Chromium (driven by Playwright) against a real stack: broker, workers, control plane."""
 
 from __future__ import annotations
 
@@ -160,18 +160,24 @@ def _wait_running(stack: Stack, within: float = 120) -> None:
     raise AssertionError(f"the stack did not come up RUNNING: {last}\n{stack.output()[-4000:]}")
 
 
-@pytest.fixture
-async def browser(tmp_path: Path) -> AsyncIterator[BrowserContext]:
-    """A fresh Chromium profile per test; Playwright never downloads a browser of its own."""
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Never a skip: CI installs Chromium (`make browser`), so its absence is a failure."""
     if not (CHROMIUM.exists() and os.access(CHROMIUM, os.X_OK)):
         pytest.fail(
             f"{CHROMIUM} is missing: install Debian's chromium (`make browser`, or "
             "`apt-get install -y chromium`) — the browser tests need it"
         )
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium: Path, tmp_path: Path) -> AsyncIterator[BrowserContext]:
+    """A fresh Chromium profile per test; Playwright never downloads a browser of its own."""
     async with async_playwright() as playwright:
         context = await playwright.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"),
-            executable_path=str(CHROMIUM),
+            executable_path=str(chromium),
             headless=True,
             args=CHROMIUM_ARGS,
             viewport={"width": 1280, "height": 800},

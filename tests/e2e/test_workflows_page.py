@@ -200,12 +200,13 @@ async def _csrf(page: Page) -> str:
 async def test_a_post_without_the_csrf_token_is_refused(page: Page, stack: Stack) -> None:
     await stack.ensure(D2C, "RUNNING")
     await sign_in(page, stack)
-    for path, form in (
+    attempts: list[tuple[str, dict[str, str | float | bool]]] = [
         (f"/workflows/{D2C}/stop", {}),
         (f"/workflows/{D2C}/stop", {"csrf": "forged"}),
         (f"/workflows/{D2C}/edit", {"action": "save"}),
         ("/logout", {}),
-    ):
+    ]
+    for path, form in attempts:
         answer = await page.request.post(stack.url + path, form=form)
         assert answer.status == 403, (path, form, answer.status)
     assert stack.workflows()[D2C]["status"] == "RUNNING"
@@ -240,9 +241,7 @@ async def test_keyboard_only_toggling(page: Page, stack: Stack) -> None:
     await expect(toggle).to_be_focused()
 
 
-async def test_a_failed_workflow_shows_its_reason(
-    page: Page, stack: Stack, tmp_path: Path
-) -> None:
+async def test_a_failed_workflow_shows_its_reason(page: Page, stack: Stack, tmp_path: Path) -> None:
     await stack.ensure("campaign-to-d365", "RUNNING")
     await sign_in(page, stack)
     generation = stack.workflow("campaign-to-d365")["generation"]
@@ -266,7 +265,8 @@ async def test_a_failed_workflow_shows_its_reason(
     beating = asyncio.create_task(heartbeat())
     try:
         row = _row(page, "campaign-to-d365")
-        await expect(row.locator('[data-field="status-text"]')).to_have_text("FAILED", timeout=20_000)
+        status = row.locator('[data-field="status-text"]')
+        await expect(status).to_have_text("FAILED", timeout=20_000)
         await expect(row.locator('[data-field="reason"]')).to_have_text(reason)
         await expect(row.locator(".status")).to_have_class(re.compile("status-failed"))
         await expect(page.locator("#live")).to_contain_text("FAILED")
