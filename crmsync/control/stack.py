@@ -86,8 +86,8 @@ def _http_ok(url: str) -> Callable[[], bool]:
 
 @dataclass
 class LocalStack:
-    """Kafka (unless KAFKA_BOOTSTRAP_SERVERS is set), topics, the emulators, the control plane
-    and one worker per workflow."""
+    """Kafka (unless KAFKA_BOOTSTRAP_SERVERS is set), topics, the emulators, the Dynamics
+    source, the control plane and one worker per workflow."""
 
     settings: Settings
     brokers: int = 1
@@ -137,6 +137,10 @@ class LocalStack:
             process.start(self.logs)
             self.processes.append(process)
             process.wait_ready(60, self.logs)
+        # The Dynamics source: change tracking of the emulator → the change topics.
+        source = Process("source-d365", self._crmsync("source", "d365"), lambda: True, env)
+        source.start(self.logs)
+        self.processes.append(source)
         self.admin_token = resolve_admin_token(self.settings)
         control = Process(
             "control",
