@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: How long a control record may take to come back through the topic we follow.
 _ECHO_TIMEOUT_S = 15.0
+#: How old a backlog sample may be and still answer a request.
+_SAMPLE_REUSE_S = 1.0
 
 
 def _now() -> str:
@@ -89,6 +91,7 @@ class Supervisor:
         self._tail = TopicTail(bootstrap, options, self._offsets)
         self._audit = AuditLog(self._producer, self._tail)
         self._locks = {name: asyncio.Lock() for name in TITLES}
+        self._sampling = {name: asyncio.Lock() for name in TITLES}
         self._backlogs: dict[str, Backlog] = {}
         self._trends = {name: TrendWindow(settings.backlog_window_s) for name in TITLES}
         self._sampler: asyncio.Task[None] | None = None
@@ -224,18 +227,20 @@ class Supervisor:
             return configs.default_config(record.workflow).source_topics()
 
     async def backlog(self, name: str, fresh: bool = False) -> Backlog:
-        """The latest sample, or a new one (fresh, or none taken yet)."""
+        """The latest sample while younger than a second (so a burst of requests reads Kafka
+        once), else a new one; `fresh` always reads Kafka."""
         record = self._record(name)
-        cached = self._backlogs.get(name)
-        if cached is not None and not fresh:
-            return cached
-        try:
-            backlog = await self._offsets.backlog(name, self._active_topics(record))
-        except KafkaError as error:
-            raise Unavailable(f"cannot read offsets from Kafka: {error!r}") from error
-        self._backlogs[name] = backlog
-        self._trends[name].add(backlog)
-        return backlog
+        async with self._sampling[name]:
+            cached = self._backlogs.get(name)
+            if cached is not None and not fresh and time.time() - cached.at < _SAMPLE_REUSE_S:
+                return cached
+            try:
+                backlog = await self._offsets.backlog(name, self._active_topics(record))
+            except KafkaError as error:
+                raise Unavailable(f"cannot read offsets from Kafka: {error!r}") from error
+            self._backlogs[name] = backlog
+            self._trends[name].add(backlog)
+            return backlog
 
     async def sample(self) -> None:
         """Samples every workflow's backlog once (a failure keeps the previous sample)."""
