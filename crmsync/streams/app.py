@@ -171,11 +171,11 @@ async def run_worker(
         ",".join(source),
     )
     try:
-        await runtime.apply(first)
+        await _apply(runtime, first)
 
         async def follow() -> None:
             async for _ in control.changes():
-                await runtime.apply(_control_record(control, workflow))
+                await _apply(runtime, _control_record(control, workflow))
 
         async def heartbeat() -> None:
             while True:
@@ -201,6 +201,18 @@ async def run_worker(
         await app.stop()
         await runtime.close()
         await control.stop()
+
+
+async def _apply(runtime: WorkflowRuntime, record: ControlRecord | None) -> None:
+    """Applies a control record; a failure is reported FAILED, and the worker keeps following
+    the control topic so the next Stop/Start is still honoured."""
+    try:
+        await runtime.apply(record)
+    except Exception as error:  # one bad record must not end the control loop
+        log.exception("event=control_apply_failed workflow=%s", runtime.name)
+        await runtime.fail(
+            f"could not apply control generation {record.generation if record else 0}: {error!r}"
+        )
 
 
 def _control_record(control: TopicFollower, workflow: str) -> ControlRecord | None:

@@ -218,3 +218,25 @@ async def test_an_outage_longer_than_the_max_poll_interval_keeps_the_group(
 
     await wait_for(drained, 240, "backlog drained after the outage")
     assert await _profiles_count(cluster) == 3000
+
+
+async def test_a_control_record_that_cannot_be_applied_fails_visibly_and_start_recovers(
+    cluster: Cluster,
+) -> None:
+    cluster.start_worker(WORKFLOW)
+    await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))
+    await cluster.wait_state(WORKFLOW, "STOPPED", await cluster.control(WORKFLOW, "stopped"))
+    # a replay from before 1970: Kafka cannot look that up
+    await cluster.control(
+        WORKFLOW, "stopped", replay={"id": "r-old", "from": "1960-01-01T00:00:00Z"}
+    )
+    (failed,) = await cluster.wait_state(WORKFLOW, "FAILED")
+    assert failed.error is not None and "could not apply control generation" in failed.error
+    # the worker still follows the control topic: the next Start is honoured
+    await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))
+    await cluster.publish_contacts(contacts(20))
+
+    async def synced() -> bool:
+        return await _profiles_count(cluster) == 20
+
+    await wait_for(synced, 30, "20 profiles")
