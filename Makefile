@@ -24,7 +24,7 @@ run: setup
 	$(BIN)/crmsync up
 
 test: setup browser
-	$(BIN)/python -m pytest -p no:cacheprovider tests
+	$(BIN)/python -m pytest -p no:cacheprovider
 
 test-e2e: setup browser
 	$(BIN)/python -m pytest -p no:cacheprovider tests/e2e
@@ -49,6 +49,8 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/codec.py
+	$(BIN)/python bench/sinks.py
+	$(BIN)/python bench/throughput.py
 
 clean:
 	rm -rf .local
