@@ -18,6 +18,7 @@ from crmsync.streams.source import STATUS_KEY, SourceStatus, StoredLink
 from tests.integration.harness import Cluster, Worker, contacts, wait_for
 from tests.integration.kafka_io import read_all
 from tests.integration.workflow_helpers import (
+    ACTIVITY_SETS,
     PROFILE,
     PURCHASE_CHANGES,
     create_contacts_in_dynamics,
@@ -338,3 +339,43 @@ async def _write_counts(cluster: Cluster) -> tuple[int, int, int]:
     state = len(await read_all(cluster.bootstrap, topics.OPTOUT_STATE))
     contact_events = len(await read_all(cluster.bootstrap, topics.CONTACT_CHANGES))
     return status.records_written, state, contact_events
+
+
+async def test_the_demo_moves_every_workflow(cluster: Cluster) -> None:
+    for workflow in ("d365-to-campaign", "campaign-to-d365", "opt-in-out"):
+        await start_running(cluster, workflow)
+    start_source(cluster, CRMSYNC_SOURCE_TOMBSTONES="false")
+    demo = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "crmsync.control.cli", "demo", "--contacts", "10"],
+        env=cluster.worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "demo done" in demo.stdout and "what to look at" in demo.stdout
+    rows = await dynamics_rows(cluster, "contacts")
+    assert len(rows) == 9  # 10 created, 1 deleted
+    assert len({r["emailaddress1"] for r in rows}) == 9
+    events = await read_all(cluster.bootstrap, topics.EMAIL_EVENTS)
+    assert len(events) == 2 * 5  # a send and one more event for 3/5 of the 9 left
+    (profile_change,) = await read_all(cluster.bootstrap, topics.PROFILE_CHANGES)
+    blacklisted = CHANGE_EVENT.decode(profile_change.value)
+    assert blacklisted["after"]["blackListEmail"] is True
+    # One opt-out made in Dynamics, and (through opt-in-out, maybe already) the Campaign one.
+    (opted_out,) = {r["contactid"] for r in rows if r["donotbulkemail"]} - {blacklisted["key"]}
+
+    async def everything_synced() -> bool:
+        profiles = await cluster.profiles()
+        contacts = {r["contactid"]: r for r in await dynamics_rows(cluster, "contacts")}
+        activities = sum([len(await dynamics_rows(cluster, s)) for s in ACTIVITY_SETS.values()])
+        return (
+            set(profiles) == set(contacts)
+            and profiles[opted_out].get("blackListEmail") is True
+            and profiles[blacklisted["key"]].get("blackListEmail") is True
+            and contacts[blacklisted["key"]]["donotbulkemail"] is True
+            and activities == len(events)
+        )
+
+    await wait_for(everything_synced, 60, "profiles, activities and opt-outs of the demo")
