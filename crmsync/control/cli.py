@@ -299,7 +299,7 @@ def _source(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
-    from crmsync.control.demo import DemoFailed, run_demo
+    from crmsync.control.demo import DemoFailed, DemoRefused, run_demo
 
     if args.contacts < 1:
         print("crmsync demo: --contacts must be at least 1", file=sys.stderr)
@@ -307,6 +307,9 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if not _run_kafka_call(settings, run_demo(settings, args.contacts)):
             return EXIT_UNREACHABLE
+    except DemoRefused as error:
+        print(f"crmsync demo: {error}", file=sys.stderr)
+        return EXIT_INVALID
     except DemoFailed as error:
         print(f"crmsync demo: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -42,7 +42,11 @@ JOBS = ("Buyer", "Engineer", "Marketing Manager", "Analyst", "Store Owner", "Des
 
 
 class DemoFailed(RuntimeError):
-    """The demo could not run (a target unreachable or not the local emulators)."""
+    """The demo could not run: a target or Kafka unreachable."""
+
+
+class DemoRefused(DemoFailed):
+    """The targets are not the local emulators: the demo will not write made-up people there."""
 
 
 @dataclass
@@ -103,7 +107,7 @@ def email_event(kind: str, person: dict[str, Any], delivery: int) -> dict[str, A
 def _check_local(settings: Settings) -> None:
     for name, url in (("Dynamics", settings.dynamics_url), ("Campaign", settings.campaign_url)):
         if urlsplit(url).hostname not in _LOCAL_HOSTS:
-            raise DemoFailed(
+            raise DemoRefused(
                 f"{name} is {url}, not a local emulator: the demo writes made-up people and only "
                 "runs against the emulators (`crmsync up` or `crmsync emulators`)"
             )
