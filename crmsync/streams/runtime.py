@@ -273,7 +273,18 @@ class WorkflowRuntime:
     # own partition's commit, never the writes of other records.
 
     async def handle_batch(self, stream: Any, events: Sequence[Any]) -> None:
-        """Writes one batch (after any parked records that are due), then acks what it can."""
+        """Writes one batch (after any parked records that are due), then acks what it can.
+
+        An unexpected error turns the workflow FAILED with the reason (nothing of the batch is
+        acked past it) instead of ending the agent silently.
+        """
+        try:
+            await self._handle_batch(stream, events)
+        except Exception as error:
+            log.exception("event=batch_failed workflow=%s", self.name)
+            await self.fail(f"unexpected {type(error).__name__}: {error}")
+
+    async def _handle_batch(self, stream: Any, events: Sequence[Any]) -> None:
         async with self.lock:
             if not self.gate.is_set() or self.workflow is None or self.consumer is None:
                 return  # read again after the next start: never acked here
@@ -321,6 +332,11 @@ class WorkflowRuntime:
         assert self.workflow is not None
         decoded: list[tuple[_Item, str, dict[str, Any]]] = []
         for item in items:
+            if item.message.value is None:
+                # A tombstone (a deleted key, for compaction): the delete event before it
+                # carried the change, so there is nothing to write.
+                item.planned = workflows.Planned([])
+                continue
             try:
                 if self._registry is not None:
                     value = await self._registry.decode(item.message.value)
@@ -453,7 +469,8 @@ class WorkflowRuntime:
                 elif item.planned is not None:
                     if item.planned.commit is not None:
                         await item.planned.commit()
-                    self.records_written += 1
+                    if item.planned.writes:
+                        self.records_written += 1
                 await self._stream.ack(item.event)
 
     async def _dead_letter(self, item: _Item) -> None:
