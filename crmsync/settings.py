@@ -116,9 +116,9 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Dynamics source: wait after a fatal error (FAILED)"
     )
     source_tombstones: bool = Field(
-        default=False,
-        description="Dynamics source: a tombstone for the key after each delete (for compacted "
-        "change topics; off while the workers cannot skip tombstones)",
+        default=True,
+        description="Dynamics source: a tombstone for the key after each delete (so compacted "
+        "change topics can drop the key; workers skip tombstones)",
     )
     source_entity_sets: str | None = Field(
         default=None,

@@ -263,8 +263,7 @@ async def test_contacts_reach_campaign_and_opt_outs_round_trip_without_echo(
 ) -> None:
     await start_running(cluster, "d365-to-campaign")
     await start_running(cluster, "opt-in-out")
-    # Tombstones off (the default): the workers' runtime cannot skip a null value yet.
-    start_source(cluster, CRMSYNC_SOURCE_TOMBSTONES="false")
+    start_source(cluster)  # tombstones on (the default): the workers skip them
     ada, bob, cy = people = contacts(3)
     await create_contacts_in_dynamics(cluster, people)
 
@@ -344,7 +343,7 @@ async def _write_counts(cluster: Cluster) -> tuple[int, int, int]:
 async def test_the_demo_moves_every_workflow(cluster: Cluster) -> None:
     for workflow in ("d365-to-campaign", "campaign-to-d365", "opt-in-out"):
         await start_running(cluster, workflow)
-    start_source(cluster, CRMSYNC_SOURCE_TOMBSTONES="false")
+    start_source(cluster)
     demo = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "crmsync.control.cli", "demo", "--contacts", "10"],
