@@ -1,0 +1,112 @@
+"""Scenario 3: a target outage, and a storm of 429s with Retry-After, during a drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from crmsync import topics
+from tests.chaos.conftest import pick, record
+from tests.chaos.ledger import Comparison, Outcome, Stopwatch
+from tests.chaos.traffic import (
+    C2D,
+    D2C,
+    ContactTraffic,
+    EmailTraffic,
+    dlq_count,
+    publish,
+    publish_steadily,
+)
+from tests.chaos.workers import total_lag, wait_drained, wait_requests_beyond, wait_worker
+from tests.integration.harness import Cluster
+from tests.integration.workflow_helpers import requests, status_of
+
+OUTAGE_S = pick(15, 60, 30)
+STORM_S = pick(15, 60, 30)
+
+pytestmark = pytest.mark.timeout(pick(240, 900, 500))
+
+
+async def test_target_outage_during_a_drain(cluster: Cluster) -> None:
+    clock = Stopwatch()
+    traffic = ContactTraffic()
+    first = traffic.versions(pick(300, 5000), 3)
+    during = traffic.versions(pick(300, 5000), 3, tag="o")
+    await cluster.control(D2C, "running")
+    worker = cluster.start_worker(D2C)
+    await wait_worker(cluster, worker, "RUNNING")
+    await publish(cluster, topics.CONTACT_CHANGES, first)
+    await wait_requests_beyond(cluster, "campaign", requests(cluster, "campaign") + 20)
+
+    cluster.emulators.faults("campaign", outage_s=OUTAGE_S)
+    ends = time.monotonic() + OUTAGE_S
+    await publish_steadily(cluster, topics.CONTACT_CHANGES, during, batches=5, pause=OUTAGE_S / 10)
+    backlog = await cluster.lag(D2C)
+    assert backlog >= len(during), "the backlog holds everything published in the outage"
+    (status,) = await status_of(cluster, D2C)
+    assert status.state == "RUNNING", "an outage is retried, not a failure"
+    await asyncio.sleep(max(0.0, ends - time.monotonic()))
+
+    await wait_drained(cluster, D2C, [topics.CONTACT_CHANGES], within=120 + traffic.sent / 20)
+    found = await traffic.compare(cluster)
+    record(
+        Outcome(
+            f"3a. target outage ({OUTAGE_S} s) during a drain",
+            sent=traffic.sent,
+            written=found.written,
+            lost=found.lost,
+            duplicated=found.duplicated,
+            unexpected=found.unexpected,
+            dlq=await dlq_count(cluster, [D2C]),
+            seconds=clock.seconds,
+            samples=[f"backlog during the outage: {backlog}", *found.samples],
+        )
+    )
+
+
+async def test_429_storm_with_retry_after_on_both_targets(cluster: Cluster) -> None:
+    clock = Stopwatch()
+    contacts = ContactTraffic()
+    emails = await EmailTraffic.with_contacts(cluster, 50)
+    profiles = contacts.versions(pick(300, 5000), 3)
+    activities = emails.events(pick(600, 10_000))
+    await cluster.control(D2C, "running")
+    await cluster.control(C2D, "running")
+    workers = [cluster.start_worker(D2C), cluster.start_worker(C2D)]
+    for worker in workers:
+        await wait_worker(cluster, worker, "RUNNING")
+
+    storm = {"error_rates": {"429": 0.5}, "retry_after_s": 1}
+    cluster.emulators.faults("campaign", **storm)
+    cluster.emulators.faults("d365", **storm)
+    ends = time.monotonic() + STORM_S
+    await asyncio.gather(
+        publish_steadily(cluster, topics.CONTACT_CHANGES, profiles, batches=5, pause=1),
+        publish_steadily(cluster, topics.EMAIL_EVENTS, activities, batches=5, pause=1),
+    )
+    await asyncio.sleep(max(0.0, ends - time.monotonic()))
+    backlog = await total_lag(cluster, D2C, [topics.CONTACT_CHANGES]) + await total_lag(
+        cluster, C2D, [topics.EMAIL_EVENTS]
+    )
+    cluster.emulators.clear_faults()
+
+    await wait_drained(cluster, D2C, [topics.CONTACT_CHANGES], within=120 + contacts.sent / 20)
+    await wait_drained(cluster, C2D, [topics.EMAIL_EVENTS], within=120 + emails.sent / 20)
+    found = Comparison()
+    found.add(await contacts.compare(cluster))
+    found.add(await emails.compare(cluster))
+    record(
+        Outcome(
+            f"3b. 429 storm (50 %, Retry-After 1 s, {STORM_S} s) on both targets",
+            sent=contacts.sent + emails.sent,
+            written=found.written,
+            lost=found.lost,
+            duplicated=found.duplicated,
+            unexpected=found.unexpected,
+            dlq=await dlq_count(cluster, [D2C, C2D]),
+            seconds=clock.seconds,
+            samples=[f"backlog when the storm ended: {backlog}", *found.samples],
+        )
+    )
