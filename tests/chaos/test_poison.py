@@ -27,8 +27,9 @@ BROKER_MAX = 1_048_588
 
 
 def _event(key: str, after: dict[str, Any] | None, *, event_key: str | None = None) -> bytes:
-    event = change_event("u", "contact", event_key if event_key is not None else key, after=after)
-    event["source"]["system"] = "d365"
+    event = change_event(
+        "u", "contact", event_key if event_key is not None else key, after=after, system="d365"
+    )
     return CHANGE_EVENT.encode(event, validate=False)
 
 

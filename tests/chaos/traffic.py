@@ -75,6 +75,11 @@ class ContactTraffic:
         return [self.change(cid, v, tag) for v in range(versions) for cid in ids]
 
     def change(self, contact_id: str, version: int, tag: str = "") -> Record:
+        event = self.event(contact_id, version, tag)
+        return contact_id, CHANGE_EVENT.encode(event, validate=False)
+
+    def event(self, contact_id: str, version: int, tag: str = "") -> dict[str, Any]:
+        """The ChangeEvent of one version of a contact; it becomes the key's expected row."""
         after = {
             "contactid": contact_id,
             "firstname": f"v{version}{tag} {contact_id[:8]}",
@@ -90,8 +95,7 @@ class ContactTraffic:
             },
         )
         self.sent += 1
-        event = change_event("u", "contact", contact_id, after=after, system="d365")
-        return contact_id, CHANGE_EVENT.encode(event, validate=False)
+        return change_event("u", "contact", contact_id, after=after, system="d365")
 
     async def compare(self, cluster: Cluster) -> Comparison:
         return compare(self.expected, await campaign_rows(cluster, PROFILE), "externalId")
