@@ -112,7 +112,7 @@ async def test_poison_mixed_into_good_traffic(cluster: Cluster) -> None:
             problems.append(f"{key}: reason {message[:160]!r} does not say {reason!r}")
     record(
         Outcome(
-            "6. poison mixed into good traffic",
+            "6a. poison mixed into good traffic",
             sent=traffic.sent + len(bad),
             written=found.written,
             lost=found.lost + len([p for p in problems if "not in the DLQ" in p]),
@@ -125,3 +125,39 @@ async def test_poison_mixed_into_good_traffic(cluster: Cluster) -> None:
         )
     )
     assert problems == []
+
+
+async def test_a_record_at_the_brokers_size_limit_is_dead_lettered(cluster: Cluster) -> None:
+    """The broker takes a record up to message.max.bytes; its DLQ copy carries ~400 bytes of
+    context headers more. It must still reach the DLQ, and the workflow go on."""
+    clock = Stopwatch()
+    traffic = ContactTraffic()
+    good = traffic.versions(pick(200, 2000), 1)
+    at_limit = (str(uuid.uuid4()), os.urandom(BROKER_MAX - 200))
+    records = [*good[: len(good) // 2], at_limit, *good[len(good) // 2 :]]
+    await cluster.control(D2C, "running")
+    worker = cluster.start_worker(D2C)
+    await wait_worker(cluster, worker, "RUNNING")
+
+    await publish(cluster, topics.CONTACT_CHANGES, records, max_request_size=2 * BROKER_MAX)
+
+    try:
+        await wait_drained(cluster, D2C, [topics.CONTACT_CHANGES], within=120)
+    finally:
+        found = await traffic.compare(cluster)
+        letters = await dead_letters(cluster, D2C)
+        in_dlq = [r for r, _ in letters if r.key.decode() == at_limit[0]]
+        record(
+            Outcome(
+                "6b. poison at the broker's message size limit",
+                sent=traffic.sent + 1,
+                written=found.written,
+                lost=found.lost + (0 if in_dlq else 1),
+                duplicated=found.duplicated,
+                unexpected=found.unexpected,
+                dlq=len(letters),
+                expected_dlq=1,
+                seconds=clock.seconds,
+                samples=found.samples,
+            )
+        )

@@ -49,6 +49,10 @@ async def wait_drained(
     names = list(topics_)
 
     async def drained() -> bool:
+        live_after = (time.time() - 5) * 1000
+        for status in await cluster.statuses(workflow):
+            if status.state == "FAILED" and status.heartbeat_ms > live_after:
+                raise AssertionError(f"{workflow} FAILED while draining: {status.error}")
         return await total_lag(cluster, workflow, names) == 0
 
     await wait_for(drained, within, f"{workflow} drained ({', '.join(names)})", 0.5)
