@@ -102,14 +102,16 @@ def _control_env(cluster: Cluster, port: int) -> dict[str, str]:
     )
 
 
-@pytest.fixture(scope="session")
+# Module-scoped, not session-scoped: the stack's workers join the workflows' consumer groups,
+# and must be gone before other tiers start their own workers against the same broker.
+@pytest.fixture(scope="module")
 def e2e_emulators(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
     emulators = start_emulators(tmp_path_factory.mktemp("e2e-emulators"), free_port(), free_port())
     yield emulators
     emulators.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack(
     bootstrap: str, e2e_emulators: EmulatorProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
