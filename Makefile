@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA_STAMP := .cache/kafka/.fetched
 
-.PHONY: run test test-unit test-e2e lint bench clean setup kafka browser
+.PHONY: run test test-unit test-e2e chaos lint bench clean setup kafka browser
 
 setup: $(STAMP) $(KAFKA_STAMP)
 
@@ -41,6 +41,10 @@ browser:
 
 test-unit: setup
 	$(BIN)/python -m pytest -p no:cacheprovider tests/unit
+
+# The chaos tier at full size (`make test` runs it short); rewrites docs/reliability.md's table.
+chaos: setup
+	CRMSYNC_CHAOS=$${CRMSYNC_CHAOS:-full} $(BIN)/python -m pytest -p no:cacheprovider tests/chaos
 
 lint: setup
 	$(BIN)/ruff check crmsync tests bench
