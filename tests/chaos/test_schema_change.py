@@ -105,15 +105,16 @@ async def test_compatible_v2_unknown_to_the_workers_is_dead_lettered_not_lost(
 
 
 async def test_with_a_schema_registry_v2_flows_and_an_incompatible_writer_is_dead_lettered(
-    cluster: Cluster, registry_url: str
+    cluster: Cluster, registry: RegistryStandIn
 ) -> None:
+    registry_url = registry.url
     clock = Stopwatch()
     traffic = ContactTraffic()
     people = pick(300, 5000)
-    registry = SchemaRegistry(registry_url)
-    v1_codec = RegistryCodec(CHANGE_EVENT, registry)
-    v2_codec = RegistryCodec(WITH_V2, registry)
-    v3_codec = RegistryCodec(ONLY_V3, registry)
+    client = SchemaRegistry(registry_url)
+    v1_codec = RegistryCodec(CHANGE_EVENT, client)
+    v2_codec = RegistryCodec(WITH_V2, client)
+    v3_codec = RegistryCodec(ONLY_V3, client)
     subject = f"{topics.CONTACT_CHANGES}-value"
     try:
         await _running_worker(cluster, CRMSYNC_SCHEMA_REGISTRY_URL=registry_url)
@@ -135,7 +136,7 @@ async def test_with_a_schema_registry_v2_flows_and_an_incompatible_writer_is_dea
         await publish(cluster, topics.CONTACT_CHANGES, third)
         await wait_drained(cluster, D2C, [topics.CONTACT_CHANGES])
     finally:
-        await registry.aclose()
+        await client.aclose()
     traffic.expected.rows = expected_before
     found = await traffic.compare(cluster)
     letters = await dead_letters(cluster, D2C)
@@ -165,6 +166,46 @@ async def _running_worker(cluster: Cluster, **env: str) -> Any:
     return worker
 
 
+async def test_a_registry_outage_holds_records_back_instead_of_dead_lettering_them(
+    cluster: Cluster, registry: RegistryStandIn
+) -> None:
+    """A registry that cannot answer is a retryable failure (DESIGN: connection errors and 503s
+    are retried while the workflow runs): the records wait, none goes to the DLQ."""
+    clock = Stopwatch()
+    traffic = ContactTraffic()
+    client = SchemaRegistry(registry.url)
+    subject = f"{topics.CONTACT_CHANGES}-value"
+    try:
+        codec = RegistryCodec(WITH_V2, client)
+        ids = [k for k, _ in ContactTraffic().versions(pick(200, 2000), 1)]
+        records = [(k, await codec.encode(_v2(traffic.event(k, 0)), subject)) for k in ids]
+    finally:
+        await client.aclose()
+    await _running_worker(cluster, CRMSYNC_SCHEMA_REGISTRY_URL=registry.url)
+    registry.down = True  # the worker has not fetched the v2 writer schema yet
+    await publish(cluster, topics.CONTACT_CHANGES, records)
+    await asyncio.sleep(pick(8, 60, 20))
+    registry.down = False
+    try:
+        await wait_drained(cluster, D2C, [topics.CONTACT_CHANGES], within=120)
+    finally:
+        found = await traffic.compare(cluster)
+        letters = await dead_letters(cluster, D2C)
+        record(
+            Outcome(
+                "7c. schema registry unavailable for a while",
+                sent=traffic.sent,
+                written=found.written,
+                lost=found.lost,
+                duplicated=found.duplicated,
+                unexpected=found.unexpected,
+                dlq=len(letters),
+                seconds=clock.seconds,
+                samples=[h["crmsync.error.message"][:200] for _, h in letters[:3]] + found.samples,
+            )
+        )
+
+
 def _not_dead_lettered(
     sent: list[Record], letters: list[tuple[Any, dict[str, str]]], reason: str
 ) -> list[str]:
@@ -182,10 +223,17 @@ def _not_dead_lettered(
 # -- a schema registry stand-in (the Confluent REST calls the workers and producers make) --------
 
 
+class RegistryStandIn:
+    def __init__(self) -> None:
+        self.url = ""
+        self.down = False  # answers 503 to every lookup while set
+
+
 @pytest.fixture
-async def registry_url() -> AsyncIterator[str]:
+async def registry() -> AsyncIterator[RegistryStandIn]:
     schemas: dict[int, str] = {}
     ids: dict[str, int] = {}
+    handle = RegistryStandIn()
 
     async def register(request: Request) -> JSONResponse:
         schema = (await request.json())["schema"]
@@ -196,6 +244,8 @@ async def registry_url() -> AsyncIterator[str]:
         return JSONResponse({"id": ids[canonical]})
 
     async def by_id(request: Request) -> JSONResponse:
+        if handle.down:
+            return JSONResponse({"error_code": 50302, "message": "unavailable"}, 503)
         found = schemas.get(int(request.path_params["id"]))
         if found is None:
             return JSONResponse({"error_code": 40403, "message": "Schema not found"}, 404)
@@ -217,6 +267,7 @@ async def registry_url() -> AsyncIterator[str]:
         return bool(server.started)
 
     await wait_for(started, 30, "the registry stand-in", 0.05)
-    yield f"http://127.0.0.1:{port}"
+    handle.url = f"http://127.0.0.1:{port}"
+    yield handle
     server.should_exit = True
     await task

@@ -26,7 +26,7 @@ from tests.chaos.traffic import (
 from tests.chaos.workers import wait_drained, wait_worker
 from tests.integration.harness import Cluster
 
-SOAK_S = pick(45, 600, 180)
+SOAK_S = pick(40, 600, 180)
 OPT_TOPICS = [topics.CONTACT_CHANGES, topics.PROFILE_CHANGES]
 SOURCES = {D2C: [topics.CONTACT_CHANGES], C2D: [topics.EMAIL_EVENTS], OPT: OPT_TOPICS}
 

@@ -16,7 +16,7 @@ from tests.integration.harness import Cluster
 from tests.integration.workflow_helpers import requests
 
 KILLS = pick(5, 8, 6)
-PEOPLE = pick(600, 20_000)
+PEOPLE = pick(400, 20_000)
 VERSIONS = 5
 
 pytestmark = pytest.mark.timeout(pick(240, 1500, 600))
