@@ -75,11 +75,6 @@ def chaos_emulators(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulat
 
 
 @pytest.fixture
-def chaos_home(tmp_path: Path) -> Path:
-    return tmp_path
-
-
-@pytest.fixture
 async def cluster(
     bootstrap: str,
     chaos_emulators: EmulatorProcess,

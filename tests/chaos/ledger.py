@@ -104,7 +104,6 @@ class Outcome:
     expected_dlq: int = 0
     unexpected: int = 0
     samples: list[str] = field(default_factory=list)
-    notes: str = ""
 
     def line(self) -> str:
         return (
