@@ -327,7 +327,7 @@ async def read_topic(bootstrap: str, topic: str) -> list[Any]:
     return await read_all(bootstrap, topic)
 
 
-async def recreate_topics(bootstrap: str) -> None:
+async def recreate_topics(bootstrap: str, partitions: int = PARTITIONS) -> None:
     """Deletes every crmsync topic (their committed offsets go with them) and creates them anew."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -343,7 +343,7 @@ async def recreate_topics(bootstrap: str) -> None:
         await wait_for(gone, 30, "topics deleted")
     finally:
         await admin.close()
-    specs = topics.topic_specs(PARTITIONS, custom_entities=["new_purchase"])
+    specs = topics.topic_specs(partitions, custom_entities=["new_purchase"])
     for _ in range(20):
         try:
             await topics.ensure_topics(bootstrap, specs)
