@@ -24,7 +24,11 @@ _HEADER = struct.Struct(">bI")
 
 
 class RegistryError(Exception):
-    """The schema registry refused a request or could not be reached."""
+    """The schema registry refused a request (e.g. no schema with that id)."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The schema registry could not answer now (unreachable, 429, 5xx): try again later."""
 
 
 class SchemaRegistry:
@@ -70,7 +74,11 @@ class SchemaRegistry:
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as error:
-            raise RegistryError(f"schema registry unreachable: {error!r}") from error
+            raise RegistryUnavailable(f"schema registry unreachable: {error!r}") from error
+        if response.status_code == 429 or response.status_code >= 500:
+            raise RegistryUnavailable(
+                f"schema registry answered {response.status_code} to {method} {path}"
+            )
         if response.status_code >= 400:
             raise RegistryError(
                 f"schema registry answered {response.status_code} to {method} {path}: "
@@ -105,6 +113,8 @@ class RegistryCodec:
         if writer is None:
             try:
                 raw = await self.registry.schema(schema_id)
+            except RegistryUnavailable:
+                raise  # not the record's fault: the caller retries
             except RegistryError as error:
                 raise UnknownSchema(f"{self.schema.name}: schema id {schema_id}: {error}") from None
             writer = SchemaVersion.from_json(raw, version=0)

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaProducer
 
 from crmsync import topics
 from crmsync.schemas.codec import DecodeError
-from crmsync.schemas.registry import RegistryCodec, SchemaRegistry
+from crmsync.schemas.registry import RegistryCodec, RegistryUnavailable, SchemaRegistry
 from crmsync.settings import Settings
 from crmsync.streams import config as configs
 from crmsync.streams import workflows
@@ -59,6 +59,10 @@ class _Item:
     @property
     def done(self) -> bool:
         return self.remaining == 0
+
+
+class _Abandoned(Exception):
+    """The batch was given up because the workflow stopped; nothing of it is acked."""
 
 
 @dataclass
@@ -280,6 +284,8 @@ class WorkflowRuntime:
         """
         try:
             await self._handle_batch(stream, events)
+        except _Abandoned:
+            return  # stopped while waiting: nothing of the batch was acked, all is read again
         except Exception as error:
             log.exception("event=batch_failed workflow=%s", self.name)
             await self.fail(f"unexpected {type(error).__name__}: {error}")
@@ -338,10 +344,7 @@ class WorkflowRuntime:
                 item.planned = workflows.Planned([])
                 continue
             try:
-                if self._registry is not None:
-                    value = await self._registry.decode(item.message.value)
-                else:
-                    value = self.workflow.schema.decode(item.message.value)
+                value = await self._decode(item.message.value)
             except DecodeError as error:
                 item.error = RecordRejected(f"undecodable: {error}")
             else:
@@ -356,6 +359,28 @@ class WorkflowRuntime:
                 continue
             item.planned = plan
             item.remaining = len(plan.writes)
+
+    async def _decode(self, data: bytes) -> dict[str, Any]:
+        """Decodes one value; a schema registry that cannot answer is waited for (with
+        backoff, for as long as the workflow runs) rather than blamed on the record."""
+        assert self.workflow is not None
+        if self._registry is None:
+            return self.workflow.schema.decode(data)
+        attempt = 0
+        while True:
+            try:
+                return await self._registry.decode(data)
+            except RegistryUnavailable as error:
+                attempt += 1
+                log.warning(
+                    "event=registry_unavailable workflow=%s attempt=%s error=%r",
+                    self.name,
+                    attempt,
+                    error,
+                )
+                await self._sleep_unless_stopped(self._backoff(attempt, None))
+                if not self.gate.is_set():
+                    raise _Abandoned from None
 
     def _due_parked(self) -> list[tuple[_Item, Any]]:
         """Takes the parked writes whose retry time has come, in their original order."""
