@@ -24,6 +24,9 @@ AUDIT = "crmsync.audit"
 SOURCE_OFFSETS = "crmsync.source-offsets"
 OPTOUT_STATE = "crmsync.opt-in-out.state"
 
+#: The dead-letter topics take records up to this size (4 MiB; Kafka's default is 1 MiB).
+DLQ_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
 
 def entity_changes(logical_name: str) -> str:
     """Topic of a Dynamics custom entity's changes."""
@@ -56,7 +59,15 @@ def topic_specs(partitions: int = 6, custom_entities: Iterable[str] = ()) -> lis
         TopicSpec(SOURCE_OFFSETS, 1, compacted=True, config=compacted),
         # The last opt-out value synced per contact: co-partitioned with the inputs by key.
         TopicSpec(OPTOUT_STATE, partitions, compacted=True, config=compacted),
-        *(TopicSpec(dead_letters(w), partitions, config={"retention.ms": "-1"}) for w in WORKFLOWS),
+        # Room for a source record at the broker's size limit plus the context headers.
+        *(
+            TopicSpec(
+                dead_letters(w),
+                partitions,
+                config={"retention.ms": "-1", "max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)},
+            )
+            for w in WORKFLOWS
+        ),
     ]
     return specs
 

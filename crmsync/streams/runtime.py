@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
 from crmsync import topics
 from crmsync.schemas.codec import DecodeError
@@ -108,6 +109,7 @@ class WorkflowRuntime:
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
+            max_request_size=topics.DLQ_MAX_MESSAGE_BYTES,
             **self.settings.kafka_client_options(),
         )
         await self._producer.start()
@@ -511,12 +513,24 @@ class WorkflowRuntime:
             ("crmsync.attempts", str(item.attempts)),
             ("crmsync.time", datetime.now(UTC).isoformat()),
         ]
-        await self._producer.send_and_wait(
-            topics.dead_letters(self.name),
-            message.value,
-            key=message.key,
-            headers=[(k, v.encode()) for k, v in headers],
-        )
+        value = message.value
+        try:
+            await self._producer.send_and_wait(
+                topics.dead_letters(self.name),
+                value,
+                key=message.key,
+                headers=[(k, v.encode()) for k, v in headers],
+            )
+        except (MessageSizeTooLargeError, RecordTooLargeError):
+            # Larger than even the dead-letter topic takes: keep the context, point at the
+            # original (still in its source topic at the offset above), drop the bytes.
+            headers.append(("crmsync.value.omitted", str(len(value or b""))))
+            await self._producer.send_and_wait(
+                topics.dead_letters(self.name),
+                b"",
+                key=message.key,
+                headers=[(k, v.encode()) for k, v in headers],
+            )
         self.dead_lettered += 1
         log.warning(
             "event=dead_lettered workflow=%s topic=%s partition=%s offset=%s error=%r",
