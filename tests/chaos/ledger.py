@@ -104,6 +104,7 @@ class Outcome:
     expected_dlq: int = 0
     unexpected: int = 0
     samples: list[str] = field(default_factory=list)
+    problem: str = ""  # a failure that is not a count (e.g. a stop that did not complete)
 
     def line(self) -> str:
         return (
@@ -118,6 +119,7 @@ class Outcome:
             and self.duplicated == 0
             and self.unexpected == 0
             and self.dlq == self.expected_dlq
+            and not self.problem
         )
 
     def check(self) -> None:
@@ -127,6 +129,7 @@ class Outcome:
         assert self.duplicated == 0, f"{self.line()}\n  {detail}"
         assert self.unexpected == 0, f"{self.line()}\n  {detail}"
         assert self.dlq == self.expected_dlq, f"{self.line()} (expected dlq={self.expected_dlq})"
+        assert not self.problem, f"{self.line()}: {self.problem}"
 
 
 class Stopwatch:

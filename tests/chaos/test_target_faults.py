@@ -110,3 +110,51 @@ async def test_429_storm_with_retry_after_on_both_targets(cluster: Cluster) -> N
             samples=[f"backlog when the storm ended: {backlog}", *found.samples],
         )
     )
+
+
+async def test_stop_while_the_target_asks_to_wait_minutes_is_prompt(cluster: Cluster) -> None:
+    """Dynamics' service protection answers 429 with a Retry-After of up to five minutes. A Stop
+    issued meanwhile must not wait for it: nothing is being written, only waited for."""
+    clock = Stopwatch()
+    emails = await EmailTraffic.with_contacts(cluster, 20)
+    await cluster.control(C2D, "running")
+    worker = cluster.start_worker(C2D)
+    await wait_worker(cluster, worker, "RUNNING")
+    # Every request refused, as once the 5-minute budget is spent: the requests of a batch
+    # still queued for a connection slot wait out the Retry-After inside the sink.
+    cluster.emulators.faults("d365", error_rates={"429": 1.0}, retry_after_s=240)
+    await publish(cluster, topics.EMAIL_EVENTS, emails.events(pick(400, 1000)))
+    await asyncio.sleep(3)  # the worker met the 429 and waits out its Retry-After
+
+    took: list[float] = []
+
+    async def stop_promptly() -> None:
+        stopped = await cluster.control(C2D, "stopped")
+        asked = time.monotonic()
+        try:
+            await cluster.wait_state(C2D, "STOPPED", stopped, within=15)
+        finally:
+            took.append(time.monotonic() - asked)
+
+    try:
+        await stop_promptly()  # the runtime's own wait for the Retry-After: ends at once
+        started = await cluster.control(C2D, "running")
+        await cluster.wait_state(C2D, "RUNNING", started, within=30)
+        await asyncio.sleep(3)  # a new batch now waits in the sink for the rest of the pause
+        await stop_promptly()
+    finally:
+        record(
+            Outcome(
+                "3c. stop while the target's Retry-After is minutes long",
+                sent=emails.sent,
+                written=0,
+                lost=0,
+                duplicated=0,
+                dlq=await dlq_count(cluster, [C2D]),
+                seconds=clock.seconds,
+                samples=[f"STOPPED after {', '.join(f'{t:.0f} s' for t in took)}"],
+                problem=""
+                if len(took) == 2 and max(took) < 15
+                else f"the stop did not complete within 15 s (times: {took})",
+            )
+        )
