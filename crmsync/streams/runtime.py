@@ -418,12 +418,16 @@ class WorkflowRuntime:
             for item, write in pending:
                 by_system[write.system].append((item, write))
             started = time.monotonic()
-            outcomes = await asyncio.gather(
-                *(
-                    self.sinks[system].write_batch([w.record for _, w in entries])
-                    for system, entries in by_system.items()
+            outcomes = await self._unless_stopped(
+                asyncio.gather(
+                    *(
+                        self.sinks[system].write_batch([w.record for _, w in entries])
+                        for system, entries in by_system.items()
+                    )
                 )
             )
+            if outcomes is None:
+                return  # stopped mid-write: none of it is acked, all is written again later
             retry: list[tuple[_Item, Any]] = []
             wait: float | None = None
             for entries, results in zip(by_system.values(), outcomes, strict=True):
@@ -456,6 +460,26 @@ class WorkflowRuntime:
                 (w.system, *w.record.identity) in self._parked for _, w in pending
             ):
                 await self._sleep_unless_stopped(self._backoff(attempt, wait))
+
+    async def _unless_stopped(self, writes: asyncio.Future[list[Any]]) -> list[Any] | None:
+        """The sinks' outcomes, or None when a stop came first: a sink waiting out a long
+        Retry-After must not hold a Stop up. The abandoned writes are not acked; writes are
+        idempotent, so whatever of them reached the target is written again harmlessly."""
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
+        contenders: set[asyncio.Future[Any]] = {writes, stopping}
+        try:
+            done, _ = await asyncio.wait(contenders, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if writes in done:
+            return writes.result()
+        writes.cancel()
+        try:
+            await writes
+        except asyncio.CancelledError:
+            pass
+        log.info("event=write_abandoned workflow=%s reason=stopping", self.name)
+        return None
 
     def _parent_missing(self, item: _Item, write: Any, outcome: ParentMissing) -> None:
         now = time.monotonic()
