@@ -62,6 +62,10 @@ class _Item:
         return self.remaining == 0
 
 
+#: How long a stop lets the write in flight finish before giving it up.
+_STOP_GRACE_S = 2.0
+
+
 class _Abandoned(Exception):
     """The batch was given up because the workflow stopped; nothing of it is acked."""
 
@@ -472,6 +476,11 @@ class WorkflowRuntime:
         finally:
             stopping.cancel()
         if writes in done:
+            return writes.result()
+        # A write that is under way ends normally (so the stop leaves an exact backlog); only
+        # one still waiting after a short grace — a throttled client — is given up.
+        finished, _ = await asyncio.wait({writes}, timeout=_STOP_GRACE_S)
+        if writes in finished:
             return writes.result()
         writes.cancel()
         try:
