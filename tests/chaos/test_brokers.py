@@ -22,7 +22,7 @@ from tests.conftest import ROOT, free_port
 from tests.integration.harness import Cluster, EmulatorProcess, recreate_topics
 from tests.integration.workflow_helpers import requests
 
-PEOPLE = pick(500, 10_000)
+PEOPLE = pick(250, 10_000, 2236)
 VERSIONS = 4
 
 pytestmark = pytest.mark.timeout(pick(300, 1800, 900))
