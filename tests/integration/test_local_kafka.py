@@ -133,3 +133,15 @@ async def test_a_three_node_cluster_replicates_and_survives_a_node_loss(
         assert len(await read_all(survivors, "replicated")) == 200
     finally:
         cluster.stop()
+
+
+def test_a_cluster_id_that_starts_with_a_dash_formats(tmp_path: Path, kafka_cache: Path) -> None:
+    """One random id in 64 starts with "-", which Kafka's storage tool took for an option."""
+    from crmsync.deploy.local.kafka import ensure_jars
+
+    kafka = LocalKafka(cache_dir=kafka_cache, data_dir=tmp_path / "kafka")
+    (tmp_path / "kafka").mkdir()
+    (tmp_path / "kafka" / "cluster.id").write_text("-qdg-pLYTQCV0LRrFugk1Q")
+    kafka._format(ensure_jars(kafka_cache))
+    meta = (tmp_path / "kafka" / "node-1" / "data" / "meta.properties").read_text()
+    assert "cluster.id=-qdg-pLYTQCV0LRrFugk1Q" in meta

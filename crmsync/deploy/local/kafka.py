@@ -219,8 +219,7 @@ class LocalKafka:
                     f"{lib}/*",
                     TOOLS["kafka-storage"],
                     "format",
-                    "-t",
-                    cluster_id,
+                    f"--cluster-id={cluster_id}",  # an id may start with "-"
                     "-c",
                     str(properties),
                     "--ignore-formatted",
@@ -383,7 +382,10 @@ def _random_cluster_id() -> str:
     # KRaft cluster ids are 16 random bytes in URL-safe base64 without padding.
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:  # as Kafka's own Uuid.randomUuid(): never an id that reads like an option
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _port_open(port: int) -> bool:
