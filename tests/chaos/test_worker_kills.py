@@ -29,6 +29,8 @@ async def test_worker_killed_at_random_moments_of_a_drain(cluster: Cluster) -> N
     await publish(cluster, topics.CONTACT_CHANGES, records)
     await cluster.control(D2C, "running")
 
+    # A slower target keeps the drain going through every kill, however fast the machine.
+    cluster.emulators.faults("campaign", latency_ms=40)
     kills = []
     worker = cluster.start_worker(D2C)
     for _ in range(KILLS):
@@ -41,6 +43,7 @@ async def test_worker_killed_at_random_moments_of_a_drain(cluster: Cluster) -> N
         assert backlog > 0, f"kill {len(kills)} came after the drain: make it longer"
         worker = cluster.start_worker(D2C)
 
+    cluster.emulators.clear_faults()
     await wait_drained(cluster, D2C, [topics.CONTACT_CHANGES], within=60 + len(records) / 20)
     found = await traffic.compare(cluster)
     record(
