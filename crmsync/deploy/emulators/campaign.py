@@ -32,7 +32,15 @@ from crmsync.deploy.emulators.model import (
     campaign_model,
     now_text,
 )
-from crmsync.deploy.emulators.store import DuplicateKey, Records, Row, Store, folded, key_value
+from crmsync.deploy.emulators.store import (
+    DuplicateKey,
+    Records,
+    Row,
+    Store,
+    folded,
+    key_value,
+    signing_key,
+)
 from crmsync.deploy.emulators.tokens import Grant, TokenIssuer
 
 _DEFAULT_LINES = 25
@@ -156,21 +164,13 @@ class CampaignEmulator:
 
     async def open(self) -> None:
         await self.store.open()
-        key = await self.store.run(self._signing_key)
+        key = await self.store.run(lambda records: signing_key(records, TokenIssuer.new_key))
         self.tokens = TokenIssuer(
             key.encode(), f"ims/{self.org}", "campaign", self.options.token_lifetime_s
         )
 
     async def close(self) -> None:
         await self.store.close()
-
-    @staticmethod
-    def _signing_key(records: Records) -> str:
-        key = records.meta("token_key")
-        if key is None:
-            key = TokenIssuer.new_key()
-            records.set_meta("token_key", key)
-        return key
 
     # --- admin -----------------------------------------------------------------------------
 

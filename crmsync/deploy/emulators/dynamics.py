@@ -28,7 +28,7 @@ from crmsync.deploy.emulators.batch import (
 from crmsync.deploy.emulators.faults import Faults, Injected, retry_after_header
 from crmsync.deploy.emulators.limits import Concurrency, SlidingWindow
 from crmsync.deploy.emulators.model import EntitySet, dynamics_model
-from crmsync.deploy.emulators.store import Records, Store
+from crmsync.deploy.emulators.store import Records, Store, signing_key
 from crmsync.deploy.emulators.tokens import Grant, TokenIssuer, TokenProblem
 from crmsync.deploy.emulators.webapi import ApiRequest, ApiResponse, WebApi, error_response
 
@@ -122,21 +122,13 @@ class DynamicsEmulator:
 
     async def open(self) -> None:
         await self.store.open()
-        key = await self.store.run(self._signing_key)
+        key = await self.store.run(lambda records: signing_key(records, TokenIssuer.new_key))
         self.tokens = TokenIssuer(
             key.encode(), f"emulator/{self.tenant}", "dynamics", self.options.token_lifetime_s
         )
 
     async def close(self) -> None:
         await self.store.close()
-
-    @staticmethod
-    def _signing_key(records: Records) -> str:
-        key = records.meta("token_key")
-        if key is None:
-            key = TokenIssuer.new_key()
-            records.set_meta("token_key", key)
-        return key
 
     # --- admin -----------------------------------------------------------------------------
 

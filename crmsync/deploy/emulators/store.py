@@ -300,3 +300,12 @@ class Store:
                 self._records.set_meta("seq", str(self._records.current_seq))
             self._conn.execute("COMMIT")
             return result
+
+
+def signing_key(records: Records, new_key: Callable[[], str]) -> str:
+    """The emulator's token-signing key, made once and kept, so tokens survive a restart."""
+    key = records.meta("token_key")
+    if key is None:
+        key = new_key()
+        records.set_meta("token_key", key)
+    return key
