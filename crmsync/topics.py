@@ -10,6 +10,7 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.protocol.metadata import MetadataRequest
 
 log = logging.getLogger(__name__)
 
@@ -121,20 +122,33 @@ async def ensure_topics(
 
 
 async def _wait_visible(admin: AIOKafkaAdminClient, names: list[str], wait_s: float = 30) -> None:
-    """Waits until every partition of the new topics has a leader: usable by the next caller."""
+    """Waits until every broker sees a leader for every partition of the new topics.
+
+    Each KRaft broker applies the metadata log on its own, so one broker knowing a topic
+    does not mean the next client, which may ask another broker, finds it: every broker
+    is asked in turn.
+    """
+    if not names:
+        return
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
-    pending = list(names)
-    while pending:
-        described = await admin.describe_topics(pending)
-        pending = [
-            topic["topic"]
-            for topic in described
-            if topic["error_code"] != 0
-            or not topic["partitions"]
-            or any(p["leader"] < 0 for p in topic["partitions"])
-        ]
-        if pending and loop.time() > deadline:
-            raise TimeoutError(f"topics not available after {wait_s}s: {', '.join(pending)}")
-        if pending:
-            await asyncio.sleep(0.1)
+    brokers = [broker["node_id"] for broker in (await admin.describe_cluster())["brokers"]]
+    for node_id in brokers:
+        pending = list(names)
+        while pending:
+            # aiokafka's admin client has no public "ask this broker"; its helper is used.
+            response = await admin._send_request_to_node(node_id, MetadataRequest(pending))
+            pending = [
+                topic["topic"]
+                for topic in response.to_object()["topics"]
+                if topic["error_code"] != 0
+                or not topic["partitions"]
+                or any(p["leader"] < 0 for p in topic["partitions"])
+            ]
+            if pending and loop.time() > deadline:
+                raise TimeoutError(
+                    f"topics not available on broker {node_id} after {wait_s}s: "
+                    + ", ".join(pending)
+                )
+            if pending:
+                await asyncio.sleep(0.1)
