@@ -51,10 +51,14 @@ lint: setup
 	$(BIN)/ruff format --check crmsync tests bench
 	$(BIN)/mypy
 
+# Every benchmark on this machine, then one table of all figures against the targets.
 bench: setup
 	$(BIN)/python bench/codec.py
 	$(BIN)/python bench/sinks.py
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/control.py
+	$(BIN)/python bench/resources.py
+	$(BIN)/python bench/report.py
 
 clean:
 	rm -rf .local

@@ -1,0 +1,314 @@
+"""Every benchmark figure in one markdown table, next to the issue's targets; all in latest.json.
+
+Run: .venv/bin/python bench/report.py [--results DIR] [--check]. Reads the JSON that codec.py,
+sinks.py, throughput.py, control.py and resources.py wrote into DIR (default bench/results),
+writes them merged into DIR/latest.json together with the table's rows, and prints the table.
+Each target is judged met or missed from the measured number; a figure whose script has not run
+shows "not run". With --check the exit code is 1 unless every target is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("codec", "sinks", "throughput", "control", "resources")
+RSS_LIMIT_BYTES = 300e6  # the issue's 300 MB, as 10^6 bytes (the stricter reading)
+
+
+@dataclass(frozen=True)
+class Row:
+    area: str
+    figure: str
+    measured: str
+    target: str = ""
+    verdict: str = ""  # met, missed, not run, or "" for a figure without a target
+
+
+def _get(data: Any, *path: str | int) -> Any:
+    """data[path[0]][path[1]]..., None where any step is missing."""
+    for step in path:
+        try:
+            data = data[step]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f} records/s"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f} s"
+
+
+def _at_most(limit: float) -> Callable[[float], bool]:
+    return lambda value: value <= limit
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f} ms"
+
+
+def _mb(value: float) -> str:
+    return f"{value / 1e6:,.0f} MB"
+
+
+class Table:
+    """The rows, in the order they are added."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+
+    def info(self, area: str, figure: str, value: Any, show: Callable[[float], str]) -> None:
+        number = _number(value)
+        self.rows.append(Row(area, figure, show(number) if number is not None else "not run"))
+
+    def judged(
+        self,
+        area: str,
+        figure: str,
+        value: Any,
+        show: Callable[[float], str],
+        target: str,
+        met: Callable[[float], bool],
+    ) -> None:
+        number = _number(value)
+        if number is None:
+            self.rows.append(Row(area, figure, "not run", target, "not run"))
+        else:
+            verdict = "met" if met(number) else "missed"
+            self.rows.append(Row(area, figure, show(number), target, verdict))
+
+
+def _codec(table: Table, data: Any) -> None:
+    for key, label in (
+        ("avro_encode", "Avro encode"),
+        ("avro_decode", "Avro decode"),
+        ("json_encode", "json encode (comparison)"),
+        ("json_decode", "json decode (comparison)"),
+    ):
+        table.info("codec", label, _get(data, "rates", key), _rate)
+
+
+def _sinks(table: Table, data: Any) -> None:
+    rows = _get(data, "rows") or []
+    if not rows:
+        table.info("sinks", "sink write rates", None, _rate)
+    for row in rows:
+        table.info("sinks", f"{row['case']}, batch {row['batch']}", _get(row, "rate"), _rate)
+
+
+def _throughput(table: Table, data: Any) -> None:
+    area = "throughput"
+    base = _number(_get(data, "a_baseline", "records_per_s"))
+    flow = _number(_get(data, "b_workflow_discard", "records_per_s"))
+    table.info(area, "(a) aiokafka + fastavro baseline", base, _rate)
+    table.info(
+        area,
+        "(a) CPU per record",
+        _get(data, "a_baseline", "cpu_us_per_record"),
+        lambda v: f"{v:.1f} µs",
+    )
+    table.judged(
+        area, "(b) workflow, discarding sink", flow, _rate, "≥ 10,000 records/s", lambda v: v >= 1e4
+    )
+    table.judged(
+        area,
+        "(b) as a share of (a)",
+        flow / base if flow is not None and base else None,
+        lambda v: f"{v:.0%}",
+        "≥ 60%",
+        lambda v: v >= 0.6,
+    )
+    table.judged(
+        area,
+        "(b) CPU per record",
+        _get(data, "b_workflow_discard", "cpu_us_per_record"),
+        lambda v: f"{v:.1f} µs",
+        "≤ 70 µs",
+        _at_most(70),
+    )
+    table.info(
+        area,
+        "(c) workflow → Campaign emulator",
+        _get(data, "c_workflow_emulator", "records_per_s"),
+        _rate,
+    )
+    table.info(
+        area,
+        "(d) Kafka's consumer perf tool",
+        _get(data, "d_kafka_perf_tool", "records_per_s"),
+        _rate,
+    )
+
+
+def _control(table: Table, data: Any) -> None:
+    area = "control"
+    control = _get(data, "control")
+    limits: tuple[tuple[str, str, float | None], ...] = (
+        ("stop_s", "Stop → STOPPED and last write reached Campaign", 1.0),
+        ("stop_status_s", "Stop → STOPPED shown", None),
+        ("stop_last_write_s", "Stop → last write reached Campaign", None),
+        ("start_running_s", "Start → RUNNING shown", 3.0),
+        ("start_s", "Start → RUNNING and writing again", 3.0),
+    )
+    for key, label, limit in limits:
+        table.info(area, f"{label}, p50", _get(control, key, "p50"), _seconds)
+        p99 = _get(control, key, "p99")
+        if limit is None:
+            table.info(area, f"{label}, p99", p99, _seconds)
+        else:
+            table.judged(
+                area,
+                f"{label}, p99",
+                p99,
+                _seconds,
+                f"≤ {limit:g} s",
+                _at_most(limit),
+            )
+    table.judged(
+        area,
+        "writes after STOPPED was shown",
+        _get(control, "writes_after_stopped"),
+        lambda v: f"{v:.0f}",
+        "0 (CONTRACT)",
+        lambda v: v == 0,
+    )
+    table.judged(
+        area,
+        "rebalances during the stop/start rounds",
+        _get(control, "rebalances"),
+        lambda v: f"{v:.0f}",
+        "0",
+        lambda v: v == 0,
+    )
+    table.info(area, "GET /api/v1/workflows, p50", _get(data, "api_latency", "p50_ms"), _ms)
+    table.judged(
+        area,
+        "GET /api/v1/workflows, p99",
+        _get(data, "api_latency", "p99_ms"),
+        _ms,
+        "≤ 100 ms",
+        _at_most(100),
+    )
+    points = _get(data, "backlog") or []
+    if not points:
+        table.judged(area, "backlog vs Kafka's LAG", None, str, "equal", bool)
+    for point in points:
+        table.rows.append(
+            Row(
+                area,
+                f"backlog vs Kafka's LAG, {point['published']:,} published while stopped",
+                f"API {point['api_backlog']:,}, LAG {point['kafka_lag']:,}",
+                "equal",
+                "met" if point["equal"] else "missed",
+            )
+        )
+    table.judged(
+        area,
+        "worker RSS, peak under load and stop/start",
+        _get(data, "worker_rss_peak_bytes"),
+        _mb,
+        "≤ 300 MB",
+        _at_most(RSS_LIMIT_BYTES),
+    )
+
+
+def _resources(table: Table, data: Any) -> None:
+    area = "resources"
+    memory = _get(data, "memory")
+    backlog = _get(memory, "stopped_with_backlog", "backlog_records")
+    drained = _get(memory, "draining", "records")
+    for path, label in (
+        (("idle", "peak_bytes"), "worker RSS, RUNNING idle"),
+        (
+            ("stopped_with_backlog", "peak_bytes"),
+            f"worker RSS, STOPPED with {backlog:,} records of backlog"
+            if backlog
+            else "worker RSS, STOPPED with a backlog",
+        ),
+        (
+            ("draining", "peak_bytes"),
+            f"worker RSS, peak draining {drained:,} records"
+            if drained
+            else "worker RSS, peak draining",
+        ),
+    ):
+        table.judged(
+            area,
+            label,
+            _get(memory, *path),
+            _mb,
+            "≤ 300 MB",
+            _at_most(RSS_LIMIT_BYTES),
+        )
+    scale = _get(data, "scale")
+    for key, label in (("workers_1", "1 worker process"), ("workers_2", "2 worker processes")):
+        table.info(area, f"discarding sink, {label}", _get(scale, key, "records_per_s"), _rate)
+        table.info(
+            area,
+            f"discarding sink, {label}, CPU per record",
+            _get(scale, key, "cpu_us_per_record"),
+            lambda v: f"{v:.1f} µs",
+        )
+    table.info(area, "2 workers / 1 worker", _get(scale, "ratio"), lambda v: f"{v:.2f}x")
+
+
+def build(results: dict[str, Any]) -> list[Row]:
+    table = Table()
+    _throughput(table, results.get("throughput"))
+    _control(table, results.get("control"))
+    _resources(table, results.get("resources"))
+    _codec(table, results.get("codec"))
+    _sinks(table, results.get("sinks"))
+    return table.rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "bench/results")
+    parser.add_argument("--check", action="store_true", help="exit 1 unless every target is met")
+    args = parser.parse_args()
+    results: dict[str, Any] = {}
+    for path in sorted(args.results.glob("*.json")):
+        if path.stem != "latest":
+            results[path.stem] = json.loads(path.read_text())
+    rows = build(results)
+    print("| area | figure | measured | target | verdict |")
+    print("|---|---|---:|---|---|")
+    for row in rows:
+        print(f"| {row.area} | {row.figure} | {row.measured} | {row.target} | {row.verdict} |")
+    verdicts = [row.verdict for row in rows if row.verdict]
+    counts = {v: verdicts.count(v) for v in ("met", "missed", "not run")}
+    print(f"\ntargets: {counts['met']} met, {counts['missed']} missed, {counts['not run']} not run")
+    missing = [name for name in SOURCES if name not in results]
+    if missing:
+        print(f"no results from: {', '.join(f'bench/{name}.py' for name in missing)}")
+    latest = {
+        "generated_at": datetime.now(UTC).isoformat(),
+        "results": results,
+        "table": [asdict(row) for row in rows],
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "latest.json").write_text(json.dumps(latest, indent=2) + "\n")
+    return 1 if args.check and counts["met"] != len(verdicts) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
