@@ -83,7 +83,10 @@ def decide(
     it had before, changes nothing. Then against the state: the value last synced is an echo
     (suppressed); an older source time is stale; an equal time is a tie that opt-out (true) wins.
     Otherwise the value is written to the other side — update only, the one field — and becomes
-    the state.
+    the state. When the state came from the other side, the value is also written back to
+    ``side``: the integration's last write there may have landed after this newer change and
+    overwritten it (a write parked until the profile existed, say); the newer value must hold on
+    both sides, and the write back is an echo if it changes nothing.
     """
     if not config.syncs(side):
         return OptOutDecision([], None, "direction excludes")
@@ -118,9 +121,13 @@ def decide(
         if ts_ms == state.ts_ms and not value:
             return OptOutDecision([], None, "opt-out wins tie")
     reason = "opt-out wins tie" if state is not None and ts_ms == state.ts_ms else "synced"
-    return OptOutDecision(
-        [_write(key, value, side, config)], OptOutState(value, ts_ms, side), reason
-    )
+    writes = [_write(key, value, side, config)]
+    if state is not None and state.origin != side:
+        writes.append(_write(key, value, _OTHER[side], config))
+    return OptOutDecision(writes, OptOutState(value, ts_ms, side), reason)
+
+
+_OTHER: dict[Side, Side] = {"d365": "campaign", "campaign": "d365"}
 
 
 def _write(key: str, value: bool, side: Side, config: OptInOutConfig) -> Write:

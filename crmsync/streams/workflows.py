@@ -60,6 +60,10 @@ class Workflow(Protocol):
         that cannot be mapped is a `Planned` whose `commit` is the MappingError (or Fatal)."""
         ...
 
+    def forget_pending(self) -> None:
+        """Drops what was decided for records not written yet: they will be read again."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -90,6 +94,9 @@ class D365ToCampaign:
     async def plan(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> list[Planned]:
         return _plan_each(batch, lambda topic, event: mapping.writes_for(event, topic, self.config))
 
+    def forget_pending(self) -> None:
+        return None
+
     async def start(self) -> None:
         return None
 
@@ -114,6 +121,9 @@ class CampaignToD365:
             batch, lambda _topic, event: mapping.email_event_writes(event, self.config)
         )
 
+    def forget_pending(self) -> None:
+        return None
+
     async def start(self) -> None:
         return None
 
@@ -127,6 +137,12 @@ class OptInOut:
 
     Every worker of the workflow loads the whole state topic: the state of a contact is tiny
     (a flag, a timestamp, a side), and a rebalance then needs no reload.
+
+    A decision is made against the last decision for the contact, even one whose writes are
+    still under way (parked until the profile exists, say): a newer change of the other side
+    must win over it, not over the older kept state. Those pending decisions are forgotten
+    when the runtime drops its unwritten records (stop, start, rebalance), and the kept state
+    only ever moves to a newer source time.
     """
 
     config: OptInOutConfig
@@ -134,6 +150,7 @@ class OptInOut:
     client_options: Mapping[str, Any] = field(default_factory=dict)
     name: str = "opt-in-out"
     _states: dict[str, optout.OptOutState] = field(default_factory=dict)
+    _pending: dict[str, optout.OptOutState] = field(default_factory=dict)
     _follower: TopicFollower | None = None
     _producer: AIOKafkaProducer | None = None
 
@@ -171,15 +188,17 @@ class OptInOut:
         if self._producer is not None:
             await self._producer.stop()
 
+    def forget_pending(self) -> None:
+        self._pending.clear()
+
     async def plan(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> list[Planned]:
-        # Decisions within the batch see each other through `overlay`; the kept state changes
-        # only once a decision's writes went through, so an abandoned batch changes nothing.
-        overlay: dict[str, optout.OptOutState] = {}
+        # Decisions see the pending ones; the kept state changes only once a decision's
+        # writes went through, so an abandoned batch changes nothing once forgotten.
         planned = []
         for topic, event in batch:
             key = str(event["key"])
             side = optout.side_of(topic, self.config)
-            state = overlay.get(key, self._states.get(key))
+            state = self._pending.get(key, self._states.get(key))
             try:
                 decision = optout.decide(event, side, state, self.config)
             except mapping.MappingError as error:
@@ -187,7 +206,7 @@ class OptInOut:
                 continue
             commit = None
             if decision.state is not None:
-                overlay[key] = decision.state
+                self._pending[key] = decision.state
                 commit = self._store(key, decision.state)
             log.debug("event=optout_decision key=%s side=%s reason=%s", key, side, decision.reason)
             planned.append(Planned(decision.writes, commit=commit))
@@ -196,6 +215,11 @@ class OptInOut:
     def _store(self, key: str, state: optout.OptOutState) -> Any:
         async def store() -> None:
             assert self._producer is not None
+            if self._pending.get(key) is state:
+                del self._pending[key]
+            kept = self._states.get(key)
+            if kept is not None and kept.ts_ms > state.ts_ms:
+                return  # a newer decision for the contact was written first
             await self._producer.send_and_wait(
                 topics.OPTOUT_STATE, optout.state_to_bytes(state), key=key.encode()
             )

@@ -365,10 +365,23 @@ async def test_the_demo_moves_every_workflow(cluster: Cluster) -> None:
     # One opt-out made in Dynamics, and (through opt-in-out, maybe already) the Campaign one.
     (opted_out,) = {r["contactid"] for r in rows if r["donotbulkemail"]} - {blacklisted["key"]}
 
+    missing: dict[str, Any] = {}
+
     async def everything_synced() -> bool:
         profiles = await cluster.profiles()
         contacts = {r["contactid"]: r for r in await dynamics_rows(cluster, "contacts")}
         activities = sum([len(await dynamics_rows(cluster, s)) for s in ACTIVITY_SETS.values()])
+        missing.clear()
+        missing.update(
+            {
+                "profiles without a contact": len(set(profiles) - set(contacts)),
+                "contacts without a profile": len(set(contacts) - set(profiles)),
+                "Dynamics opt-out on the profile": profiles.get(opted_out, {}).get("blackListEmail"),
+                "Campaign opt-out kept": profiles.get(blacklisted["key"], {}).get("blackListEmail"),
+                "Campaign opt-out in Dynamics": contacts[blacklisted["key"]]["donotbulkemail"],
+                "activities": f"{activities} of {len(events)}",
+            }
+        )
         return (
             set(profiles) == set(contacts)
             and profiles[opted_out].get("blackListEmail") is True
@@ -377,4 +390,7 @@ async def test_the_demo_moves_every_workflow(cluster: Cluster) -> None:
             and activities == len(events)
         )
 
-    await wait_for(everything_synced, 60, "profiles, activities and opt-outs of the demo")
+    try:
+        await wait_for(everything_synced, 60, "profiles, activities and opt-outs of the demo")
+    except AssertionError as error:
+        raise AssertionError(f"{error}: {missing}") from None

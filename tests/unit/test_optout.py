@@ -135,7 +135,11 @@ def test_the_newer_change_wins_and_a_stale_one_is_dropped() -> None:
     newer = decide(flip("campaign", False, 250), "campaign", state, config())
 
     assert (stale.writes, stale.state, stale.reason) == ([], None, "stale")
-    assert written(newer) == [("d365", "contacts", {"donotbulkemail": False}, "update")]
+    assert written(newer) == [
+        ("d365", "contacts", {"donotbulkemail": False}, "update"),
+        # the state came from Dynamics: our write into Campaign may have landed after this change
+        ("campaign", "profileAndServicesExt/profile", {"blackListEmail": False}, "update"),
+    ]
     assert newer.state == OptOutState(False, 250, "campaign")
 
 
@@ -147,7 +151,7 @@ def test_on_a_tie_opt_out_wins() -> None:
     back_in = decide(flip("campaign", False, 300), "campaign", opted_out, config())
 
     assert out.reason == "opt-out wins tie"
-    assert written(out) == [("d365", "contacts", {"donotbulkemail": True}, "update")]
+    assert written(out)[0] == ("d365", "contacts", {"donotbulkemail": True}, "update")
     assert out.state == OptOutState(True, 300, "campaign")
     assert (back_in.writes, back_in.state, back_in.reason) == ([], None, "opt-out wins tie")
 
@@ -207,7 +211,9 @@ class Systems:
                     queue += self.change(target, value)
 
 
-def test_a_ping_pong_converges_with_exactly_one_write_per_real_change() -> None:
+def test_a_ping_pong_converges_with_one_write_per_real_change_and_a_write_back_per_side_switch() -> (
+    None
+):
     systems = Systems(config())
 
     systems.deliver(systems.change("d365", True))
@@ -218,10 +224,31 @@ def test_a_ping_pong_converges_with_exactly_one_write_per_real_change() -> None:
     assert systems.writes == [
         ("campaign", True),
         ("d365", False),
+        ("campaign", False),  # write-back: the last sync went the other way
         ("d365", True),
         ("campaign", False),
+        ("d365", False),  # write-back
     ]
     assert systems.values == {"d365": False, "campaign": False}
+
+
+def test_a_sync_that_lands_after_a_newer_change_on_its_target_is_undone() -> None:
+    """A Dynamics opt-in is synced to Campaign late (the write waited for the profile); a
+    Campaign opt-out made meanwhile is newer and must hold on both sides."""
+    settings = config()
+    values = {"d365": False, "campaign": False}
+    opted_in = decide(flip("d365", False, 100), "d365", None, settings)
+    values["campaign"] = True  # the user blacklists the profile (ts 110)...
+    for write in opted_in.writes:  # ...then the late write lands over it
+        values[write.system] = next(iter(write.record.fields.values()))
+    assert values == {"d365": False, "campaign": False}
+
+    blacklisted = decide(flip("campaign", True, 110), "campaign", opted_in.state, settings)
+    for write in blacklisted.writes:
+        values[write.system] = next(iter(write.record.fields.values()))
+
+    assert values == {"d365": True, "campaign": True}
+    assert blacklisted.state == OptOutState(True, 110, "campaign")
 
 
 def test_side_of_and_state_bytes_round_trip() -> None:
