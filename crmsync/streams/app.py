@@ -80,8 +80,7 @@ def create_app(
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
         broker_rebalance_timeout=max(30.0, settings.session_timeout_s * 3),
-        stream_buffer_maxsize=max(1000, settings.batch_max_records * 2),
-        # An agent blocked on a dead target must not hang shutdown: unacked = read again.
+        # Shutdown commits what is written and does not wait for more: unwritten = read again.
         stream_wait_empty=False,
         producer_acks=-1,
         table_standby_replicas=0,
@@ -92,17 +91,14 @@ def create_app(
         sinks if sinks is not None else default_sinks(workflow, settings),
         worker_id=settings.worker_id or f"{socket.gethostname()}-{os.getpid()}",
     )
-    channel = app.topic(
-        *(source_topics or configs.default_config(workflow).source_topics()),
-        key_type=bytes,
-        value_type=bytes,
+    # Subscribed through Faust's conductor; the records bypass its streams (see consumer.py).
+    app.topics.add(
+        app.topic(
+            *(source_topics or configs.default_config(workflow).source_topics()),
+            key_type=bytes,
+            value_type=bytes,
+        )
     )
-
-    async def process(stream: Any) -> None:
-        async for events in stream.noack_take(settings.batch_max_records, settings.batch_wait_s):
-            await runtime.handle_batch(stream, events)
-
-    app.agent(channel, name=f"{workflow}.writer", concurrency=1)(process)
     return app, runtime
 
 
@@ -155,7 +151,7 @@ async def run_worker(
     consumer = app.consumer
     assert isinstance(consumer, PausableConsumer)
     consumer.stopped = True  # nothing is read before the control record was applied
-    runtime.consumer = consumer
+    runtime.attach(consumer)
     await runtime.open()
 
     if stop is None:
@@ -188,6 +184,7 @@ async def run_worker(
                 await runtime.tick()
 
         tasks = [
+            asyncio.create_task(runtime.run(), name=f"{workflow}.writer"),
             asyncio.create_task(follow()),
             asyncio.create_task(heartbeat()),
             asyncio.create_task(retry_parked()),

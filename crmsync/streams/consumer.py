@@ -6,19 +6,28 @@ paused partition are dropped after aiokafka's position moved past them. Here a s
 partitions inside aiokafka itself, keeps polling so the member never leaves the group, and a start
 seeks every partition to its committed offset before anything is read again. A fetch epoch, bumped
 at each stop, start and assignment, lets the runtime drop records fetched before the last seek.
+
+Records skip Faust's per-message path (conductor, channel queues, streams, Event objects): each
+fetched batch goes to the runtime whole, and the runtime reports, per partition, the offset up to
+which everything is written; Faust's commit timer and the commits on stop and shutdown commit
+exactly that. A full inbox holds fetching back the way a stop does, so a slow target never makes
+the member leave the group.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any, cast
 
 import aiokafka
 from faust.transport.consumer import RecordMap
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
+
+#: Receives each fetched batch: the fetch epoch it was read in, and the records per partition.
+Deliver = Callable[[int, RecordMap], None]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,10 @@ class PausableConsumer(faust_aiokafka.Consumer):
 
     stopped: bool = False
     fetch_epoch: int = 0
+    #: Where fetched batches go (the runtime's inbox); set before the app starts.
+    deliver: Deliver | None = None
+    #: True while the runtime's inbox is full: fetching waits, polling goes on.
+    backlogged: Callable[[], bool] = staticmethod(lambda: False)
 
     # Faust paths that would make a stopped workflow's partitions active again.
     def _set_active_tps(self, tps: set[TP]) -> set[TP]:
@@ -60,15 +73,10 @@ class PausableConsumer(faust_aiokafka.Consumer):
             super().resume_partitions(tps)
 
     def verify_event_path(self, now: float, tp: TP) -> None:
-        # Faust's livelock detector reads aiokafka's position, which is unset while an offset
-        # reset is pending (and asserts on it, crashing the consumer); a stopped workflow's
-        # partitions are idle on purpose anyway.
-        if self.stopped:
-            return None
-        try:
-            return super().verify_event_path(now, tp)
-        except AssertionError:
-            return None
+        # Faust's livelock detector watches its own stream path, which the batches delivered
+        # here do not take: it would report every partition idle. A stuck partition shows as
+        # a stalled backlog on the control plane instead.
+        return None
 
     def on_buffer_drop(self, tp: TP) -> None:
         if self.stopped:
@@ -84,17 +92,22 @@ class PausableConsumer(faust_aiokafka.Consumer):
         # moved would consume records from the new position that the epoch check then drops.
         async with self._fetch_lock():
             epoch = self.fetch_epoch
-            idle = self.stopped or (self.flow_active and not self._get_active_partitions())
+            waiting = not self.stopped and self.backlogged()
+            idle = (
+                self.stopped
+                or waiting
+                or (self.flow_active and not self._get_active_partitions())
+            )
             if idle:
-                # Nothing to fetch: stopped, or every partition held back because the agent's
-                # buffer is full (a slow or unreachable target). Faust would only sleep, the
-                # max-poll-interval timer would run out and the member would leave the group:
-                # keep calling aiokafka instead. Asking for a partition nobody has returns
-                # nothing and consumes nothing (an empty set would mean every partition).
+                # Nothing to fetch: stopped, or the runtime's inbox is full (a slow or
+                # unreachable target). Faust would only sleep, the max-poll-interval timer
+                # would run out and the member would leave the group: keep calling aiokafka
+                # instead. Asking for a partition nobody has returns nothing and consumes
+                # nothing (an empty set would mean every partition).
                 if self.assignment():
-                    await self._getmany(
-                        active_partitions={_NO_PARTITION}, timeout=min(timeout, 1.0)
-                    )
+                    # A full inbox is looked at again soon: it drains a batch at a time.
+                    wait = min(timeout, 0.02 if waiting else 1.0)
+                    await self._getmany(active_partitions={_NO_PARTITION}, timeout=wait)
                 else:
                     await self.sleep(1)
                 return {}, set()
@@ -110,13 +123,42 @@ class PausableConsumer(faust_aiokafka.Consumer):
         return lock
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:  # noqa: ASYNC109
+        """Hands each fetched batch to `deliver` whole; yields nothing to Faust's per-message
+        loop (which only keeps calling this)."""
+        records, _ = await self._wait_next_records(timeout)
         epoch = self.fetch_epoch
-        async for tp, message in super().getmany(timeout):
-            if epoch != self.fetch_epoch:
-                break  # a stop or seek happened meanwhile; positions were reset
-            # Stamped so the runtime can drop what was queued before the last seek.
-            message.fetch_epoch = epoch  # type: ignore[attr-defined]
-            yield tp, message
+        if records and not self.should_stop and self.flow_active and not self.stopped:
+            assert self.deliver is not None, "deliver must be set before the app starts"
+            for tp, batch in records.items():
+                self._read_offset[tp] = batch[-1].offset
+            self.deliver(epoch, records)
+        return
+        yield  # an async generator, as Faust's fetch loop expects
+
+    def acknowledge(self, tp: TP, next_offset: int) -> None:
+        """Everything of `tp` below `next_offset` is written: commit up to it."""
+        committed = self._committed_offset[tp]
+        if committed is not None and next_offset <= committed:
+            return
+        if next_offset > self._written.get(tp, -1):
+            self._written[tp] = next_offset
+
+    @property
+    def _written(self) -> dict[TP, int]:
+        written: dict[TP, int] | None = self.__dict__.get("_crmsync_written")
+        if written is None:
+            written = self.__dict__["_crmsync_written"] = {}
+        return written
+
+    # Faust's commit (timer, stop, shutdown) reads these two: acks are offsets, not messages.
+    def _filter_tps_with_pending_acks(self, topics: Iterable[Any] | None = None) -> Iterator[TP]:
+        wanted = None if topics is None else set(topics)
+        return iter(
+            [tp for tp in self._written if wanted is None or tp in wanted or tp.topic in wanted]
+        )
+
+    def _new_offset(self, tp: TP) -> int | None:
+        return self._written.pop(tp, None)
 
     async def pause_all(self) -> set[TP]:
         """Stops fetching every assigned partition; they stay paused until seek_and_resume_all."""
@@ -145,6 +187,7 @@ class PausableConsumer(faust_aiokafka.Consumer):
             self.fetch_epoch += 1  # what was fetched before the seek is dropped downstream
             positions: dict[TP, int] = await self._thread.call_thread(self._seek_in_thread)
         for tp, offset in positions.items():
+            self._written.pop(tp, None)
             self._acked.pop(tp, None)
             self._acked_index.pop(tp, None)
             self._gap.pop(tp, None)
@@ -186,6 +229,7 @@ class PausableConsumer(faust_aiokafka.Consumer):
         async with self._fetch_lock():
             offsets: dict[TP, int] = await self._thread.call_thread(self._rewind_in_thread, from_ms)
             for tp, offset in offsets.items():
+                self._written.pop(tp, None)
                 self._acked.pop(tp, None)
                 self._acked_index.pop(tp, None)
                 self._gap.pop(tp, None)

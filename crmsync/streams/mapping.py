@@ -47,21 +47,22 @@ def convert(mapping: FieldMapping, value: Any) -> Any:
     """The value written for ``value`` of ``mapping.source`` (see ``FieldMapping``)."""
     if value is None:
         return mapping.default
-    key = value_key(value)
-    if key in mapping.replacements:
-        value = mapping.replacements[key]
-    elif mapping.picklist is not None:
-        label = mapping.picklist.get(key)
-        if label is None:
-            if mapping.default is None:
-                known = ", ".join(sorted(mapping.picklist)) or "none"
-                raise MappingError(
-                    f"{mapping.source}: option-set value {value!r} has no label in the picklist "
-                    f"of {mapping.target} (known: {known}) and no default is set"
-                )
-            return mapping.default
-        value = label
-    if isinstance(value, str) and mapping.max_length is not None:
+    if mapping.replacements or mapping.picklist is not None:
+        key = value_key(value)
+        if key in mapping.replacements:
+            value = mapping.replacements[key]
+        elif mapping.picklist is not None:
+            label = mapping.picklist.get(key)
+            if label is None:
+                if mapping.default is None:
+                    known = ", ".join(sorted(mapping.picklist)) or "none"
+                    raise MappingError(
+                        f"{mapping.source}: option-set value {value!r} has no label in the "
+                        f"picklist of {mapping.target} (known: {known}) and no default is set"
+                    )
+                return mapping.default
+            value = label
+    if mapping.max_length is not None and isinstance(value, str):
         value = value[: mapping.max_length]
     return value
 

@@ -22,6 +22,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
+from faust.transport.consumer import RecordMap
+from faust.types import TP
 
 from crmsync import topics
 from crmsync.schemas.codec import DecodeError
@@ -46,16 +48,12 @@ log = logging.getLogger(__name__)
 class _Item:
     """One source record in a batch, and what became of it."""
 
-    event: Any  # faust Event
+    message: Any  # aiokafka ConsumerRecord
     planned: workflows.Planned | None = None
     error: SinkError | None = None  # rejected: goes to the DLQ with this reason
     attempts: int = 0
     remaining: int = 0  # writes not yet confirmed
     parent_missing_since: float | None = None
-
-    @property
-    def message(self) -> Any:
-        return self.event.message
 
     @property
     def done(self) -> bool:
@@ -97,8 +95,11 @@ class WorkflowRuntime:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _producer: AIOKafkaProducer | None = None
     _registry: RegistryCodec | None = None
-    _stream: Any = None
     _epoch: int = -1
+    #: Fetched batches not yet handled, oldest first, and how many records they hold.
+    _inbox: deque[tuple[int, RecordMap]] = field(default_factory=deque)
+    _inbox_records: int = 0
+    _inbox_ready: asyncio.Event = field(default_factory=asyncio.Event)
     _queues: dict[Any, deque[_Item]] = field(default_factory=lambda: defaultdict(deque))
     _parked: dict[tuple[str, ...], _Parked] = field(default_factory=dict)
     _applied: tuple[str, int, int] | None = None
@@ -282,31 +283,86 @@ class WorkflowRuntime:
     # parent is missing is parked (with later records of its key), so it holds back only its
     # own partition's commit, never the writes of other records.
 
-    async def handle_batch(self, stream: Any, events: Sequence[Any]) -> None:
+    def attach(self, consumer: PausableConsumer) -> None:
+        """Takes the consumer's fetched batches; a full inbox holds its fetching back."""
+        self.consumer = consumer
+        consumer.deliver = self.deliver
+        consumer.backlogged = self.backlogged
+
+    def deliver(self, epoch: int, records: RecordMap) -> None:
+        self._inbox.append((epoch, records))
+        self._inbox_records += sum(len(batch) for batch in records.values())
+        self._inbox_ready.set()
+
+    def backlogged(self) -> bool:
+        return self._inbox_records >= 4 * self.settings.batch_max_records
+
+    async def run(self) -> None:
+        """Handles the fetched batches as they come: up to `batch_max_records` at a time,
+        waiting up to `batch_wait_s` for a batch to fill."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._inbox_ready.wait()
+            deadline = loop.time() + self.settings.batch_wait_s
+            while self._inbox_records < self.settings.batch_max_records:
+                self._inbox_ready.clear()  # set again by the next delivery
+                try:
+                    await asyncio.wait_for(self._inbox_ready.wait(), deadline - loop.time())
+                except TimeoutError:
+                    break
+            epoch, records = self._take()
+            if records:
+                await self.handle_batch(epoch, records)
+
+    def _take(self) -> tuple[int, list[Any]]:
+        """The oldest batches of one fetch epoch, up to `batch_max_records` records."""
+        epoch = -1
+        taken: list[Any] = []
+        while self._inbox:
+            batch_epoch, records = self._inbox[0]
+            size = sum(len(batch) for batch in records.values())
+            full = len(taken) + size > self.settings.batch_max_records
+            if taken and (batch_epoch != epoch or full):
+                break
+            self._inbox.popleft()
+            self._inbox_records -= size
+            epoch = batch_epoch
+            for batch in records.values():
+                taken += batch
+        if self._inbox:
+            self._inbox_ready.set()
+        else:
+            self._inbox_ready.clear()
+        return epoch, taken
+
+    async def handle_batch(self, epoch: int, records: Sequence[Any]) -> None:
         """Writes one batch (after any parked records that are due), then acks what it can.
 
-        An unexpected error turns the workflow FAILED with the reason (nothing of the batch is
-        acked past it) instead of ending the agent silently.
+        `records` were fetched in `epoch`; when a stop, start or rebalance came since, they
+        are dropped (read again from the commit). An unexpected error turns the workflow
+        FAILED with the reason (nothing of the batch is acked past it) instead of ending the
+        worker's data path silently.
         """
         try:
-            await self._handle_batch(stream, events)
+            await self._handle_batch(epoch, records)
         except _Abandoned:
             return  # stopped while waiting: nothing of the batch was acked, all is read again
         except Exception as error:
             log.exception("event=batch_failed workflow=%s", self.name)
             await self.fail(f"unexpected {type(error).__name__}: {error}")
 
-    async def _handle_batch(self, stream: Any, events: Sequence[Any]) -> None:
+    async def _handle_batch(self, epoch: int, records: Sequence[Any]) -> None:
         async with self.lock:
             if not self.gate.is_set() or self.workflow is None or self.consumer is None:
                 return  # read again after the next start: never acked here
-            self._stream = stream
-            epoch = self.consumer.fetch_epoch
-            if epoch != self._epoch:  # a stop, start or rebalance: the queues are stale
-                self._forget_pending(epoch)
-            items = [_Item(e) for e in events if getattr(e.message, "fetch_epoch", None) == epoch]
+            current = self.consumer.fetch_epoch
+            if current != self._epoch:  # a stop, start or rebalance: the queues are stale
+                self._forget_pending(current)
+            if epoch != current:
+                return
+            items = [_Item(record) for record in records]
             for item in items:
-                self._queues[item.message.tp].append(item)
+                self._queues[(item.message.topic, item.message.partition)].append(item)
             await self._plan(items)
             if not self.gate.is_set():
                 return  # FAILED while planning
@@ -338,6 +394,8 @@ class WorkflowRuntime:
         """Drops queued and parked records: they will all be read again from the commit."""
         self._queues.clear()
         self._parked.clear()
+        if self.workflow is not None:
+            self.workflow.forget_pending()
         self._epoch = epoch
 
     async def _plan(self, items: list[_Item]) -> None:
@@ -520,8 +578,11 @@ class WorkflowRuntime:
             pass
 
     async def _ack_ready(self) -> None:
-        """Dead-letters, commits and acks each partition's written records from the head."""
-        for queue in self._queues.values():
+        """Dead-letters and commits each partition's written records from the head, then
+        tells the consumer how far each partition is written."""
+        assert self.consumer is not None
+        for (topic, partition), queue in self._queues.items():
+            written = None
             while queue and queue[0].done:
                 item = queue.popleft()
                 if item.error is not None:
@@ -531,7 +592,9 @@ class WorkflowRuntime:
                         await item.planned.commit()
                     if item.planned.writes:
                         self.records_written += 1
-                await self._stream.ack(item.event)
+                written = item.message.offset
+            if written is not None:
+                self.consumer.acknowledge(TP(topic, partition), written + 1)
 
     async def _dead_letter(self, item: _Item) -> None:
         assert self._producer is not None and item.error is not None
