@@ -107,12 +107,18 @@ def _key(event: Mapping[str, Any]) -> str:
     return key
 
 
-def _images(event: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
-    """``(after, known)``: the new values, and all known ones (``before`` updated by ``after``)."""
-    after = event.get("after")
+def _after(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The new values of a create/update/read."""
+    after: Mapping[str, Any] | None = event.get("after")
     if after is None:
         raise MappingError(f"a {event.get('op')!r} event of key {event.get('key')!r} has no after")
-    return after, {**(event.get("before") or {}), **after}
+    return after
+
+
+def _known(event: Mapping[str, Any], after: Mapping[str, Any]) -> Mapping[str, Any]:
+    """All known values: ``before`` updated by ``after`` (what filters look at)."""
+    before = event.get("before")
+    return {**before, **after} if before else after
 
 
 # -- d365-to-campaign -------------------------------------------------------------------------
@@ -134,8 +140,8 @@ def contact_writes(event: Mapping[str, Any], config: D365ToCampaignConfig) -> li
 
     if event.get("op") == "d":
         return delete() if config.propagate_deletes else []
-    after, known = _images(event)
-    if config.filters is not None and not matches(config.filters, known):
+    after = _after(event)
+    if config.filters is not None and not matches(config.filters, _known(event, after)):
         return delete() if config.delete_when_filtered_out else []
     fields, create_fields = _mapped(config.mappings, after)
     if not fields and not create_fields:
@@ -169,8 +175,8 @@ def entity_writes(
 
     if event.get("op") == "d":
         return delete() if entity.propagate_deletes else []
-    after, known = _images(event)
-    if entity.filters is not None and not matches(entity.filters, known):
+    after = _after(event)
+    if entity.filters is not None and not matches(entity.filters, _known(event, after)):
         return delete() if entity.delete_when_filtered_out else []
     fields, create_fields = _mapped(entity.mappings, after)
     link = entity.link
