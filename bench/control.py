@@ -3,16 +3,19 @@
 Run: .venv/bin/python bench/control.py [--rounds N] [--rate R]. It starts its own Kafka on free
 ports (unless KAFKA_BOOTSTRAP_SERVERS is set), then `crmsync emulators`, `crmsync control` and one
 `crmsync worker d365-to-campaign`, each in a process of its own on 127.0.0.1, and publishes new
-contacts at a steady --rate (each one a new Campaign profile, so every write grows the Campaign
-emulator's profile count, read from its `/_admin/stats`). Measured:
+contacts at a steady --rate. The Campaign emulator's `/_admin/stats` tells what reaches the
+target: its API request count (every request the sink makes belongs to a write: the profile
+lookup, POST or PATCH) and its profile count (a new contact's write adds one; a write done again
+after a stop abandoned it is a PATCH and adds none). Measured:
   (a) --rounds of Stop and Start over the HTTP API while the stream runs. Stop: from the POST
-      until the status is STOPPED *and* the last write has reached Campaign (the time of the
+      until the status is STOPPED *and* the last request has reached Campaign (the time of the
       count's last change, once it has not changed for --quiet-ms). Start: from the POST until
-      RUNNING *and* the count grows again. Writes seen after STOPPED (the contract says none)
-      are counted. The worker's group must not rebalance: its member ids are compared before and
-      after, and with our own broker the group's rebalances are counted in the broker's log.
-  (b) GET /api/v1/workflows: latency of --requests sequential calls (three workflows, a backlog
-      each over --partitions partitions), the stream still running.
+      RUNNING *and* requests reach Campaign again. Requests seen after STOPPED (the contract
+      allows no write) are counted. The worker's group must not rebalance: its member ids are
+      compared before and after, and with our own broker its rebalances are counted in the
+      broker's log.
+  (b) GET /api/v1/workflows: latency of --requests sequential calls (three workflows, each
+      backlog over every partition of the topics it reads), the stream still running.
   (c) backlog accuracy: with the workflow stopped, records are published up to each of
       --backlog-points (cumulative); once nothing moves, the API's backlog is compared with the
       LAG that Kafka's `kafka-consumer-groups --describe` prints, summed, read at the same time.
@@ -40,7 +43,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import psutil
@@ -200,35 +203,47 @@ class Api:
             await asyncio.sleep(every)
 
 
+class Stats(NamedTuple):
+    """The Campaign emulator's counters: API requests (lookups, POSTs, PATCHes) and profiles."""
+
+    requests: int
+    profiles: int
+
+
 @dataclass
 class Target:
-    """The Campaign emulator's write count: the profiles it holds."""
+    """The Campaign emulator, read through its `/_admin/stats` (which counts no request)."""
 
     http: httpx.AsyncClient
 
-    async def writes(self) -> int:
+    async def stats(self) -> Stats:
         response = await self.http.get("/_admin/stats")
         response.raise_for_status()
-        return sum(int(n) for n in response.json()["counts"].values())
+        data = response.json()
+        return Stats(int(data["requests"]), sum(int(n) for n in data["counts"].values()))
 
 
 @dataclass
-class WriteWatch:
-    """Polls the target's write count and remembers when it last changed."""
+class TargetWatch:
+    """Polls the target's counters and remembers when each last changed (perf_counter)."""
 
     target: Target
     every: float
-    count: int = 0
-    changed_at: float | None = None
+    stats: Stats
+    request_at: float | None = None
+    profile_at: float | None = None
 
     async def run(self) -> None:
-        """Follows the count from `count` (read by the caller before anything it times)."""
+        """Follows the counters from `stats` (read by the caller before anything it times)."""
         while True:
             await asyncio.sleep(self.every)
-            count = await self.target.writes()
-            if count != self.count:
-                self.changed_at = time.perf_counter()
-                self.count = count
+            stats = await self.target.stats()
+            now = time.perf_counter()
+            if stats.requests != self.stats.requests:
+                self.request_at = now
+            if stats.profiles != self.stats.profiles:
+                self.profile_at = now
+            self.stats = stats
 
 
 # -- Kafka: the stream, the group, the tool ---------------------------------------------------
@@ -334,59 +349,67 @@ def _kafka_lag(bootstrap: str) -> dict[tuple[str, int], str]:
 
 
 async def _stop_round(api: Api, target: Target, every: float, quiet: float) -> dict[str, float]:
-    watch = WriteWatch(target, every, await target.writes())
+    watch = TargetWatch(target, every, await target.stats())
     watching = asyncio.create_task(watch.run())
     try:
         started = time.perf_counter()
         await api.action("stop")
         posted = time.perf_counter() - started
         stopped_at = await api.until_status("STOPPED", every)
-        at_stopped = await target.writes()
+        at_stopped = await target.stats()
         deadline = started + 60
         while True:
             now = time.perf_counter()
-            last = max(watch.changed_at or started, stopped_at)
-            if now - last >= quiet:
+            if now - max(watch.request_at or started, stopped_at) >= quiet:
                 break
             if now > deadline:
-                raise BenchError("Campaign writes kept growing 60 s after Stop")
+                raise BenchError("requests to Campaign kept coming 60 s after Stop")
             await asyncio.sleep(every)
-        final = await target.writes()
+        final = await target.stats()
     finally:
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watching
     status_s = stopped_at - started
-    last_write_s = max(0.0, (watch.changed_at or started) - started)
+    last_request_s = max(0.0, (watch.request_at or started) - started)
     return {
         "post_s": posted,
         "status_s": status_s,
-        "last_write_s": last_write_s,
-        "stop_s": max(status_s, last_write_s),
-        "writes_after_stopped": final - at_stopped,
+        "last_write_s": last_request_s,
+        "last_new_profile_s": max(0.0, (watch.profile_at or started) - started),
+        "stop_s": max(status_s, last_request_s),
+        "requests_after_stopped": final.requests - at_stopped.requests,
+        "profiles_after_stopped": final.profiles - at_stopped.profiles,
     }
 
 
 async def _start_round(api: Api, target: Target, every: float) -> dict[str, float]:
-    before = await target.writes()
+    before = await target.stats()
     started = time.perf_counter()
     await api.action("start")
     posted = time.perf_counter() - started
+    seen: dict[str, float] = {}
 
-    async def writing() -> float:
+    async def writing() -> None:
         deadline = started + 60
-        while await target.writes() <= before:
-            if time.perf_counter() > deadline:
-                raise BenchError("no Campaign write within 60 s of Start")
+        while len(seen) < 2:
+            stats = await target.stats()
+            now = time.perf_counter()
+            if stats.requests > before.requests:
+                seen.setdefault("request", now)
+            if stats.profiles > before.profiles:
+                seen.setdefault("profile", now)
+            if now > deadline:
+                raise BenchError("Campaign saw no new profile within 60 s of Start")
             await asyncio.sleep(every)
-        return time.perf_counter()
 
-    running_at, written_at = await asyncio.gather(api.until_status("RUNNING", every), writing())
-    running_s, first_write_s = running_at - started, written_at - started
+    running_at, _ = await asyncio.gather(api.until_status("RUNNING", every), writing())
+    running_s, first_write_s = running_at - started, seen["request"] - started
     return {
         "post_s": posted,
         "running_s": running_s,
         "first_write_s": first_write_s,
+        "first_new_profile_s": seen["profile"] - started,
         "start_s": max(running_s, first_write_s),
     }
 
@@ -406,9 +429,9 @@ async def _rounds(
         starts.append(start)
         console.print(
             f"round {n}/{args.rounds}: stop {stop['stop_s']:.3f}s (STOPPED "
-            f"{stop['status_s']:.3f}s, last write {stop['last_write_s']:.3f}s), start "
-            f"{start['start_s']:.3f}s (RUNNING {start['running_s']:.3f}s, first write "
-            f"{start['first_write_s']:.3f}s)"
+            f"{stop['status_s']:.3f}s, last request {stop['last_write_s']:.3f}s), start "
+            f"{start['start_s']:.3f}s (RUNNING {start['running_s']:.3f}s, first request "
+            f"{start['first_write_s']:.3f}s, first new profile {start['first_new_profile_s']:.3f}s)"
         )
         await asyncio.sleep(args.settle)
     state_after, members_after = await _members(bootstrap)
@@ -421,12 +444,15 @@ async def _rounds(
         "stop_s": _spread([s["stop_s"] for s in stops]),
         "stop_status_s": _spread([s["status_s"] for s in stops]),
         "stop_last_write_s": _spread([s["last_write_s"] for s in stops]),
+        "stop_last_new_profile_s": _spread([s["last_new_profile_s"] for s in stops]),
         "stop_post_s": _spread([s["post_s"] for s in stops]),
         "start_s": _spread([s["start_s"] for s in starts]),
         "start_running_s": _spread([s["running_s"] for s in starts]),
         "start_first_write_s": _spread([s["first_write_s"] for s in starts]),
+        "start_first_new_profile_s": _spread([s["first_new_profile_s"] for s in starts]),
         "start_post_s": _spread([s["post_s"] for s in starts]),
-        "writes_after_stopped": int(sum(s["writes_after_stopped"] for s in stops)),
+        "writes_after_stopped": int(sum(s["requests_after_stopped"] for s in stops)),
+        "profiles_after_stopped": int(sum(s["profiles_after_stopped"] for s in stops)),
         "rebalances": rebalances,
         "group": {
             "state_before": state_before,
@@ -505,20 +531,26 @@ async def _under_load(
     stream = asyncio.create_task(_stream(bootstrap, args.rate, stop_stream))
     try:
         console.print(f"stream of {args.rate:g} contacts/s; waiting for the first writes")
-        first = await target.writes()
+        first = await target.stats()
 
         async def written() -> bool:
             if stream.done():
                 stream.result()
-            return await target.writes() > first
+            return (await target.stats()).profiles > first.profiles
 
-        await _until(written, 120, "the first Campaign write")
-        before, started = await target.writes(), time.perf_counter()
+        await _until(written, 120, "the first Campaign profile")
+        before, started = await target.stats(), time.perf_counter()
         await asyncio.sleep(args.warmup)
-        write_rate = (await target.writes() - before) / (time.perf_counter() - started)
-        console.print(f"Campaign writes: {write_rate:.0f}/s; {args.rounds} stop/start rounds")
+        after, elapsed = await target.stats(), time.perf_counter() - started
+        write_rate = (after.profiles - before.profiles) / elapsed
+        request_rate = (after.requests - before.requests) / elapsed
+        console.print(
+            f"Campaign: {write_rate:.0f} new profiles/s, {request_rate:.0f} requests/s; "
+            f"{args.rounds} stop/start rounds"
+        )
         control = await _rounds(args, api, target, bootstrap, broker_log)
         control["campaign_writes_per_s"] = write_rate
+        control["campaign_requests_per_s"] = request_rate
         console.print(f"{args.requests} x GET /api/v1/workflows")
         latency = await _api_latency(api, args.requests)
     finally:
@@ -654,17 +686,20 @@ def _report(result: dict[str, Any]) -> None:
     cfg = result["config"]
     print(
         f"\n{WORKFLOW}: {cfg['rounds']} stop/start rounds under {cfg['rate_per_s']:g} "
-        f"contacts/s (Campaign wrote {control['campaign_writes_per_s']:.0f}/s)\n"
+        f"contacts/s (Campaign: {control['campaign_writes_per_s']:.0f} new profiles/s, "
+        f"{control['campaign_requests_per_s']:.0f} requests/s)\n"
     )
     print("| figure | p50 | p99 | max |")
     print("|---|---:|---:|---:|")
     for key, label in (
-        ("stop_s", "Stop → STOPPED and last write (s)"),
+        ("stop_s", "Stop → STOPPED and last request to Campaign (s)"),
         ("stop_status_s", "Stop → STOPPED shown (s)"),
-        ("stop_last_write_s", "Stop → last write reached Campaign (s)"),
-        ("start_s", "Start → RUNNING and writing (s)"),
+        ("stop_last_write_s", "Stop → last request reached Campaign (s)"),
+        ("stop_last_new_profile_s", "Stop → last new profile in Campaign (s)"),
+        ("start_s", "Start → RUNNING and requests to Campaign again (s)"),
         ("start_running_s", "Start → RUNNING shown (s)"),
-        ("start_first_write_s", "Start → first write (s)"),
+        ("start_first_write_s", "Start → first request to Campaign (s)"),
+        ("start_first_new_profile_s", "Start → first new profile in Campaign (s)"),
     ):
         row = control[key]
         print(f"| {label} | {row['p50']:.3f} | {row['p99']:.3f} | {row['max']:.3f} |")
@@ -677,7 +712,8 @@ def _report(result: dict[str, Any]) -> None:
         f"\nrebalances={control['rebalances']} (member ids unchanged: "
         f"{str(group['member_ids_unchanged']).lower()}, broker generation "
         f"{group['broker_generation_before']} → {group['broker_generation_after']}); "
-        f"writes after STOPPED: {control['writes_after_stopped']}; worker RSS peak "
+        f"requests (writes) after STOPPED: {control['writes_after_stopped']}, new profiles "
+        f"after STOPPED: {control['profiles_after_stopped']}; worker RSS peak "
         f"{result['worker_rss_peak_bytes'] / 1e6:.0f} MB\n"
     )
     print("| published | API backlog | Kafka LAG (kafka-consumer-groups) | equal |")

@@ -162,11 +162,11 @@ def _control(table: Table, data: Any) -> None:
     area = "control"
     control = _get(data, "control")
     limits: tuple[tuple[str, str, float | None], ...] = (
-        ("stop_s", "Stop → STOPPED and last write reached Campaign", 1.0),
+        ("stop_s", "Stop → STOPPED and the last request reached Campaign", 1.0),
         ("stop_status_s", "Stop → STOPPED shown", None),
-        ("stop_last_write_s", "Stop → last write reached Campaign", None),
+        ("stop_last_write_s", "Stop → the last request reached Campaign", None),
         ("start_running_s", "Start → RUNNING shown", 3.0),
-        ("start_s", "Start → RUNNING and writing again", 3.0),
+        ("start_s", "Start → RUNNING and requests reach Campaign again", 3.0),
     )
     for key, label, limit in limits:
         table.info(area, f"{label}, p50", _get(control, key, "p50"), _seconds)
@@ -184,7 +184,7 @@ def _control(table: Table, data: Any) -> None:
             )
     table.judged(
         area,
-        "writes after STOPPED was shown",
+        "requests reaching Campaign after STOPPED was shown",
         _get(control, "writes_after_stopped"),
         lambda v: f"{v:.0f}",
         "0 (CONTRACT)",

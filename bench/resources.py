@@ -215,19 +215,35 @@ class Workflow:
     """The workflow's control record (written here) and its workers' reports (read here)."""
 
     bootstrap: str
-    partitions: int
+    partitions: int  # of every topic the workflow reads
     control: TopicFollower
     status: TopicFollower
 
     @classmethod
     async def follow(cls, bootstrap: str, partitions: int) -> Workflow:
+        """Creates the workflow's topics and follows its control and status topics."""
+        source = default_config(WORKFLOW).source_topics()
+        await topics.ensure_topics(
+            bootstrap,
+            [
+                *topics.topic_specs(partitions),
+                *(topics.TopicSpec(name, partitions) for name in source),
+            ],
+        )
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            described = await admin.describe_topics(source)
+        finally:
+            await admin.close()
+        held = sum(len(topic["partitions"]) for topic in described)  # what the group shares
         control = TopicFollower(bootstrap, topics.CONTROL)
         status = TopicFollower(bootstrap, topics.STATUS)
         await control.start()
         await status.start()
         loaded = asyncio.gather(control.loaded.wait(), status.loaded.wait())
         await asyncio.wait_for(loaded, 60)
-        return cls(bootstrap, partitions, control, status)
+        return cls(bootstrap, held, control, status)
 
     async def close(self) -> None:
         await self.status.stop()
@@ -490,7 +506,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "CRMSYNC_CAMPAIGN_URL": f"http://127.0.0.1:{_free_port()}",
                 "CRMSYNC_DYNAMICS_URL": f"http://127.0.0.1:{_free_port()}",
             }
-            await topics.ensure_topics(bootstrap, topics.topic_specs(args.partitions))
             workflow = await Workflow.follow(bootstrap, args.partitions)
             try:
                 result: dict[str, Any] = {
