@@ -30,7 +30,7 @@ async def test_worker_killed_at_random_moments_of_a_drain(cluster: Cluster) -> N
     await cluster.control(D2C, "running")
 
     # A slower target keeps the drain going through every kill, however fast the machine.
-    cluster.emulators.faults("campaign", latency_ms=40)
+    cluster.emulators.faults("campaign", latency_ms=150)
     kills = []
     worker = cluster.start_worker(D2C)
     for _ in range(KILLS):
