@@ -94,9 +94,7 @@ class PausableConsumer(faust_aiokafka.Consumer):
             epoch = self.fetch_epoch
             waiting = not self.stopped and self.backlogged()
             idle = (
-                self.stopped
-                or waiting
-                or (self.flow_active and not self._get_active_partitions())
+                self.stopped or waiting or (self.flow_active and not self._get_active_partitions())
             )
             if idle:
                 # Nothing to fetch: stopped, or the runtime's inbox is full (a slow or

@@ -371,13 +371,17 @@ async def test_the_demo_moves_every_workflow(cluster: Cluster) -> None:
         profiles = await cluster.profiles()
         contacts = {r["contactid"]: r for r in await dynamics_rows(cluster, "contacts")}
         activities = sum([len(await dynamics_rows(cluster, s)) for s in ACTIVITY_SETS.values()])
+
+        def profile_flag(key: str) -> Any:
+            return profiles.get(key, {}).get("blackListEmail")
+
         missing.clear()
         missing.update(
             {
                 "profiles without a contact": len(set(profiles) - set(contacts)),
                 "contacts without a profile": len(set(contacts) - set(profiles)),
-                "Dynamics opt-out on the profile": profiles.get(opted_out, {}).get("blackListEmail"),
-                "Campaign opt-out kept": profiles.get(blacklisted["key"], {}).get("blackListEmail"),
+                "Dynamics opt-out on the profile": profile_flag(opted_out),
+                "Campaign opt-out kept": profile_flag(blacklisted["key"]),
                 "Campaign opt-out in Dynamics": contacts[blacklisted["key"]]["donotbulkemail"],
                 "activities": f"{activities} of {len(events)}",
             }

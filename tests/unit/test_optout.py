@@ -211,9 +211,7 @@ class Systems:
                     queue += self.change(target, value)
 
 
-def test_a_ping_pong_converges_with_one_write_per_real_change_and_a_write_back_per_side_switch() -> (
-    None
-):
+def test_a_ping_pong_converges_one_write_per_change_and_a_write_back_per_side_switch() -> None:
     systems = Systems(config())
 
     systems.deliver(systems.change("d365", True))
