@@ -60,8 +60,10 @@ class _Item:
         return self.remaining == 0
 
 
-#: How long a stop lets the write in flight finish before giving it up.
-_STOP_GRACE_S = 2.0
+#: How long a stop lets the write in flight finish before giving it up (its records are
+#: written again after the next start). Short, so a Stop takes effect within a second even
+#: when a slow target keeps a whole batch in flight.
+_STOP_GRACE_S = 0.5
 
 
 class _Abandoned(Exception):
