@@ -14,34 +14,42 @@ DOC = ROOT / "docs" / "reliability.md"
 SHORT = ROOT / "bench" / "results" / "reliability-short.md"
 START, END = "<!-- chaos-results:start -->", "<!-- chaos-results:end -->"
 HEADER = (
-    "| scenario | sent | written | lost | duplicated | dlq | seconds | result |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---|\n"
+    "| scenario | tier | sent | written | lost | duplicated | dlq | seconds | result |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---|\n"
 )
 _ROW = re.compile(r"^\| (?P<scenario>[^|]+?) \|")
+#: The header of a table written before rows named their tier: every row had that tier.
+_OLD_TIER = re.compile(r"^Tier `(?P<tier>\w+)`", re.MULTILINE)
 
 
-def _row(outcome: Outcome) -> str:
+def _row(outcome: Outcome, tier: str) -> str:
     result = "pass" if outcome.passed else "**FAIL**"
     return (
-        f"| {outcome.scenario} | {outcome.sent} | {outcome.written} | {outcome.lost} "
+        f"| {outcome.scenario} | {tier} | {outcome.sent} | {outcome.written} | {outcome.lost} "
         f"| {outcome.duplicated} | {outcome.dlq} | {outcome.seconds:.0f} | {result} |\n"
     )
 
 
 def table(outcomes: list[Outcome], tier: str, previous: str = "") -> str:
-    """The results block; rows of scenarios not run this time are kept from `previous`."""
+    """The results block; rows of scenarios not run this time are kept from `previous`, each
+    with the tier it was run at."""
     rows: dict[str, str] = {}
+    old_tier = _OLD_TIER.search(previous)
     for line in previous.splitlines(keepends=True):
         match = _ROW.match(line)
         if match and match["scenario"] not in ("scenario", "---"):
-            rows[match["scenario"]] = line
+            cells = line.strip().strip("|").split("|")
+            if len(cells) == 8 and old_tier:  # no tier column yet
+                cells.insert(1, f" {old_tier['tier']} ")
+            rows[match["scenario"]] = "|" + "|".join(cells) + "|\n"
     for outcome in outcomes:
-        rows[outcome.scenario] = _row(outcome)
+        rows[outcome.scenario] = _row(outcome, tier)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         f"{START}\n"
-        f"Tier `{tier}`, last run {when} on {platform.machine()} "
-        f"({_cpus()} CPUs), Python {platform.python_version()}.\n\n"
+        f"Last run {when} (tier `{tier}`) on {platform.machine()} "
+        f"({_cpus()} CPUs), Python {platform.python_version()}; each row names the tier it was "
+        "run at.\n\n"
         + HEADER
         + "".join(rows[name] for name in sorted(rows, key=_order))
         + f"{END}"
