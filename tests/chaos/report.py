@@ -49,10 +49,7 @@ def table(outcomes: list[Outcome], tier: str, previous: str = "") -> str:
         f"{START}\n"
         f"Last run {when} (tier `{tier}`) on {platform.machine()} "
         f"({_cpus()} CPUs), Python {platform.python_version()}; each row names the tier it was "
-        "run at.\n\n"
-        + HEADER
-        + "".join(rows[name] for name in sorted(rows, key=_order))
-        + f"{END}"
+        "run at.\n\n" + HEADER + "".join(rows[name] for name in sorted(rows, key=_order)) + f"{END}"
     )
 
 
