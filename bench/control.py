@@ -29,47 +29,39 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import re
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import httpx
 import psutil
 from aiokafka.admin import AIOKafkaAdminClient
-from rich.console import Console
+from common import (
+    GROUP,
+    ROOT,
+    WORKFLOW,
+    BenchError,
+    Processes,
+    console,
+    contact,
+    free_port,
+    kafka,
+    publish,
+    until,
+)
 from rich.progress import Progress
 
 from crmsync import topics
-from crmsync.deploy.local.kafka import LocalKafka, run_tool
-from crmsync.schemas.codec import CHANGE_EVENT
-from crmsync.schemas.producer import EventProducer, Scalar, change_event
-
-ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW = "d365-to-campaign"
-GROUP = f"crmsync.{WORKFLOW}"
-console = Console(stderr=True)
-
-
-class BenchError(RuntimeError):
-    """A process or a measurement did not do what the bench waits for."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from crmsync.deploy.local.kafka import run_tool
+from crmsync.schemas.producer import EventProducer
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -87,79 +79,6 @@ def _spread(values: Sequence[float]) -> dict[str, float]:
 
 
 # -- processes ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Processes:
-    """The bench's child processes, each in a session of its own with a log file."""
-
-    logs: Path
-    started: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
-
-    def start(self, name: str, args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with (self.logs / f"{name}.log").open("ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "crmsync.control.cli", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **env},
-                cwd=self.logs,  # Faust's data directory goes there, not into the checkout
-                start_new_session=True,
-            )
-        self.started.append((name, popen))
-        return popen
-
-    def check(self) -> None:
-        for name, popen in self.started:
-            if popen.poll() is not None:
-                raise BenchError(f"{name} exited with {popen.returncode}")
-
-    def stop_all(self, timeout: float = 30) -> None:
-        """SIGTERM to all (newest first), then SIGKILL to any still there after `timeout`."""
-        for _, popen in reversed(self.started):
-            if popen.poll() is None:
-                popen.send_signal(signal.SIGTERM)
-        for _, popen in reversed(self.started):
-            try:
-                popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait()
-        self.started.clear()
-
-    def tails(self, lines: int = 15) -> None:
-        for log in sorted(self.logs.glob("*.log")):
-            text = log.read_text(errors="replace").splitlines()[-lines:]
-            console.print(f"[bold]--- {log.name}[/bold]\n" + "\n".join(text), highlight=False)
-
-
-@contextlib.asynccontextmanager
-async def _kafka(tmp: Path) -> AsyncIterator[tuple[str, Path | None]]:
-    """KAFKA_BOOTSTRAP_SERVERS, or a broker of our own on free ports (with its log)."""
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
-        yield external, None
-        return
-    kafka = LocalKafka(
-        ROOT / ".cache", tmp / "kafka", base_port=_free_port(), controller_base_port=_free_port()
-    )
-    try:
-        console.print("starting Kafka")
-        await asyncio.to_thread(kafka.start)
-        yield kafka.bootstrap_servers, kafka.specs[0].data_dir / "logs" / "server.log"
-    finally:
-        await asyncio.to_thread(kafka.stop)
-
-
-async def _until(
-    check: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.2
-) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(every)
 
 
 # -- the control plane and the target ---------------------------------------------------------
@@ -249,20 +168,6 @@ class TargetWatch:
 # -- Kafka: the stream, the group, the tool ---------------------------------------------------
 
 
-def _contact() -> tuple[str, bytes]:
-    key = str(uuid.uuid4())
-    after: dict[str, Scalar] = {
-        "contactid": key,
-        "firstname": f"First{key[:6]}",
-        "lastname": f"Last{key[6:12]}",
-        "emailaddress1": f"{key}@example.org",
-        "donotbulkemail": False,
-    }
-    return key, CHANGE_EVENT.encode(
-        change_event("u", "contact", key, after=after, system="d365"), validate=False
-    )
-
-
 async def _stream(bootstrap: str, rate: float, stop: asyncio.Event) -> int:
     """Publishes new contacts at `rate` per second until `stop`; returns how many."""
     sent = 0
@@ -272,7 +177,7 @@ async def _stream(bootstrap: str, rate: float, stop: asyncio.Event) -> int:
             due = int((time.perf_counter() - started) * rate) - sent
             if due > 0:
                 pending = [
-                    await producer.send_encoded(topics.CONTACT_CHANGES, *_contact(), wait=False)
+                    await producer.send_encoded(topics.CONTACT_CHANGES, *contact(), wait=False)
                     for _ in range(due)
                 ]
                 await asyncio.gather(*pending)
@@ -280,19 +185,6 @@ async def _stream(bootstrap: str, rate: float, stop: asyncio.Event) -> int:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.05)
     return sent
-
-
-async def _publish(bootstrap: str, n: int) -> None:
-    async with EventProducer(bootstrap) as producer:
-        pending = []
-        for _ in range(n):
-            pending.append(
-                await producer.send_encoded(topics.CONTACT_CHANGES, *_contact(), wait=False)
-            )
-            if len(pending) >= 5000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
 
 
 async def _members(bootstrap: str) -> tuple[str, list[str]]:
@@ -538,7 +430,7 @@ async def _under_load(
                 stream.result()
             return (await target.stats()).profiles > first.profiles
 
-        await _until(written, 120, "the first Campaign profile")
+        await until(written, 120, "the first Campaign profile")
         before, started = await target.stats(), time.perf_counter()
         await asyncio.sleep(args.warmup)
         after, elapsed = await target.stats(), time.perf_counter() - started
@@ -564,7 +456,7 @@ async def _measure(
 ) -> dict[str, Any]:
     tmp = processes.logs
     await topics.ensure_topics(bootstrap, topics.topic_specs(args.partitions))
-    dport, cport, hport = _free_port(), _free_port(), _free_port()
+    dport, cport, hport = free_port(), free_port(), free_port()
     token = secrets.token_urlsafe(24)
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -593,7 +485,7 @@ async def _measure(
             return False
 
         console.print("starting the emulators and the control plane")
-        processes.start(
+        processes.crmsync(
             "emulators",
             [
                 "emulators",
@@ -606,17 +498,17 @@ async def _measure(
             ],
             env,
         )
-        processes.start("control", ["control"], env)
-        await _until(lambda: answers(campaign_http, "/_admin/stats"), 60, "the emulators")
-        await _until(lambda: answers(control_http, "/readyz"), 90, "the control plane")
+        processes.crmsync("control", ["control"], env)
+        await until(lambda: answers(campaign_http, "/_admin/stats"), 60, "the emulators")
+        await until(lambda: answers(control_http, "/readyz"), 90, "the control plane")
         console.print(f"starting a {WORKFLOW} worker")
-        worker = processes.start("worker", ["worker", WORKFLOW], env)
+        worker = processes.crmsync("worker", ["worker", WORKFLOW], env)
 
         async def settled() -> bool:
             processes.check()
             return await api.status() in ("RUNNING", "STOPPED")
 
-        await _until(settled, 120, f"{WORKFLOW} RUNNING or STOPPED")
+        await until(settled, 120, f"{WORKFLOW} RUNNING or STOPPED")
         if await api.status() == "STOPPED":  # as an earlier run on this cluster left it
             await api.action("start")
             await api.until_status("RUNNING", 0.2, 120)
@@ -632,7 +524,7 @@ async def _measure(
             published = 0
             for point in args.backlog_points:
                 if point > published:
-                    await _publish(bootstrap, point - published)
+                    await publish(bootstrap, point - published)
                     published = point
                 row = await _backlog_point(api, bootstrap, published)
                 console.print(
@@ -668,7 +560,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="crmsync-bench-control-"))
     processes = Processes(tmp)
     try:
-        async with _kafka(tmp) as (bootstrap, broker_log):
+        async with kafka(tmp) as (bootstrap, broker_log):
             try:
                 result = await _measure(args, bootstrap, broker_log, processes)
             finally:

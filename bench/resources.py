@@ -24,17 +24,14 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +40,20 @@ import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
-from rich.console import Console
-from rich.progress import Progress
+from common import (
+    GROUP,
+    ROOT,
+    WORKFLOW,
+    BenchError,
+    Processes,
+    console,
+    free_port,
+    kafka,
+    publish,
+    until,
+)
 
 from crmsync import topics
-from crmsync.deploy.local.kafka import LocalKafka
-from crmsync.schemas.codec import CHANGE_EVENT
-from crmsync.schemas.producer import EventProducer, Scalar, change_event
 from crmsync.streams.config import default_config
 from crmsync.streams.control_protocol import (
     ControlRecord,
@@ -59,109 +63,6 @@ from crmsync.streams.control_protocol import (
     WorkerStatus,
     write_control,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW = "d365-to-campaign"
-GROUP = f"crmsync.{WORKFLOW}"
-console = Console(stderr=True)
-
-
-class BenchError(RuntimeError):
-    """A process or a measurement did not do what the bench waits for."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def _until(
-    check: Callable[[], Awaitable[bool]], within: float, what: str, every: float = 0.2
-) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(every)
-
-
-# -- processes ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Processes:
-    """The bench's child processes, each in a session of its own with a log file."""
-
-    logs: Path
-    env: dict[str, str]
-    started: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
-
-    def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
-        with (self.logs / f"{name}.log").open("ab") as out:
-            popen = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **self.env},
-                cwd=self.logs,  # Faust's data directory goes there, not into the checkout
-                start_new_session=True,
-            )
-        self.started.append((name, popen))
-        return popen
-
-    def worker(self, name: str) -> subprocess.Popen[bytes]:
-        """`crmsync worker d365-to-campaign`, as the local stack runs it."""
-        return self.start(name, [sys.executable, "-m", "crmsync.control.cli", "worker", WORKFLOW])
-
-    def discarding_worker(self, name: str) -> subprocess.Popen[bytes]:
-        """The workflow with a discarding sink (this script's --worker-child)."""
-        return self.start(name, [sys.executable, str(Path(__file__).resolve()), "--worker-child"])
-
-    def check(self) -> None:
-        for name, popen in self.started:
-            if popen.poll() is not None:
-                raise BenchError(f"{name} exited with {popen.returncode}")
-
-    def stop(self, popens: Sequence[subprocess.Popen[bytes]], timeout: float = 30) -> None:
-        """SIGTERM (a worker leaves its group and commits), SIGKILL after `timeout`."""
-        for popen in popens:
-            if popen.poll() is None:
-                popen.send_signal(signal.SIGTERM)
-        for popen in popens:
-            try:
-                popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait()
-        self.started = [(n, p) for n, p in self.started if p not in popens]
-
-    def stop_all(self) -> None:
-        self.stop([popen for _, popen in reversed(self.started)])
-
-    def tails(self, lines: int = 15) -> None:
-        for log in sorted(self.logs.glob("*.log")):
-            text = log.read_text(errors="replace").splitlines()[-lines:]
-            console.print(f"[bold]--- {log.name}[/bold]\n" + "\n".join(text), highlight=False)
-
-
-@contextlib.asynccontextmanager
-async def _kafka(tmp: Path) -> AsyncIterator[str]:
-    """KAFKA_BOOTSTRAP_SERVERS, or a broker of our own on free ports."""
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
-        yield external
-        return
-    kafka = LocalKafka(
-        ROOT / ".cache", tmp / "kafka", base_port=_free_port(), controller_base_port=_free_port()
-    )
-    try:
-        console.print("starting Kafka")
-        await asyncio.to_thread(kafka.start)
-        yield kafka.bootstrap_servers
-    finally:
-        await asyncio.to_thread(kafka.stop)
 
 
 @dataclass
@@ -271,7 +172,7 @@ class Workflow:
         async def echoed() -> bool:
             return self.control.latest.get(WORKFLOW) == encoded
 
-        await _until(echoed, 30, "the control record to come back", every=0.05)
+        await until(echoed, 30, "the control record to come back", every=0.05)
         return record.generation
 
     def reports(self, generation: int, state: WorkerState) -> list[WorkerStatus]:
@@ -299,7 +200,7 @@ class Workflow:
             held = [len(r.partitions) for r in found]
             return len(found) == workers and all(held) and sum(held) == self.partitions
 
-        await _until(ready, 180, f"{workers} worker(s) {state} with all partitions", every=0.25)
+        await until(ready, 180, f"{workers} worker(s) {state} with all partitions", every=0.25)
 
 
 async def _partitions(bootstrap: str) -> list[TopicPartition]:
@@ -376,36 +277,6 @@ async def _reset_group(bootstrap: str, tail: int) -> None:
         await asyncio.sleep(1)
 
 
-def _contact() -> tuple[str, bytes]:
-    key = str(uuid.uuid4())
-    after: dict[str, Scalar] = {
-        "contactid": key,
-        "firstname": f"First{key[:6]}",
-        "lastname": f"Last{key[6:12]}",
-        "emailaddress1": f"{key}@example.org",
-        "donotbulkemail": False,
-    }
-    return key, CHANGE_EVENT.encode(
-        change_event("u", "contact", key, after=after, system="d365"), validate=False
-    )
-
-
-async def _publish(bootstrap: str, n: int) -> None:
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"publishing {n:,} contact changes", total=n)
-        async with EventProducer(bootstrap) as producer:
-            pending = []
-            for _ in range(n):
-                pending.append(
-                    await producer.send_encoded(topics.CONTACT_CHANGES, *_contact(), wait=False)
-                )
-                if len(pending) >= 5000:
-                    await asyncio.gather(*pending)
-                    progress.advance(task, len(pending))
-                    pending.clear()
-            await asyncio.gather(*pending)
-
-
 # -- the measurements ---------------------------------------------------------------------------
 
 
@@ -416,7 +287,10 @@ async def _discarding_run(
     bootstrap = workflow.bootstrap
     await _reset_group(bootstrap, records)
     generation = await workflow.desire("stopped")
-    popens = [processes.discarding_worker(f"discarding-{workers}-{n}") for n in range(workers)]
+    popens = [
+        processes.start(f"discarding-{workers}-{n}", [sys.executable, __file__, "--worker-child"])
+        for n in range(workers)
+    ]
     try:
         await workflow.wait("STOPPED", generation, workers, processes)
         samplers = [Rss(popen.pid) for popen in popens]
@@ -428,6 +302,8 @@ async def _discarding_run(
             while (start_lag := await lag.now()) >= initial:  # resuming is not timed
                 processes.check()
                 await asyncio.sleep(0.05)
+            if not start_lag:
+                raise BenchError(f"{records:,} records drained before the first commit: use more")
             cpu, wall = _cpu_seconds(popens), time.perf_counter()
             while await lag.now() > 0:
                 processes.check()
@@ -449,7 +325,7 @@ async def _memory(
     args: argparse.Namespace, workflow: Workflow, processes: Processes
 ) -> dict[str, Any]:
     generation = await workflow.desire("running")
-    worker = processes.worker("worker")
+    worker = processes.crmsync("worker", ["worker", WORKFLOW])
     await workflow.wait("RUNNING", generation, 1, processes)
     console.print(f"worker RUNNING, no traffic: sampling RSS for {args.idle:g}s")
     async with Rss(worker.pid).sampling() as idle:
@@ -458,7 +334,7 @@ async def _memory(
     await workflow.wait("STOPPED", generation, 1, processes)
     console.print(f"worker STOPPED: publishing a backlog of {args.backlog:,} records")
     async with Rss(worker.pid).sampling() as stopped:
-        await _publish(workflow.bootstrap, args.backlog)
+        await publish(workflow.bootstrap, args.backlog)
         await asyncio.sleep(args.idle)
     processes.check()
     await asyncio.to_thread(processes.stop, [worker])
@@ -496,15 +372,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     assert current is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, current.cancel)
     tmp = Path(tempfile.mkdtemp(prefix="crmsync-bench-resources-"))
-    processes = Processes(tmp, {})
+    processes = Processes(tmp)
     try:
-        async with _kafka(tmp) as bootstrap:
+        async with kafka(tmp) as (bootstrap, _):
             processes.env = {
                 "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
                 "CRMSYNC_HOME": str(tmp),
                 "CRMSYNC_TOPIC_PARTITIONS": str(args.partitions),
-                "CRMSYNC_CAMPAIGN_URL": f"http://127.0.0.1:{_free_port()}",
-                "CRMSYNC_DYNAMICS_URL": f"http://127.0.0.1:{_free_port()}",
+                "CRMSYNC_CAMPAIGN_URL": f"http://127.0.0.1:{free_port()}",
+                "CRMSYNC_DYNAMICS_URL": f"http://127.0.0.1:{free_port()}",
             }
             workflow = await Workflow.follow(bootstrap, args.partitions)
             try:
@@ -522,7 +398,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 if not args.skip_scale:
                     short = args.scale_records - sum((await _ends(bootstrap)).values())
                     if short > 0:
-                        await _publish(bootstrap, short)
+                        await publish(bootstrap, short)
                     result["scale"] = await _scale(args, workflow, processes)
             finally:
                 await asyncio.to_thread(processes.stop_all)
