@@ -60,7 +60,7 @@ from common import (
 from rich.progress import Progress
 
 from crmsync import topics
-from crmsync.deploy.local.kafka import run_tool
+from crmsync.deploy.local.kafka import group_lag
 from crmsync.schemas.producer import EventProducer
 
 
@@ -219,22 +219,7 @@ def _broker_rebalances(log: Path | None) -> tuple[int, int] | None:
 
 
 def _kafka_lag(bootstrap: str) -> dict[tuple[str, int], str]:
-    """LAG per (topic, partition) as Kafka's own kafka-consumer-groups prints it ("-": none)."""
-    out = run_tool(
-        ROOT / ".cache",
-        "kafka-consumer-groups",
-        ["--bootstrap-server", bootstrap, "--describe", "--group", GROUP],
-    )
-    header: list[str] | None = None
-    lags: dict[tuple[str, int], str] = {}
-    for line in out.splitlines():
-        cells = line.split()
-        if cells[:1] == ["GROUP"]:
-            header = cells
-        elif header and cells and cells[0] == GROUP:
-            row = dict(zip(header, cells, strict=False))
-            lags[(row["TOPIC"], int(row["PARTITION"]))] = row["LAG"]
-    return lags
+    return group_lag(ROOT / ".cache", bootstrap, GROUP)
 
 
 # -- the measurements ---------------------------------------------------------------------------

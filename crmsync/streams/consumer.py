@@ -78,12 +78,6 @@ class PausableConsumer(faust_aiokafka.Consumer):
         # a stalled backlog on the control plane instead.
         return None
 
-    def on_buffer_drop(self, tp: TP) -> None:
-        if self.stopped:
-            self._buffered_partitions.discard(tp)
-            return
-        super().on_buffer_drop(tp)
-
     async def _wait_next_records(
         self,
         timeout: float,  # noqa: ASYNC109 - Faust's signature
@@ -186,9 +180,6 @@ class PausableConsumer(faust_aiokafka.Consumer):
             positions: dict[TP, int] = await self._thread.call_thread(self._seek_in_thread)
         for tp, offset in positions.items():
             self._written.pop(tp, None)
-            self._acked.pop(tp, None)
-            self._acked_index.pop(tp, None)
-            self._gap.pop(tp, None)
             self._read_offset[tp] = offset if offset else None
             self._committed_offset[tp] = offset if offset else None
         self.stopped = False
@@ -228,9 +219,6 @@ class PausableConsumer(faust_aiokafka.Consumer):
             offsets: dict[TP, int] = await self._thread.call_thread(self._rewind_in_thread, from_ms)
             for tp, offset in offsets.items():
                 self._written.pop(tp, None)
-                self._acked.pop(tp, None)
-                self._acked_index.pop(tp, None)
-                self._gap.pop(tp, None)
                 self._read_offset[tp] = offset if offset else None
                 self._committed_offset[tp] = offset if offset else None
         log.info(

@@ -13,7 +13,7 @@ import uvicorn
 
 from crmsync.control.auth import Authenticator
 from crmsync.control.server import create_app
-from crmsync.deploy.local.kafka import run_tool
+from crmsync.deploy.local.kafka import group_lag
 from crmsync.settings import Settings
 from tests.conftest import free_port
 from tests.integration.harness import PARTITIONS, wait_for
@@ -122,19 +122,4 @@ class ControlPlane:
 
 def kafka_tool_lag(kafka_cache: Path, bootstrap: str, workflow: str) -> dict[tuple[str, int], str]:
     """LAG per (topic, partition) as Kafka's own kafka-consumer-groups prints it ("-": none)."""
-    group = f"crmsync.{workflow}"
-    out = run_tool(
-        kafka_cache,
-        "kafka-consumer-groups",
-        ["--bootstrap-server", bootstrap, "--describe", "--group", group],
-    )
-    header: list[str] | None = None
-    lags: dict[tuple[str, int], str] = {}
-    for line in out.splitlines():
-        cells = line.split()
-        if cells[:1] == ["GROUP"]:
-            header = cells
-        elif header and cells and cells[0] == group:
-            row = dict(zip(header, cells, strict=False))
-            lags[(row["TOPIC"], int(row["PARTITION"]))] = row["LAG"]
-    return lags
+    return group_lag(kafka_cache, bootstrap, f"crmsync.{workflow}")

@@ -110,6 +110,25 @@ def run_tool(cache_dir: Path, tool: str, args: Sequence[str], timeout: float = 1
     return result.stdout
 
 
+def group_lag(cache_dir: Path, bootstrap: str, group: str) -> dict[tuple[str, int], str]:
+    """LAG per (topic, partition) as Kafka's own kafka-consumer-groups prints it ("-": none)."""
+    out = run_tool(
+        cache_dir,
+        "kafka-consumer-groups",
+        ["--bootstrap-server", bootstrap, "--describe", "--group", group],
+    )
+    header: list[str] | None = None
+    lags: dict[tuple[str, int], str] = {}
+    for line in out.splitlines():
+        cells = line.split()
+        if cells[:1] == ["GROUP"]:
+            header = cells
+        elif header and cells and cells[0] == group:
+            row = dict(zip(header, cells, strict=False))
+            lags[(row["TOPIC"], int(row["PARTITION"]))] = row["LAG"]
+    return lags
+
+
 def _log_opts(logs_dir: Path | None) -> list[str]:
     config = resources.files(__package__).joinpath("log4j2.properties")
     if logs_dir is None:  # tools: quiet, errors only
