@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KAFKA_STAMP := .cache/kafka/.fetched
+# The card's code folders: each holds its part of the one `crmsync` namespace package.
+CODE := schemas streams control deploy
 
 .PHONY: run test test-unit test-e2e chaos lint bench clean setup kafka browser
 
@@ -16,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Apache Kafka's broker and tools jars from Maven Central, once.
-$(KAFKA_STAMP): $(STAMP) crmsync/deploy/local/pom.xml
+$(KAFKA_STAMP): $(STAMP) deploy/crmsync/deploy/local/pom.xml
 	$(BIN)/crmsync kafka fetch
 	touch $(KAFKA_STAMP)
 
@@ -47,9 +49,10 @@ chaos: setup
 	CRMSYNC_CHAOS=$${CRMSYNC_CHAOS:-full} $(BIN)/python -m pytest -p no:cacheprovider tests/chaos
 
 lint: setup
-	$(BIN)/ruff check crmsync tests bench
-	$(BIN)/ruff format --check crmsync tests bench
+	$(BIN)/ruff check $(CODE) tests bench
+	$(BIN)/ruff format --check $(CODE) tests bench
 	$(BIN)/mypy
+	$(BIN)/mypy tests bench
 
 # Every benchmark on this machine, then one table of all figures against the targets.
 bench: setup

@@ -22,10 +22,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from crmsync import topics
 from crmsync.deploy.local.kafka import LocalKafka
 from crmsync.schemas.codec import CHANGE_EVENT
 from crmsync.schemas.producer import EventProducer, Scalar, change_event
+from crmsync.streams.kafka import topics
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW = "d365-to-campaign"

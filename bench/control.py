@@ -59,9 +59,9 @@ from common import (
 )
 from rich.progress import Progress
 
-from crmsync import topics
 from crmsync.deploy.local.kafka import group_lag
 from crmsync.schemas.producer import EventProducer
+from crmsync.streams.kafka import topics
 
 
 def _percentile(values: Sequence[float], q: float) -> float:

@@ -53,7 +53,6 @@ from common import (
     until,
 )
 
-from crmsync import topics
 from crmsync.streams.config import default_config
 from crmsync.streams.control_protocol import (
     ControlRecord,
@@ -63,6 +62,7 @@ from crmsync.streams.control_protocol import (
     WorkerStatus,
     write_control,
 )
+from crmsync.streams.kafka import topics
 
 
 @dataclass
@@ -413,8 +413,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def _worker_child() -> int:
     """One worker of the workflow with a discarding sink, until SIGTERM."""
-    from crmsync.settings import Settings
     from crmsync.streams.app import run_worker
+    from crmsync.streams.settings import Settings
     from crmsync.streams.sinks.base import DiscardingSink
 
     logging.basicConfig(

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from crmsync.deploy.emulators.server import running_emulators
-from crmsync.settings import CampaignTarget, DynamicsTarget
 from crmsync.streams.sinks.base import BatchingSink, DiscardingSink, SinkRecord
-from crmsync.streams.sinks.campaign import CampaignClient, CampaignSink
-from crmsync.streams.sinks.dynamics import DynamicsClient, DynamicsSink
+from crmsync.streams.sinks.campaign import CampaignSink
+from crmsync.streams.sinks.dynamics import DynamicsSink
+from crmsync.targets.campaign import CampaignClient
+from crmsync.targets.dynamics import DynamicsClient
+from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 
 UNLIMITED = 10**9  # the service-protection windows would otherwise throttle the bench itself
 

@@ -28,12 +28,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from rich.console import Console
 
-from crmsync import topics
 from crmsync.deploy.local.kafka import LocalKafka, run_tool
 from crmsync.schemas.codec import CHANGE_EVENT
 from crmsync.schemas.producer import EventProducer, change_event
-from crmsync.settings import Settings
 from crmsync.streams.app import group_id, run_worker
+from crmsync.streams.kafka import topics
+from crmsync.streams.settings import Settings
 from crmsync.streams.sinks.base import DiscardingSink
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from crmsync import topics
 from crmsync.deploy.local.kafka import LocalKafka
+from crmsync.streams.kafka import topics
 from tests.chaos.conftest import own_cluster, pick, record
 from tests.chaos.ledger import Outcome, Stopwatch
 from tests.chaos.traffic import D2C, ContactTraffic, dlq_count, publish_steadily

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from crmsync import topics
 from crmsync.streams.config import default_config
+from crmsync.streams.kafka import topics
 from tests.chaos.conftest import pick, record
 from tests.chaos.ledger import Outcome, Stopwatch
 from tests.chaos.traffic import D2C, ContactTraffic, dlq_count, publish

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from crmsync import topics
+from crmsync.streams.kafka import topics
 from tests.chaos.conftest import pick, record
 from tests.chaos.ledger import Comparison, Outcome, Stopwatch
 from tests.chaos.traffic import (

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from crmsync import topics
 from crmsync.schemas.codec import CHANGE_EVENT
 from crmsync.schemas.producer import change_event
+from crmsync.streams.kafka import topics
 from tests.chaos.conftest import pick, record
 from tests.chaos.ledger import Outcome, Stopwatch
 from tests.chaos.traffic import D2C, ContactTraffic, Record, publish

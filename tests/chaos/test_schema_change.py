@@ -25,9 +25,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from crmsync import topics
 from crmsync.schemas.codec import CHANGE_EVENT, EventSchema
 from crmsync.schemas.registry import RegistryCodec, SchemaRegistry
+from crmsync.streams.kafka import topics
 from tests.chaos.conftest import pick, record
 from tests.chaos.ledger import Outcome, Stopwatch
 from tests.chaos.traffic import D2C, ContactTraffic, Record, publish

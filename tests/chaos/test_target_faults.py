@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from crmsync import topics
+from crmsync.streams.kafka import topics
 from tests.chaos.conftest import pick, record
 from tests.chaos.ledger import Comparison, Outcome, Stopwatch
 from tests.chaos.traffic import (

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from crmsync import topics
+from crmsync.streams.kafka import topics
 from tests.chaos.conftest import pick, record
 from tests.chaos.ledger import Outcome, Stopwatch
 from tests.chaos.traffic import D2C, ContactTraffic, dlq_count, publish

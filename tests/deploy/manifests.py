@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import AliasChoices, SecretStr
 
-from crmsync.settings import Settings
+from crmsync.streams.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

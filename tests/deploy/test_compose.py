@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from crmsync.topics import WORKFLOWS
+from crmsync.streams.kafka.topics import WORKFLOWS
 from tests.deploy.manifests import COMPOSE_FILE, is_crmsync, load_documents
 
 Compose = dict[str, Any]

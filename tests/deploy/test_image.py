@@ -78,8 +78,10 @@ def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
         assert kept, f"{source} is excluded by .dockerignore"
     # The package data the wheel needs, and nothing of the developer's machine.
     for needed in (
-        "crmsync/schemas/ChangeEvent.v1.avsc",
-        "crmsync/deploy/local/pom.xml",
+        "schemas/crmsync/schemas/ChangeEvent.v1.avsc",
+        "deploy/crmsync/deploy/local/pom.xml",
+        "control/crmsync/control/templates/index.html",
+        "streams/crmsync/targets/dynamics.py",
         "README.md",
     ):
         assert dockerignore_includes(needed, patterns), needed
@@ -88,7 +90,9 @@ def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
         ".local/admin-token",
         ".git/config",
         "tests/conftest.py",
-        "crmsync/__pycache__/settings.cpython-311.pyc",
+        "streams/crmsync/streams/__pycache__/settings.cpython-311.pyc",
+        "deploy/compose/compose.yaml",
+        "deploy/k8s/base/workers.yaml",
         "crmsync.egg-info/PKG-INFO",
     ):
         assert not dockerignore_includes(left_out, patterns), left_out

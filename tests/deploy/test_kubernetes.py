@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 
 from crmsync.streams import config as configs
-from crmsync.topics import WORKFLOWS
+from crmsync.streams.kafka.topics import WORKFLOWS
 from tests.deploy.manifests import (
     K8S,
     Obj,

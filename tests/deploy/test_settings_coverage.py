@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from crmsync.settings import Settings
+from crmsync.streams.settings import Settings
 from tests.deploy.manifests import (
     COMPOSE_FILE,
     K8S,

@@ -10,8 +10,8 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 from playwright.async_api import Locator, Page, Route, expect
 
-from crmsync import topics
 from crmsync.streams.control_protocol import WorkerStatus
+from crmsync.streams.kafka import topics
 from tests.e2e.conftest import OPERATOR, VIEWER, WORKFLOWS, Stack, shoot, sign_in
 from tests.integration.harness import contacts
 

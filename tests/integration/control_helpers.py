@@ -14,7 +14,7 @@ import uvicorn
 from crmsync.control.auth import Authenticator
 from crmsync.control.server import create_app
 from crmsync.deploy.local.kafka import group_lag
-from crmsync.settings import Settings
+from crmsync.streams.settings import Settings
 from tests.conftest import free_port
 from tests.integration.harness import PARTITIONS, wait_for
 

@@ -18,17 +18,17 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from crmsync import topics
 from crmsync.schemas.producer import EventProducer, change_event
-from crmsync.settings import CampaignTarget, DynamicsTarget
 from crmsync.streams.control_protocol import (
     ControlRecord,
     ReplayRequest,
     WorkerStatus,
     write_control,
 )
-from crmsync.streams.sinks.campaign import CampaignClient
-from crmsync.streams.sinks.dynamics import DynamicsClient
+from crmsync.streams.kafka import topics
+from crmsync.targets.campaign import CampaignClient
+from crmsync.targets.dynamics import DynamicsClient
+from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 
 PARTITIONS = 4
 

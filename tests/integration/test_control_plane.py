@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from crmsync import topics
 from crmsync.schemas.codec import CHANGE_EVENT
 from crmsync.schemas.producer import change_event
 from crmsync.streams.config import default_config
+from crmsync.streams.kafka import topics
 from tests.conftest import free_port
 from tests.integration.control_helpers import (
     ADMIN,

@@ -10,8 +10,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from crmsync import topics
 from crmsync.deploy.local.kafka import KafkaLaunchError, LocalKafka, run_tool
+from crmsync.streams.kafka import topics
 from tests.conftest import free_port
 from tests.integration.harness import recreate_topics
 from tests.integration.kafka_io import partitions_of, read_all

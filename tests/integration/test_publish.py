@@ -9,8 +9,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from crmsync import topics
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT
+from crmsync.streams.kafka import topics
 from tests.integration.kafka_io import read_all, total_end_offset
 
 

@@ -245,7 +245,7 @@ async def test_a_control_record_that_cannot_be_applied_fails_visibly_and_start_r
 async def test_tombstones_between_changes_are_acked_and_skipped(cluster: Cluster) -> None:
     from aiokafka import AIOKafkaProducer
 
-    from crmsync import topics
+    from crmsync.streams.kafka import topics
 
     cluster.start_worker(WORKFLOW)
     await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))

@@ -10,10 +10,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from crmsync import topics
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT
 from crmsync.schemas.producer import EventProducer, change_event
 from crmsync.streams.control_protocol import WorkerStatus
+from crmsync.streams.kafka import topics
 from tests.integration.harness import Cluster, Worker, end_offsets, wait_for
 from tests.integration.kafka_io import read_all
 

@@ -10,11 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
-from crmsync.settings import CampaignTarget
-from crmsync.streams.errors import Fatal, RecordRejected, Retryable
-from crmsync.streams.sinks._http import RetryPolicy
 from crmsync.streams.sinks.base import SinkRecord
-from crmsync.streams.sinks.campaign import CampaignClient, CampaignSink
+from crmsync.streams.sinks.campaign import CampaignSink
+from crmsync.targets._http import RetryPolicy
+from crmsync.targets.campaign import CampaignClient
+from crmsync.targets.errors import Fatal, RecordRejected, Retryable
+from crmsync.targets.settings import CampaignTarget
 
 pytestmark = pytest.mark.timeout(60)
 PROFILE = "profileAndServicesExt/profile"

@@ -10,11 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
-from crmsync.settings import DynamicsTarget
-from crmsync.streams.errors import Fatal, RecordRejected, Retryable
-from crmsync.streams.sinks._http import RetryPolicy
 from crmsync.streams.sinks.base import SinkRecord
-from crmsync.streams.sinks.dynamics import DynamicsClient, DynamicsSink
+from crmsync.streams.sinks.dynamics import DynamicsSink
+from crmsync.targets._http import RetryPolicy
+from crmsync.targets.dynamics import DynamicsClient
+from crmsync.targets.errors import Fatal, RecordRejected, Retryable
+from crmsync.targets.settings import DynamicsTarget
 
 pytestmark = pytest.mark.timeout(60)
 

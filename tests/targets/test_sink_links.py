@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from crmsync.settings import CampaignTarget, DynamicsTarget
 from crmsync.streams.config import (
     CampaignToD365Config,
     D365ToCampaignConfig,
@@ -16,13 +15,15 @@ from crmsync.streams.config import (
     default_config,
     parse_config,
 )
-from crmsync.streams.errors import ParentMissing
 from crmsync.streams.mapping import Write, email_event_writes, writes_for
 from crmsync.streams.optout import decide
-from crmsync.streams.sinks._http import RetryPolicy
 from crmsync.streams.sinks.base import Outcome, SinkRecord
-from crmsync.streams.sinks.campaign import CampaignClient, CampaignSink
+from crmsync.streams.sinks.campaign import CampaignSink
 from crmsync.streams.sinks.dynamics import DynamicsSink
+from crmsync.targets._http import RetryPolicy
+from crmsync.targets.campaign import CampaignClient
+from crmsync.targets.errors import ParentMissing
+from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 
 pytestmark = pytest.mark.timeout(60)
 PROFILE = "profileAndServicesExt/profile"

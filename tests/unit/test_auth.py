@@ -21,7 +21,7 @@ from crmsync.control.auth import (
 from crmsync.control.errors import Forbidden, Unauthenticated
 from crmsync.control.server import create_app
 from crmsync.control.supervisor import Figures
-from crmsync.settings import Settings
+from crmsync.streams.settings import Settings
 
 TOKENS = "ada:viewer:view-token,ops:operator:op:with:colons, root:admin:root-token"
 

@@ -189,17 +189,3 @@ def test_random_bytes_never_escape_as_anything_but_decode_errors() -> None:
             CHANGE_EVENT.decode(data)
         except DecodeError:
             pass
-
-
-def test_the_faust_codecs_round_trip_by_name() -> None:
-    from faust.serializers import codecs
-
-    from crmsync.schemas import faust_codec
-
-    faust_codec.register()
-    event = _contact()
-    data = codecs.dumps(faust_codec.CHANGE_EVENT_CODEC, event)
-    assert data == CHANGE_EVENT.encode(event)
-    assert codecs.loads(faust_codec.CHANGE_EVENT_CODEC, data) == event
-    with pytest.raises(MalformedEvent):
-        codecs.loads(faust_codec.EMAIL_EVENT_CODEC, b"garbage")

@@ -18,7 +18,7 @@ from crmsync.streams.config import (
     parse_config,
     redacted,
 )
-from crmsync.topics import WORKFLOWS
+from crmsync.streams.kafka.topics import WORKFLOWS
 
 
 def errors_of(workflow: str, data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -12,7 +12,6 @@ from crmsync.streams.config import (
     D365ToCampaignConfig,
     parse_config,
 )
-from crmsync.streams.errors import Fatal, RecordRejected
 from crmsync.streams.mapping import (
     MappingError,
     Write,
@@ -22,6 +21,7 @@ from crmsync.streams.mapping import (
     writes_for,
 )
 from crmsync.streams.sinks.base import ProfileLink
+from crmsync.targets.errors import Fatal, RecordRejected
 
 CONTACT = str(uuid.UUID(int=7))
 PROFILE = "profileAndServicesExt/profile"

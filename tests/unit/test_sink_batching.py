@@ -8,13 +8,14 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from crmsync.settings import DynamicsTarget
-from crmsync.streams.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
-from crmsync.streams.sinks._http import RetryPolicy
-from crmsync.streams.sinks._multipart import BatchRequest, BatchResponse, ChangeSet
 from crmsync.streams.sinks.base import BatchingSink, DiscardingSink, SinkRecord, retry_after
 from crmsync.streams.sinks.campaign import CampaignSink
-from crmsync.streams.sinks.dynamics import DynamicsClient, DynamicsSink
+from crmsync.streams.sinks.dynamics import DynamicsSink
+from crmsync.targets._http import RetryPolicy
+from crmsync.targets._multipart import BatchRequest, BatchResponse, ChangeSet
+from crmsync.targets.dynamics import DynamicsClient
+from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
+from crmsync.targets.settings import DynamicsTarget
 
 FAST = RetryPolicy(attempts=3, budget_s=5, backoff_base_s=0.01, backoff_cap_s=0.02)
 Answer = Callable[[BatchRequest], tuple[int, str]]

@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from crmsync.settings import CampaignTarget, DynamicsTarget
-from crmsync.streams.errors import Fatal, RecordRejected, Retryable
-from crmsync.streams.sinks import campaign, dynamics
+from crmsync.targets import campaign, dynamics
+from crmsync.targets.errors import Fatal, RecordRejected, Retryable
+from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 
 
 def odata_error(code: str, message: str) -> str:

@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from crmsync.streams.errors import Fatal, RecordRejected, Retryable
-from crmsync.streams.sinks._http import (
+from crmsync.targets._http import (
     RetryPolicy,
     Throttle,
     TokenCache,
     parse_retry_after,
     with_retries,
 )
+from crmsync.targets.errors import Fatal, RecordRejected, Retryable
 
 
 def test_retry_after_is_seconds_or_an_http_date() -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from crmsync.streams.sinks._multipart import (
+from crmsync.targets._multipart import (
     BatchRequest,
     ChangeSet,
     boundary_of,

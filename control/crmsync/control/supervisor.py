@@ -1,0 +1,634 @@
+"""The one object the HTTP API, the web page and the CLI call: it reads and writes control topics.
+
+It follows `crmsync.control` and `crmsync.status` and is the only writer of `crmsync.control`;
+every state-changing action is also written to `crmsync.audit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from crmsync.control import models
+from crmsync.control.audit import AuditEntry, AuditLog
+from crmsync.control.auth import Principal
+from crmsync.control.backlog import Backlog, OffsetReader, TrendWindow
+from crmsync.control.errors import Conflict, Invalid, Unavailable, UnknownWorkflow
+from crmsync.control.status import Derived, derive, live_workers
+from crmsync.control.tail import TopicTail
+from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, DecodeError
+from crmsync.streams import config as configs
+from crmsync.streams.control_protocol import (
+    ControlRecord,
+    ReplayRequest,
+    TopicFollower,
+    WorkerStatus,
+)
+from crmsync.streams.kafka import topics
+from crmsync.streams.settings import Settings
+from crmsync.streams.workflows import TITLES
+
+log = logging.getLogger(__name__)
+
+#: How long a control record may take to come back through the topic we follow.
+_ECHO_TIMEOUT_S = 15.0
+#: How old a backlog sample may be and still answer a request.
+_SAMPLE_REUSE_S = 1.0
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _epoch_ms(iso_time: str) -> int:
+    moment = datetime.fromisoformat(iso_time.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What /metrics shows of one workflow, from what the supervisor already holds."""
+
+    name: str
+    status: str
+    backlog: int | None
+    pending_changes: bool
+    live_workers: int
+    records_written: int  # Σ over the workers reporting (each counts since its own start)
+    dead_lettered: int
+
+
+class Supervisor:
+    """Status, backlog, config and actions of every workflow."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        options = settings.kafka_client_options()
+        bootstrap = settings.bootstrap_servers
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, **options
+        )
+        self._records: dict[str, ControlRecord] = {}
+        self._control_read = asyncio.Event()
+        self._reports: dict[str, WorkerStatus] = {}
+        self._control = TopicFollower(bootstrap, topics.CONTROL, self._on_control, **options)
+        self._status = TopicFollower(bootstrap, topics.STATUS, self._on_status, **options)
+        self._offsets = OffsetReader(bootstrap, options)
+        self._tail = TopicTail(bootstrap, options, self._offsets)
+        self._audit = AuditLog(self._producer, self._tail)
+        self._locks = {name: asyncio.Lock() for name in TITLES}
+        self._sampling = {name: asyncio.Lock() for name in TITLES}
+        self._backlogs: dict[str, Backlog] = {}
+        self._trends = {name: TrendWindow(settings.backlog_window_s) for name in TITLES}
+        self._sampler: asyncio.Task[None] | None = None
+        self.started_at = time.time()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await topics.ensure_topics(
+            self.settings.bootstrap_servers,
+            topics.topic_specs(self.settings.topic_partitions),
+            replication=self.settings.topic_replication,
+            client_options=self.settings.kafka_client_options(),
+        )
+        await self._producer.start()
+        await self._offsets.start()
+        await self._tail.start()
+        await self._control.start()
+        await self._status.start()
+        await asyncio.gather(self._control.loaded.wait(), self._status.loaded.wait())
+        for name in TITLES:
+            if name not in self._records:
+                await self._initialise(name)
+        await self.sample()
+        self._sampler = asyncio.create_task(self._sample_forever(), name="backlog-sampler")
+
+    async def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
+        await self._status.stop()
+        await self._control.stop()
+        await self._tail.close()
+        await self._offsets.close()
+        await self._producer.stop()
+
+    async def __aenter__(self) -> Supervisor:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _initialise(self, name: str) -> None:
+        """A workflow the control plane never spoke about: running its default config."""
+        record = ControlRecord(
+            workflow=name,
+            desired="running",
+            generation=1,
+            active_config=configs.default_config(name).model_dump(mode="json"),
+            active_version=1,
+            updated_by="crmsync",
+        )
+        await self._write(record)
+        log.info("event=control_initialised workflow=%s", name)
+
+    # -- following the topics ----------------------------------------------------------
+
+    def _on_control(self, key: str, value: bytes | None) -> None:
+        self._control_read.set()
+        if value is None:
+            self._records.pop(key, None)
+            return
+        try:
+            self._records[key] = ControlRecord.decode(value)
+        except ValueError as error:
+            log.error("event=bad_control_record workflow=%s error=%r", key, error)
+
+    def _on_status(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self._reports.pop(key, None)
+            return
+        try:
+            self._reports[key] = WorkerStatus.decode(value)
+        except ValueError as error:
+            log.warning("event=bad_status_record key=%s error=%r", key, error)
+
+    async def _write(self, record: ControlRecord) -> None:
+        """Writes a control record and waits until it comes back through the topic, so the
+        next read (ours or a worker's) sees it."""
+        data = record.encode()
+        try:
+            await self._producer.send_and_wait(topics.CONTROL, data, key=record.workflow.encode())
+            async with asyncio.timeout(_ECHO_TIMEOUT_S):
+                while self._control.latest.get(record.workflow) != data:
+                    self._control_read.clear()
+                    await self._control_read.wait()
+        except (KafkaError, TimeoutError) as error:
+            raise Unavailable(f"Kafka did not store the control record: {error!r}") from error
+
+    # -- reading -----------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return list(TITLES)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        """Serialises one workflow's read-modify-write of its control record."""
+        if name not in self._locks:
+            raise UnknownWorkflow(f"no workflow {name!r}", {"workflows": list(TITLES)})
+        return self._locks[name]
+
+    def _record(self, name: str) -> ControlRecord:
+        if name not in TITLES:
+            raise UnknownWorkflow(f"no workflow {name!r}", {"workflows": list(TITLES)})
+        record = self._records.get(name)
+        if record is None:
+            raise Unavailable(f"{name} has no control record yet")
+        return record
+
+    def workers(self, name: str) -> list[WorkerStatus]:
+        return [r for r in self._reports.values() if r.workflow == name]
+
+    def _live(self, name: str) -> list[WorkerStatus]:
+        return live_workers(self.workers(name), int(time.time() * 1000), self.settings.liveness_s)
+
+    def derived(self, name: str) -> Derived:
+        return derive(self._records.get(name), self._live(name))
+
+    def _active_topics(self, record: ControlRecord) -> list[str]:
+        try:
+            return configs.parse_config(record.workflow, record.active_config).source_topics()
+        except configs.ConfigError:
+            return configs.default_config(record.workflow).source_topics()
+
+    async def backlog(self, name: str, fresh: bool = False) -> Backlog:
+        """The latest sample while younger than a second (so a burst of requests reads Kafka
+        once), else a new one; `fresh` always reads Kafka."""
+        record = self._record(name)
+        async with self._sampling[name]:
+            cached = self._backlogs.get(name)
+            if cached is not None and not fresh and time.time() - cached.at < _SAMPLE_REUSE_S:
+                return cached
+            try:
+                backlog = await self._offsets.backlog(name, self._active_topics(record))
+            except KafkaError as error:
+                raise Unavailable(f"cannot read offsets from Kafka: {error!r}") from error
+            self._backlogs[name] = backlog
+            self._trends[name].add(backlog)
+            return backlog
+
+    async def sample(self) -> None:
+        """Samples every workflow's backlog once (a failure keeps the previous sample)."""
+        for name in TITLES:
+            if name not in self._records:
+                continue
+            try:
+                await self.backlog(name, fresh=True)
+            except Unavailable as error:
+                log.warning("event=backlog_unavailable workflow=%s error=%s", name, error)
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.backlog_sample_s)
+            await self.sample()
+
+    async def summary(self, name: str) -> models.WorkflowSummary:
+        record = self._record(name)
+        backlog = await self.backlog(name)
+        derived = self.derived(name)
+        reading = self._trends[name].reading()
+        return models.WorkflowSummary(
+            name=name,
+            title=TITLES[name],
+            status=derived.status,
+            backlog=backlog.total,
+            trend=reading.trend,
+            eta_s=reading.eta_s,
+            pending_changes=record.pending_config is not None,
+            error=derived.error,
+        )
+
+    async def summaries(self) -> list[models.WorkflowSummary]:
+        return [await self.summary(name) for name in TITLES]
+
+    async def detail(self, name: str) -> models.WorkflowDetail:
+        record = self._record(name)
+        backlog = await self.backlog(name, fresh=True)
+        summary = await self.summary(name)
+        live = {w.worker_id for w in self._live(name)}
+        return models.WorkflowDetail(
+            **summary.model_dump(),
+            desired=record.desired,
+            generation=record.generation,
+            partitions=_partitions(backlog),
+            active_config=_redacted(name, record.active_config),
+            active_version=record.active_version,
+            pending_config=_redacted_or_none(name, record.pending_config),
+            pending_version=record.pending_version,
+            pending_diff=_diff(name, record),
+            workers=[
+                _worker_view(w, w.worker_id in live)
+                for w in sorted(self.workers(name), key=lambda w: w.worker_id)
+            ],
+            updated_at=record.updated_at,
+            updated_by=record.updated_by,
+        )
+
+    def figures(self) -> list[Figures]:
+        """Without I/O: the latest backlog sample, status and worker counters."""
+        figures = []
+        for name in TITLES:
+            record = self._records.get(name)
+            backlog = self._backlogs.get(name)
+            workers = self.workers(name)
+            figures.append(
+                Figures(
+                    name=name,
+                    status=self.derived(name).status,
+                    backlog=backlog.total if backlog is not None else None,
+                    pending_changes=record is not None and record.pending_config is not None,
+                    live_workers=len(self._live(name)),
+                    records_written=sum(w.records_written for w in workers),
+                    dead_lettered=sum(w.dead_lettered for w in workers),
+                )
+            )
+        return figures
+
+    def config(self, name: str) -> models.ConfigAnswer:
+        record = self._record(name)
+        return models.ConfigAnswer(
+            active=_redacted(name, record.active_config),
+            active_version=record.active_version,
+            pending=_redacted_or_none(name, record.pending_config),
+            pending_version=record.pending_version,
+            pending_diff=_diff(name, record),
+        )
+
+    async def dead_letters(self, name: str, limit: int) -> models.DeadLetterList:
+        self._record(name)
+        try:
+            records = await self._tail.newest(topics.dead_letters(name), limit)
+        except (KafkaError, TimeoutError) as error:
+            raise Unavailable(f"cannot read the dead letters: {error!r}") from error
+        return models.DeadLetterList(workflow=name, dead_letters=[_dead_letter(r) for r in records])
+
+    async def audit(self, limit: int) -> models.AuditList:
+        try:
+            entries = await self._audit.newest(limit)
+        except (KafkaError, TimeoutError) as error:
+            raise Unavailable(f"cannot read the audit log: {error!r}") from error
+        return models.AuditList(audit=[models.AuditView(**e.model_dump()) for e in entries])
+
+    async def ready(self) -> None:
+        """Raises Unavailable unless Kafka answers and both control topics were read."""
+        if not (self._control.loaded.is_set() and self._status.loaded.is_set()):
+            raise Unavailable("the control topics are still being read")
+        try:
+            async with asyncio.timeout(3):
+                await self._offsets.ping()
+        except (KafkaError, TimeoutError, OSError) as error:
+            raise Unavailable(f"Kafka is not reachable: {error!r}") from error
+
+    # -- actions -----------------------------------------------------------------------
+
+    async def start_workflow(self, name: str, who: Principal) -> models.StatusAnswer:
+        """A new generation, desired running; pending changes become the active config."""
+        async with self._lock(name):
+            record = self._record(name)
+            status = self.derived(name).status
+            if record.desired == "running" and status != "FAILED":
+                raise Conflict(f"{name} is already {'running' if status == 'RUNNING' else status}")
+            update: dict[str, Any] = {
+                "desired": "running",
+                "generation": record.generation + 1,
+                "replay": None,
+                "updated_by": who.name,
+                "updated_at": _now(),
+            }
+            details: dict[str, Any] = {"generation": record.generation + 1}
+            if record.pending_config is not None:
+                update |= {
+                    "active_config": record.pending_config,
+                    "active_version": record.pending_version or record.active_version + 1,
+                    "pending_config": None,
+                    "pending_version": None,
+                }
+                details["config_version"] = update["active_version"]
+                details["changes"] = [c.model_dump(mode="json") for c in _diff(name, record)]
+            new = record.model_copy(update=update)
+            await self._write(new)
+            await self._audited(who, "start", name, details)
+            return self._status_answer(name, new)
+
+    async def stop_workflow(self, name: str, who: Principal) -> models.StatusAnswer:
+        """A new generation, desired stopped: the workers close the gate and pause."""
+        async with self._lock(name):
+            record = self._record(name)
+            if record.desired == "stopped":
+                raise Conflict(f"{name} is already {self.derived(name).status}")
+            new = record.model_copy(
+                update={
+                    "desired": "stopped",
+                    "generation": record.generation + 1,
+                    "replay": None,
+                    "updated_by": who.name,
+                    "updated_at": _now(),
+                }
+            )
+            await self._write(new)
+            await self._audited(who, "stop", name, {"generation": new.generation})
+            return self._status_answer(name, new)
+
+    async def edit_config(
+        self, name: str, data: Mapping[str, Any], who: Principal
+    ) -> models.PendingAnswer:
+        """Validates the config and stores it as pending: the running workers keep the active."""
+        async with self._lock(name):
+            record = self._record(name)
+            try:
+                parsed = configs.parse_config(name, data)
+            except configs.ConfigError as error:
+                raise Invalid("invalid config", error.errors) from None
+            pending: dict[str, Any] | None = parsed.model_dump(mode="json")
+            if pending == _normalised(name, record.active_config):
+                pending = None  # editing back to the active config drops the pending change
+            new = record.model_copy(
+                update={
+                    "pending_config": pending,
+                    "pending_version": record.active_version + 1 if pending else None,
+                    "updated_by": who.name,
+                    "updated_at": _now(),
+                }
+            )
+            await self._write(new)
+            diff = _diff(name, new)
+            await self._audited(
+                who,
+                "edit",
+                name,
+                {
+                    "pending_version": new.pending_version,
+                    "changes": [c.model_dump(mode="json") for c in diff],
+                },
+            )
+            return models.PendingAnswer(
+                pending=_redacted_or_none(name, new.pending_config),
+                pending_version=new.pending_version,
+                pending_diff=diff,
+            )
+
+    async def replay(self, name: str, from_: str, who: Principal) -> models.ReplayAnswer:
+        """Moves the group's committed offsets back while STOPPED; answers the new backlog.
+
+        Live workers are still group members, and Kafka takes commits for a group with members
+        only from them: so the request travels in the control record and the supervisor waits
+        for every live worker's confirmation. With no live worker it commits itself.
+        """
+        async with self._lock(name):
+            record = self._record(name)
+            status = self.derived(name).status
+            if status != "STOPPED":
+                raise Conflict(f"{name} is {status}: stop it before a replay")
+            request = ReplayRequest.model_validate({"id": uuid.uuid4().hex, "from": from_})
+            if self._live(name):
+                await self._write(
+                    record.model_copy(
+                        update={"replay": request, "updated_by": who.name, "updated_at": _now()}
+                    )
+                )
+                committed_by = await self._await_replay(name, record, request)
+            else:
+                committed_by = "control plane"
+            if committed_by == "control plane":
+                await self._commit_replay(name, record, from_)
+            self._trends[name].reset()
+            backlog = await self.backlog(name, fresh=True)
+            await self._audited(
+                who,
+                "replay",
+                name,
+                {"from": from_, "replay_id": request.id, "backlog": backlog.total},
+            )
+            return models.ReplayAnswer.model_validate(
+                {
+                    "name": name,
+                    "status": self.derived(name).status,
+                    "replay_id": request.id,
+                    "from": from_,
+                    "backlog": backlog.total,
+                    "partitions": _partitions(backlog),
+                    "committed_by": committed_by,
+                }
+            )
+
+    async def _await_replay(self, name: str, record: ControlRecord, request: ReplayRequest) -> str:
+        """Waits until every live worker reports the replay; 'control plane' when none is left."""
+        deadline = time.monotonic() + self.settings.replay_timeout_s
+        while True:
+            live = self._live(name)
+            if not live:
+                return "control plane"
+            waiting = [w.worker_id for w in live if w.replayed != request.id]
+            if not waiting:
+                return "workers"
+            failed = [w for w in live if w.state == "FAILED" and w.generation == record.generation]
+            if failed:
+                raise Conflict(f"replay: worker {failed[0].worker_id} failed: {failed[0].error}")
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"replay {request.id} not confirmed within "
+                    f"{self.settings.replay_timeout_s:.0f}s by worker(s) {', '.join(waiting)}",
+                    {"replay_id": request.id, "waiting_for": waiting},
+                )
+            await asyncio.sleep(0.1)
+
+    async def _commit_replay(self, name: str, record: ControlRecord, from_: str) -> None:
+        tps = await self._offsets.partitions(self._active_topics(record))
+        if from_ == "earliest":
+            offsets: dict[TopicPartition, int] = (await self._offsets.edges(tps))[0]
+        else:
+            offsets = await self._offsets.offsets_for_time(tps, _epoch_ms(from_))
+        deadline = time.monotonic() + self.settings.replay_timeout_s
+        while True:
+            try:
+                await self._offsets.commit_as_group(name, offsets)
+                return
+            except KafkaError as error:
+                # A worker that died a moment ago stays a member until its session times out.
+                if time.monotonic() > deadline:
+                    raise Conflict(
+                        f"Kafka refused the replay's commit for group crmsync.{name}: {error!r}; "
+                        "a consumer that reports no status is still a member of the group"
+                    ) from error
+                await asyncio.sleep(1)
+
+    async def _audited(
+        self, who: Principal, action: str, name: str, details: dict[str, Any]
+    ) -> None:
+        entry = AuditEntry(
+            who=who.name, role=who.role.name, action=action, workflow=name, details=details
+        )
+        try:
+            await self._audit.record(entry)
+        except KafkaError as error:
+            raise Unavailable(
+                f"{action} done, but the audit entry was not stored: {error!r}"
+            ) from error
+        log.info(
+            "event=audit who=%s action=%s workflow=%s details=%s", who.name, action, name, details
+        )
+
+    def _status_answer(self, name: str, record: ControlRecord) -> models.StatusAnswer:
+        return models.StatusAnswer(
+            name=name, status=self.derived(name).status, generation=record.generation
+        )
+
+
+# -- views ---------------------------------------------------------------------------------
+
+
+def _normalised(name: str, raw: Mapping[str, Any]) -> dict[str, Any] | None:
+    try:
+        return configs.parse_config(name, raw).model_dump(mode="json")
+    except configs.ConfigError:
+        return None
+
+
+def _redacted(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Through the model, so a secret field shows masked (a config that no longer parses is
+    shown as stored: it holds nothing the model could have masked)."""
+    try:
+        return configs.redacted(configs.parse_config(name, raw))
+    except configs.ConfigError:
+        return dict(raw)
+
+
+def _redacted_or_none(name: str, raw: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if raw is None else _redacted(name, raw)
+
+
+def _diff(name: str, record: ControlRecord) -> list[models.ConfigChange]:
+    if record.pending_config is None:
+        return []
+    changes = configs.config_diff(
+        _redacted(name, record.active_config), _redacted(name, record.pending_config)
+    )
+    return [models.ConfigChange(**change) for change in changes]
+
+
+def _partitions(backlog: Backlog) -> list[models.PartitionBacklog]:
+    return [
+        models.PartitionBacklog(
+            topic=p.topic,
+            partition=p.partition,
+            end_offset=p.end_offset,
+            committed_offset=p.committed_offset,
+            lag=p.lag,
+        )
+        for p in backlog.partitions
+    ]
+
+
+def _worker_view(status: WorkerStatus, live: bool) -> models.WorkerView:
+    return models.WorkerView(
+        worker_id=status.worker_id,
+        host=status.host,
+        pid=status.pid,
+        state=status.state,
+        generation=status.generation,
+        config_version=status.config_version,
+        error=status.error,
+        partitions=status.partitions,
+        records_written=status.records_written,
+        dead_lettered=status.dead_lettered,
+        replayed=status.replayed,
+        heartbeat_at=datetime.fromtimestamp(status.heartbeat_ms / 1000, UTC).isoformat(),
+        live=live,
+    )
+
+
+def _dead_letter(record: Any) -> models.DeadLetter:
+    headers = {k: v.decode(errors="replace") for k, v in record.headers or ()}
+    value: dict[str, Any] | None = None
+    raw: bytes = record.value or b""
+    for schema in (CHANGE_EVENT, EMAIL_EVENT):
+        try:
+            value = schema.decode(raw)
+            break
+        except DecodeError:
+            continue
+    return models.DeadLetter(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        timestamp=datetime.fromtimestamp(record.timestamp / 1000, UTC).isoformat(),
+        key=record.key.decode(errors="replace") if record.key is not None else None,
+        headers=headers,
+        value=value,
+        value_base64=None if value is not None else base64.b64encode(raw).decode(),
+    )

@@ -1,0 +1,1 @@
+"""The Kafka layer: topics, client options, producers and compacted-topic followers."""

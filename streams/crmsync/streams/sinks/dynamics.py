@@ -1,0 +1,201 @@
+"""The Dynamics sink: record batches written through the Web API client's `$batch`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from crmsync.streams.sinks.base import (
+    Outcome,
+    SinkRecord,
+    blocks_its_key,
+    not_attempted,
+    unexpected,
+)
+from crmsync.targets._http import prefixed
+from crmsync.targets._multipart import BatchRequest, ChangeSet
+from crmsync.targets.dynamics import (
+    DynamicsClient,
+    Key,
+    Write,
+    WriteMode,
+    classify,
+    parent_missing,
+)
+from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
+from crmsync.targets.settings import DynamicsTarget
+
+log = logging.getLogger(__name__)
+
+
+def record_key(record: SinkRecord) -> Key:
+    """How a sink record is addressed in a Dataverse URL."""
+    if record.alternate_key:
+        return record.alternate_key
+    if record.key_field:
+        return {record.key_field: record.key}
+    return record.key
+
+
+class DynamicsSink:
+    """Writes record batches through `$batch` with ``odata.continue-on-error``.
+
+    Each record is its own request, so one bad record fails alone. Records sharing a key go in
+    successive rounds (one request per key per round), so their order holds even though the
+    server runs a batch's requests independently; a record whose key failed retryably or fatally
+    holds back the later ones of that key. ``atomic=True`` sends each round as change sets
+    instead (all or nothing, at most 1,000 records each): a rejected record is dropped from its
+    set and the rest is sent again. Records answered retryably are sent again within the
+    client's retry policy, then reported ``Retryable``.
+    """
+
+    def __init__(self, client: DynamicsClient, *, atomic: bool = False) -> None:
+        self.client = client
+        self.atomic = atomic
+
+    @classmethod
+    def for_target(cls, target: DynamicsTarget, **options: Any) -> DynamicsSink:
+        atomic = bool(options.pop("atomic", False))
+        return cls(DynamicsClient(target, **options), atomic=atomic)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def write_batch(self, records: Sequence[SinkRecord]) -> list[Outcome]:
+        outcomes: list[Outcome] = [None] * len(records)
+        queues: dict[tuple[str, str], list[int]] = {}
+        for index, record in enumerate(records):
+            queues.setdefault(record.identity, []).append(index)
+        blocked: dict[tuple[str, str], SinkError] = {}
+        # A record with create_fields is two steps: a create-only PATCH with them, then (when the
+        # record existed: 412) a PATCH of its other fields, sent in the next round.
+        updates: dict[int, BatchRequest] = {}
+        while True:
+            round_ = [queue[0] for queue in queues.values() if queue]
+            if not round_:
+                return outcomes
+            requests: dict[int, BatchRequest] = {}
+            for index in round_:
+                record = records[index]
+                cause = blocked.get(record.identity)
+                if cause is not None:
+                    outcomes[index] = not_attempted(record, cause)
+                elif index in updates:
+                    requests[index] = updates.pop(index)
+                    continue
+                else:
+                    try:
+                        requests[index] = self.client.write_request(_write_of(record))
+                        continue
+                    except RecordRejected as error:
+                        outcomes[index] = error
+                queues[record.identity].pop(0)
+            try:
+                written = await self._write_round(requests)
+            except Exception as error:  # a bug must not lose records: report them, stop the flow
+                log.exception("dynamics sink failed unexpectedly")
+                written = {i: (unexpected(error), 0) for i in requests}
+            for index, (outcome, status) in written.items():
+                record = records[index]
+                outcomes[index] = outcome
+                if (
+                    status == 412
+                    and _mode_of(requests[index]) == "create"
+                    and record.create_fields
+                    and record.mode == "upsert"
+                    and record.fields
+                ):
+                    updates[index] = self.client.write_request(
+                        Write(record.target, record_key(record), record.fields, "upsert")
+                    )
+                    continue  # the record stays first in its queue for its second step
+                queues[record.identity].pop(0)
+                if blocks_its_key(outcome):
+                    assert outcome is not None
+                    blocked[record.identity] = outcome
+
+    async def _write_round(
+        self, requests: Mapping[int, BatchRequest]
+    ) -> dict[int, tuple[Outcome, int]]:
+        """Outcomes (and statuses) of requests on distinct keys; transient failures retried
+        within the policy. A missing parent (``ParentMissing``) is not retried here: the runtime
+        parks it."""
+        policy = self.client.retry
+        outcomes: dict[int, tuple[Outcome, int]] = {}
+        todo = dict(requests)
+        modes = {i: _mode_of(r) for i, r in requests.items()}
+        attempt, started = 1, time.monotonic()
+        while todo:
+            indices = list(todo)
+            try:
+                answers = await self.client.batch(self._items([todo[i] for i in indices]))
+            except SinkError as error:
+                outcomes.update(dict.fromkeys(indices, (error, 0)))
+                return outcomes
+            retry: dict[int, BatchRequest] = {}
+            waits: list[float] = []
+            rejected_in_set = False
+            for index, answer in zip(indices, answers, strict=True):
+                request = todo[index]
+                outcome = classify(
+                    answer.status,
+                    answer.body,
+                    answer.headers,
+                    operation="delete" if request.method == "DELETE" else "write",
+                    mode=modes[index],
+                )
+                if isinstance(outcome, RecordRejected) and request.method == "PATCH":
+                    outcome = (
+                        parent_missing(answer.status, answer.body, request.body, modes[index])
+                        or outcome
+                    )
+                if isinstance(outcome, Retryable) and not isinstance(outcome, ParentMissing):
+                    retry[index] = request
+                    if outcome.retry_after:
+                        waits.append(outcome.retry_after)
+                    if answer.status == 429:
+                        self.client.pause(outcome.retry_after)
+                elif outcome is not None:
+                    rejected_in_set |= self.atomic and not isinstance(outcome, Fatal)
+                written = None if outcome is None else prefixed(outcome, _what(request))
+                outcomes[index] = (written, answer.status)
+            todo = retry
+            if not todo or rejected_in_set:
+                continue  # an atomic set failed for a record now dropped: resend the rest at once
+            wait = max(waits) if waits else policy.backoff(attempt)
+            if attempt >= policy.attempts or time.monotonic() - started + wait > policy.budget_s:
+                break
+            await asyncio.sleep(wait)
+            attempt += 1
+        return outcomes
+
+    def _items(self, requests: list[BatchRequest]) -> list[BatchRequest | ChangeSet]:
+        if not self.atomic:
+            return list(requests)
+        size = self.client.max_batch_requests
+        return [ChangeSet(requests[i : i + size]) for i in range(0, len(requests), size)]
+
+
+def _write_of(record: SinkRecord) -> Write:
+    """The record's (first) request: with create_fields, a create-only write including them."""
+    if record.op == "delete":
+        return Write(record.target, record_key(record), None, record.mode)
+    if record.create_fields and record.mode != "update":
+        fields = {**record.fields, **record.create_fields}
+        return Write(record.target, record_key(record), fields, "create")
+    return Write(record.target, record_key(record), record.fields, record.mode)
+
+
+def _mode_of(request: BatchRequest) -> WriteMode:
+    if request.headers.get("If-None-Match") == "*":
+        return "create"
+    if request.headers.get("If-Match") == "*":
+        return "update"
+    return "upsert"
+
+
+def _what(request: BatchRequest) -> str:
+    return f"{request.method} {request.url}"

@@ -1,0 +1,447 @@
+"""Client of the Adobe Campaign Standard REST API: profile and custom-resource upserts by key."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote, urlencode, urljoin, urlsplit
+
+import httpx
+
+from crmsync.targets._http import (
+    TRANSIENT_STATUSES,
+    RetryPolicy,
+    Session,
+    Throttle,
+    TokenCache,
+    parse_retry_after,
+    prefixed,
+    short,
+    transport_error,
+)
+from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
+from crmsync.targets.settings import CampaignTarget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileLink:
+    """A Campaign field value meaning "the profile whose externalId is ``external_id``".
+
+    The client resolves it to ``{"PKey": ...}`` (a custom resource's link to its profile).
+    """
+
+    external_id: str
+
+
+PROFILE = "profileAndServicesExt/profile"
+PROFILE_RESOURCES = ("profileAndServices/profile", "profileAndServicesExt/profile")
+Place = Literal["record", "resource"]
+
+# Campaign answers 500 for an invalid or read-only property, with an application error code
+# (RST-xxxxxx) in the text: such a record will never be accepted. A 500 without one (a gateway or
+# platform fault) is worth another try.
+VALIDATION_MARKERS = re.compile(
+    r"RST-\d+|not valid|read[- ]only|invalid|too long|exceeds|unknown (?:property|field)",
+    re.IGNORECASE,
+)
+
+
+def error_text(body: str) -> str:
+    """The message of a Campaign error body (gateway or application), else the raw text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return short(body)
+    if isinstance(data, dict):
+        parts = [
+            str(data[k])
+            for k in ("error_code", "code", "title", "message", "detail")
+            if data.get(k)
+        ]
+        if parts:
+            return short(" ".join(parts))
+    return short(body)
+
+
+def classify(
+    status: int,
+    body: str,
+    headers: Mapping[str, str],
+    *,
+    place: Place = "resource",
+    delete: bool = False,
+) -> SinkError | None:
+    """What a Campaign answer means: None = done, else the typed failure.
+
+    ``place`` says what the URL named: a record (``…/<PKey>``), where 404 means the record is gone
+    (done, for a delete), or the resource itself (list, filter, POST), where 404 means it does not
+    exist: ``Fatal``. ``headers`` must have lower-case names.
+    """
+    if 200 <= status < 300:
+        return None
+    message = error_text(body)
+    reason = f"HTTP {status}: {message}" if message else f"HTTP {status}"
+    if status in TRANSIENT_STATUSES:
+        return Retryable(reason, parse_retry_after(headers.get("retry-after")))
+    if status == 500:
+        if VALIDATION_MARKERS.search(message):
+            return RecordRejected(reason)
+        return Retryable(reason, parse_retry_after(headers.get("retry-after")))
+    if status >= 500:
+        return Retryable(reason, parse_retry_after(headers.get("retry-after")))
+    if status in (401, 403):
+        return Fatal(reason)
+    if status == 404:
+        if place == "resource":
+            return Fatal(reason)
+        return None if delete else RecordRejected(reason)
+    if 400 <= status < 500:
+        return RecordRejected(reason)
+    return Fatal(f"unexpected answer: {reason}")
+
+
+def _transient(response: httpx.Response) -> Retryable | None:
+    outcome = classify(response.status_code, response.text, response.headers)
+    return outcome if isinstance(outcome, Retryable) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """How records of a resource are found by a business key: ``GET <on>/<filter>?<parameter>=v``.
+
+    Campaign has no upsert: a record is looked up by its key, then PATCHed, or POSTed when absent.
+    Defaults follow the custom-filter convention ``by<Field>`` with parameter ``<field>_parameter``
+    on the record's own resource (``on`` = None).
+    """
+
+    field: str
+    filter: str | None = None
+    parameter: str | None = None
+    on: str | None = None
+
+    def path(self, resource: str) -> str:
+        name = self.filter or f"by{self.field[:1].upper()}{self.field[1:]}"
+        return f"{self.on or resource}/{name}"
+
+    @property
+    def query_parameter(self) -> str:
+        return self.parameter or f"{self.field}_parameter"
+
+
+#: Profiles are matched by externalId (= the Dynamics contactid) through the custom filter that
+#: lives on the extension resource (custom filters are defined there).
+DEFAULT_LOOKUPS: Mapping[str, Lookup] = {
+    name: Lookup("externalId", "byExternalId", "externalId_parameter", on=PROFILE)
+    for name in PROFILE_RESOURCES
+}
+
+
+def default_ims_url(target: CampaignTarget) -> str:
+    """Adobe IMS for the real API on ``mc.adobe.io``, else the emulator's host."""
+    if target.ims_url:
+        return target.ims_url.rstrip("/")
+    parts = urlsplit(target.url)
+    if (parts.hostname or "").endswith("adobe.io"):
+        return "https://ims-na1.adobelogin.com"
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class _PKeys:
+    """A bounded LRU of (lookup resource, field, key) → PKey: saves a lookup per known record."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+
+    def get(self, key: tuple[str, str, str]) -> str | None:
+        pkey = self._entries.get(key)
+        if pkey is not None:
+            self._entries.move_to_end(key)
+        return pkey
+
+    def put(self, key: tuple[str, str, str], pkey: str) -> None:
+        self._entries[key] = pkey
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def drop(self, key: tuple[str, str, str]) -> None:
+        self._entries.pop(key, None)
+
+
+class CampaignClient:
+    """Campaign Standard REST API over one pooled HTTP client with IMS server-to-server tokens.
+
+    Methods raise ``Retryable`` (after the ``retry`` policy's bounded tries), ``RecordRejected`` or
+    ``Fatal``. A 429 pauses every request of the client until ``Retry-After`` has passed.
+    ``lookups`` maps a resource (``profileAndServicesExt/profile``, ``customResources/cusX``) to how
+    its records are found by key; resources not listed use ``Lookup(key_field)`` defaults.
+    """
+
+    def __init__(
+        self,
+        target: CampaignTarget,
+        *,
+        retry: RetryPolicy | None = None,
+        lookups: Mapping[str, Lookup] | None = None,
+        pkey_cache_size: int = 100_000,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.target = target
+        self.retry = retry or RetryPolicy()
+        self.lookups = {**DEFAULT_LOOKUPS, **(lookups or {})}
+        self.api_url = f"{target.url.rstrip('/')}/{quote(target.org, safe='')}/campaign/"
+        self.ims_url = default_ims_url(target)
+        self._pkeys = _PKeys(pkey_cache_size)
+        limits = httpx.Limits(
+            max_connections=target.max_concurrency, max_keepalive_connections=target.max_concurrency
+        )
+        self._http = httpx.AsyncClient(
+            timeout=target.timeout_s,
+            limits=limits,
+            transport=transport,
+            headers={"Accept": "application/json", "X-Api-Key": target.client_id},
+        )
+        self._session = Session(
+            "campaign",
+            self._http,
+            TokenCache(self._fetch_token),
+            Throttle(target.max_concurrency),
+            self.retry,
+            _transient,
+        )
+
+    async def __aenter__(self) -> CampaignClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _fetch_token(self) -> tuple[str, float]:
+        """An IMS access token (client credentials); IMS gives no refresh token, so ask again."""
+        form = {
+            "client_id": self.target.client_id,
+            "client_secret": self.target.client_secret.get_secret_value(),
+            "grant_type": "client_credentials",
+            "scope": self.target.scope,
+        }
+        try:
+            response = await self._http.post(f"{self.ims_url}/ims/token/v3", data=form)
+        except httpx.HTTPError as error:
+            raise transport_error(error, "campaign token") from error
+        if response.status_code == 200:
+            data = response.json()
+            lifetime = float(data.get("expires_in", 86399))
+            if lifetime > 30 * 86400:  # older IMS endpoints answer in milliseconds
+                lifetime /= 1000
+            return str(data["access_token"]), lifetime
+        outcome = classify(response.status_code, response.text, response.headers)
+        reason = f"campaign token: HTTP {response.status_code}: {error_text(response.text)}"
+        if isinstance(outcome, Retryable):
+            raise Retryable(reason, outcome.retry_after)
+        raise Fatal(reason)  # refused credentials or scope: asking again will not help
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def url(self, resource: str, *parts: str) -> str:
+        return self.api_url + "/".join([resource, *(quote(p, safe="") for p in parts)])
+
+    async def _call(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: Any = None,
+        place: Place,
+        delete: bool = False,
+        what: str,
+    ) -> httpx.Response | None:
+        """A request; its answer when it succeeded, None for an absent record (place="record")."""
+        response = await self._session.request(method, url, body=body, what=what)
+        outcome = classify(
+            response.status_code, response.text, response.headers, place=place, delete=delete
+        )
+        if response.status_code == 404 and place == "record":
+            return None
+        if outcome is not None:
+            raise prefixed(outcome, what)
+        return response
+
+    def lookup_for(self, resource: str, key_field: str | None = None) -> Lookup:
+        lookup = self.lookups.get(resource)
+        if key_field is None:
+            if lookup is None:
+                raise Fatal(f"no key field known for {resource}: pass key_field or a Lookup")
+            return lookup
+        if lookup is not None and lookup.field == key_field:
+            return lookup
+        return Lookup(key_field)
+
+    async def find(
+        self, resource: str, value: str, *, key_field: str | None = None
+    ) -> dict[str, Any] | None:
+        """The record whose key field equals ``value`` (through the resource's filter), or None."""
+        lookup = self.lookup_for(resource, key_field)
+        url = self.url(lookup.path(resource)) + "?" + urlencode({lookup.query_parameter: value})
+        response = await self._call("GET", url, place="resource", what=f"find {resource}")
+        assert response is not None
+        content = response.json().get("content", [])
+        # A filter may match loosely (prefix search): only the key itself (any case) is the record.
+        for record in content:
+            if str(record.get(lookup.field)).casefold() == value.casefold():
+                found: dict[str, Any] = record
+                self._pkeys.put(self._cache_key(resource, lookup, value), str(record["PKey"]))
+                return found
+        return None
+
+    def _cache_key(self, resource: str, lookup: Lookup, value: str) -> tuple[str, str, str]:
+        # Both profile resources address the same profiles: key the cache by the lookup's resource.
+        return (lookup.on or resource, lookup.field, value)
+
+    async def _pkey(self, resource: str, lookup: Lookup, value: str) -> str | None:
+        cached = self._pkeys.get(self._cache_key(resource, lookup, value))
+        if cached is not None:
+            return cached
+        record = await self.find(resource, value, key_field=lookup.field)
+        return None if record is None else str(record["PKey"])
+
+    async def upsert(
+        self,
+        resource: str,
+        value: str,
+        fields: Mapping[str, Any],
+        *,
+        key_field: str | None = None,
+        create_fields: Mapping[str, Any] | None = None,
+        mode: Literal["upsert", "create", "update"] = "upsert",
+    ) -> str:
+        """Update the record whose key field is ``value``, or create it; returns its PKey.
+
+        POST is not idempotent, so the record is always looked up first (or known from the PKey
+        cache); a cached PKey that has gone stale (404) is looked up again. ``create_fields`` go
+        only into a POST. ``mode="update"`` never creates: a missing record is ``ParentMissing``;
+        ``mode="create"`` leaves an existing record alone. ``ProfileLink`` values become links
+        to that profile (``ParentMissing`` while there is none).
+        """
+        for attempt in range(2):
+            body, linked = await self._resolve_links(fields)
+            extra, linked_too = await self._resolve_links(create_fields or {})
+            try:
+                return await self._upsert(resource, value, body, extra, key_field, mode)
+            except RecordRejected:
+                # A cached link target may have been deleted meanwhile: look it up once more.
+                if attempt or not (linked or linked_too):
+                    raise
+                for external_id in (*linked, *linked_too):
+                    self._pkeys.drop(
+                        self._cache_key(PROFILE, self.lookup_for(PROFILE), external_id)
+                    )
+        raise AssertionError("unreachable")
+
+    async def _resolve_links(self, fields: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """``fields`` with each ``ProfileLink`` replaced by ``{"PKey": ...}``; the ids linked."""
+        resolved = dict(fields)
+        linked: list[str] = []
+        for name, link in fields.items():
+            if not isinstance(link, ProfileLink):
+                continue
+            pkey = await self._pkey(PROFILE, self.lookup_for(PROFILE), link.external_id)
+            if pkey is None:
+                raise ParentMissing(
+                    f"{name}: no profile with externalId {link.external_id} yet (link target)"
+                )
+            resolved[name] = {"PKey": pkey}
+            linked.append(link.external_id)
+        return resolved, linked
+
+    async def _upsert(
+        self,
+        resource: str,
+        value: str,
+        fields: Mapping[str, Any],
+        create_fields: Mapping[str, Any],
+        key_field: str | None,
+        mode: Literal["upsert", "create", "update"],
+    ) -> str:
+        lookup = self.lookup_for(resource, key_field)
+        cache_key = self._cache_key(resource, lookup, value)
+        for _ in range(2):
+            pkey = await self._pkey(resource, lookup, value)
+            if pkey is None:
+                if mode == "update":
+                    raise ParentMissing(
+                        f"update {resource}: no record with {lookup.field}={value} yet "
+                        "(update only: not created)"
+                    )
+                body = {**fields, **create_fields, lookup.field: value}
+                response = await self._call(
+                    "POST",
+                    self.url(resource),
+                    body=body,
+                    place="resource",
+                    what=f"create {resource}",
+                )
+                assert response is not None
+                created = str(response.json()["PKey"])
+                self._pkeys.put(cache_key, created)
+                return created
+            if mode == "create" or not fields:
+                return pkey
+            response = await self._call(
+                "PATCH",
+                self.url(resource, pkey),
+                body=dict(fields),
+                place="record",
+                what=f"update {resource}",
+            )
+            if response is not None:
+                return pkey
+            self._pkeys.drop(cache_key)  # deleted behind our back: look it up again
+        raise Retryable(f"update {resource}: record keeps disappearing")
+
+    async def delete(self, resource: str, value: str, *, key_field: str | None = None) -> None:
+        """Delete the record whose key field is ``value``; an absent record counts as deleted."""
+        lookup = self.lookup_for(resource, key_field)
+        pkey = await self._pkey(resource, lookup, value)
+        self._pkeys.drop(self._cache_key(resource, lookup, value))
+        if pkey is not None:
+            await self._call(
+                "DELETE",
+                self.url(resource, pkey),
+                place="record",
+                delete=True,
+                what=f"delete {resource}",
+            )
+
+    async def get(self, resource: str, pkey: str) -> dict[str, Any] | None:
+        """One record by PKey, or None."""
+        response = await self._call(
+            "GET", self.url(resource, pkey), place="record", what=f"get {resource}"
+        )
+        return None if response is None else dict(response.json())
+
+    async def list(
+        self, resource: str, *, page_size: int | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every record of a resource (or of a filter path), following ``next.href``."""
+        url: str | None = self.url(resource)
+        if page_size:
+            url = f"{url}?{urlencode({'_lineCount': page_size})}"
+        while url:
+            response = await self._call("GET", url, place="resource", what=f"list {resource}")
+            assert response is not None
+            page = response.json()
+            for record in page.get("content", []):
+                yield record
+            href = (page.get("next") or {}).get("href")
+            url = urljoin(self.api_url, href) if href else None

@@ -1,0 +1,672 @@
+"""Client of the Dynamics 365 / Dataverse Web API: upserts, deletes, queries and `$batch` writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote, urlencode, urlsplit
+
+import httpx
+import msal
+
+from crmsync.targets._http import (
+    TRANSIENT_STATUSES,
+    RetryPolicy,
+    Session,
+    Throttle,
+    TokenCache,
+    parse_retry_after,
+    prefixed,
+    short,
+    transport_error,
+)
+from crmsync.targets._multipart import (
+    BatchRequest,
+    BatchResponse,
+    ChangeSet,
+    count_requests,
+    decode_batch,
+    encode_batch,
+)
+from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
+from crmsync.targets.settings import DynamicsTarget
+
+log = logging.getLogger(__name__)
+
+#: A value of a key column (alternate keys may be strings, numbers, booleans or GUIDs).
+KeyValue = str | int | float | bool | uuid.UUID
+#: A record's identity: its primary id (a GUID) or an alternate key (column → value).
+Key = str | uuid.UUID | Mapping[str, KeyValue]
+WriteMode = Literal["upsert", "create", "update"]
+Operation = Literal["write", "delete", "read"]
+
+MAX_BATCH_REQUESTS = 1000  # the documented limit of one $batch
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+# Dataverse answers 404 0x8006088a "Resource not found for the segment 'x'." for an unknown
+# entity set, and "No HTTP resource was found that matches the request URI" for an unknown path.
+_MISSING_SET_CODES = frozenset({"0x8006088a"})
+_MISSING_SET_TEXTS = ("resource not found for the segment", "no http resource was found")
+# OAuth2 errors meaning the credentials or the request are wrong (asking again will not help).
+# Dataverse: "Version stamp associated with the client has expired. Please perform a full sync."
+_EXPIRED_CODE = "0x80044352"
+_REFUSED = frozenset({"invalid_client", "unauthorized_client", "invalid_scope", "invalid_grant"})
+
+
+def odata_literal(value: KeyValue) -> str:
+    """A key value as an OData URL literal: strings quoted with ``'`` doubled, then URL-encoded."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    # Quotes are doubled (the OData escape); everything that would end the path segment or the
+    # query (/, ?, #, %, spaces, non-ASCII…) is percent-encoded.
+    return "'" + quote(value.replace("'", "''"), safe="'") + "'"
+
+
+def key_segment(key: Key) -> str:
+    """``(<guid>)`` for a primary id, ``(k1='x',k2='y')`` for an alternate key."""
+    if isinstance(key, uuid.UUID):
+        return f"({key})"
+    if isinstance(key, str):
+        if not _GUID.match(key):
+            raise RecordRejected(f"not a GUID: {key!r} (use an alternate key for other ids)")
+        return f"({key.lower()})"
+    if not key:
+        raise RecordRejected("empty alternate key")
+    return "(" + ",".join(f"{name}={odata_literal(value)}" for name, value in key.items()) + ")"
+
+
+def error_message(body: str) -> tuple[str, str]:
+    """``(code, message)`` of an OData error body; the raw text when it is not one."""
+    try:
+        error = json.loads(body).get("error", {})
+        return str(error.get("code", "")), str(error.get("message", "")) or short(body)
+    except (ValueError, AttributeError):
+        return "", short(body)
+
+
+def classify(
+    status: int,
+    body: str,
+    headers: Mapping[str, str],
+    *,
+    operation: Operation = "write",
+    mode: WriteMode = "upsert",
+) -> SinkError | None:
+    """What a Dataverse answer means for the record: None = done, else the typed failure.
+
+    ``headers`` must have lower-case names (as httpx and the batch parser give them).
+    """
+    if 200 <= status < 300:
+        return None
+    code, message = error_message(body)
+    reason = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
+    if status in TRANSIENT_STATUSES or status == 500:
+        # A Dataverse 500 is an unhandled platform fault (SQL timeouts, deadlocks): transient.
+        return Retryable(reason, parse_retry_after(headers.get("retry-after")))
+    if status in (401, 403):
+        return Fatal(reason)
+    if status == 404:
+        if code in _MISSING_SET_CODES or any(t in message.lower() for t in _MISSING_SET_TEXTS):
+            return Fatal(reason)  # the table is missing: no record of it can ever be written
+        if operation == "delete":
+            return None  # already gone: what a delete wants
+        return RecordRejected(reason)
+    if status == 424:
+        return Retryable(reason)  # not executed because another request of its set failed
+    if status == 412 and mode == "create":
+        # The record exists: a redelivered create-only write was already done.
+        return None
+    if 400 <= status < 500:
+        return RecordRejected(reason)
+    return Fatal(f"unexpected answer: {reason}")
+
+
+def parent_missing(
+    status: int,
+    body: str,
+    fields: Mapping[str, Any] | None,
+    mode: WriteMode,
+    *,
+    update_missing: bool = True,
+) -> ParentMissing | None:
+    """A 404 "does not exist" for a write that needs another record to exist first, else None.
+
+    Dataverse answers 404 (0x80040217) when an ``@odata.bind`` names a missing record, and when an
+    update-only write (``If-Match: *``) finds no record: both usually arrive soon (the contact
+    through another workflow), so the runtime parks them instead of dead-lettering them.
+    """
+    if status != 404 or fields is None:
+        return None
+    code, message = error_message(body)
+    if code in _MISSING_SET_CODES or any(t in message.lower() for t in _MISSING_SET_TEXTS):
+        return None
+    binds = {k: v for k, v in fields.items() if k.endswith("@odata.bind")}
+    if binds:
+        named = ", ".join(f"{k[: -len('@odata.bind')]} → {v}" for k, v in binds.items())
+        return ParentMissing(f"linked record missing ({named}): HTTP 404 {code}: {message}")
+    if mode == "update" and update_missing:
+        return ParentMissing(f"the record to update does not exist yet: HTTP 404 {code}: {message}")
+    return None
+
+
+def _transient(response: httpx.Response) -> Retryable | None:
+    outcome = classify(response.status_code, response.text, response.headers)
+    return outcome if isinstance(outcome, Retryable) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One record write as a `$batch` request: an upsert/create/update (PATCH) or a DELETE."""
+
+    entity_set: str
+    key: Key
+    fields: Mapping[str, Any] | None = None  # None → delete
+    mode: WriteMode = "upsert"
+
+    @property
+    def operation(self) -> Operation:
+        return "delete" if self.fields is None else "write"
+
+
+class FullSyncRequired(RecordRejected):
+    """The delta token expired or is unknown (0x80044352): only a fresh initial load helps."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangesPage:
+    """One page of change tracking: rows and ``$deletedEntity`` entries, in the server's order,
+    and either the next page's link or the delta link to poll next (relative to the API root)."""
+
+    value: list[dict[str, Any]]
+    next_link: str | None
+    delta_link: str | None
+
+
+class _MsalHttp:
+    """The requests-like HTTP client MSAL calls (synchronously, from a worker thread).
+
+    MSAL (1.39) accepts only https authorities, for any combination of ``validate_authority`` and
+    ``instance_discovery``. The local emulator speaks plain http on loopback, so for an ``http://``
+    authority MSAL is given its https spelling and this transport sends it over http (rewriting the
+    discovery document back), so the emulator exercises the very MSAL code path used in production.
+    """
+
+    def __init__(self, timeout_s: float, plain_origin: str | None) -> None:
+        self._client = httpx.Client(timeout=timeout_s)
+        self._plain = plain_origin  # "host:port" served over plain http, or None
+
+    def _wire_url(self, url: str) -> str:
+        if self._plain and url.startswith(f"https://{self._plain}/"):
+            return "http://" + url[len("https://") :]
+        return url
+
+    def _from_wire(self, response: httpx.Response) -> httpx.Response:
+        if not self._plain:
+            return response
+        text = response.text.replace(f"http://{self._plain}/", f"https://{self._plain}/")
+        return httpx.Response(
+            response.status_code,
+            headers={k: v for k, v in response.headers.items() if k.lower() != "content-length"},
+            content=text.encode("utf-8"),
+            request=response.request,
+        )
+
+    def get(
+        self,
+        url: str,
+        params: Any = None,
+        headers: Any = None,
+        **_: Any,
+    ) -> httpx.Response:
+        return self._from_wire(
+            self._client.get(self._wire_url(url), params=params, headers=headers)
+        )
+
+    def post(
+        self,
+        url: str,
+        params: Any = None,
+        data: Any = None,
+        headers: Any = None,
+        **_: Any,
+    ) -> httpx.Response:
+        content = data if isinstance(data, str | bytes) else None
+        form = None if content is not None else data
+        response = self._client.post(
+            self._wire_url(url), params=params, data=form, content=content, headers=headers
+        )
+        return self._from_wire(response)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def default_authority(target: DynamicsTarget) -> str:
+    """Entra ID for a real ``*.dynamics.com`` org, else the emulator's own token endpoint."""
+    if target.authority:
+        return target.authority.rstrip("/")
+    host = urlsplit(target.url).hostname or ""
+    if host.endswith(".dynamics.com"):
+        return f"https://login.microsoftonline.com/{target.tenant}"
+    return f"{target.url.rstrip('/')}/{target.tenant}"
+
+
+class _EntraTokens:
+    """OAuth2 client-credentials tokens from Microsoft Entra ID through MSAL."""
+
+    def __init__(self, target: DynamicsTarget) -> None:
+        self._target = target
+        authority = default_authority(target)
+        parts = urlsplit(authority)
+        plain = parts.netloc if parts.scheme == "http" else None
+        if plain and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("dynamics authority over plain http authority=%s", authority)
+        self._authority = authority.replace("http://", "https://", 1) if plain else authority
+        self._scope = target.scope or f"{target.url.rstrip('/')}/.default"
+        self._http = _MsalHttp(target.timeout_s, plain)
+        self._app: Any = None  # built lazily: MSAL fetches the discovery document on creation
+
+    def _acquire(self) -> dict[str, Any]:
+        if self._app is None:
+            self._app = msal.ConfidentialClientApplication(
+                self._target.client_id,
+                client_credential=self._target.client_secret.get_secret_value(),
+                authority=self._authority,
+                http_client=self._http,
+                # The authority is trusted configuration; discovery would call
+                # login.microsoftonline.com even for the emulator.
+                instance_discovery=False,
+            )
+        # Our TokenCache decides when a new token is due (also after a 401), so MSAL's own cache
+        # must not hand back the token the API just refused.
+        cache = self._app.token_cache
+        for entry in list(cache.search(cache.CredentialType.ACCESS_TOKEN)):
+            cache.remove_at(entry)
+        result: dict[str, Any] = self._app.acquire_token_for_client(scopes=[self._scope])
+        return result
+
+    async def fetch(self) -> tuple[str, float]:
+        try:
+            result = await asyncio.to_thread(self._acquire)
+        except httpx.HTTPError as error:
+            raise transport_error(error, "dynamics token") from error
+        except ValueError as error:
+            # MSAL raises ValueError when the authority's discovery document is unreachable/absent.
+            raise Retryable(f"dynamics token: {short(str(error))}") from error
+        if "access_token" in result:
+            return str(result["access_token"]), float(result.get("expires_in", 3600))
+        error_code = str(result.get("error", ""))
+        reason = f"dynamics token: {error_code}: {short(str(result.get('error_description', '')))}"
+        if error_code in (
+            "invalid_client",
+            "unauthorized_client",
+            "invalid_scope",
+            "invalid_grant",
+        ):
+            raise Fatal(reason)
+        raise Retryable(reason)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class DynamicsClient:
+    """Dataverse Web API v9.2 over one pooled HTTP/1.1 connection pool.
+
+    Every method raises ``Retryable`` (after the ``retry`` policy's bounded tries),
+    ``RecordRejected`` or ``Fatal``; ``batch`` answers one response per request instead. A 429
+    pauses every request of the client until ``Retry-After`` has passed; ``x-ms-dop-hint`` lowers
+    the concurrency cap.
+    """
+
+    def __init__(
+        self,
+        target: DynamicsTarget,
+        *,
+        retry: RetryPolicy | None = None,
+        max_batch_requests: int = MAX_BATCH_REQUESTS,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.target = target
+        self.retry = retry or RetryPolicy()
+        self.max_batch_requests = min(max_batch_requests, MAX_BATCH_REQUESTS)
+        self.api_url = f"{target.url.rstrip('/')}/api/data/{target.api_version}"
+        self._api_path = urlsplit(self.api_url).path
+        self._origin = self.api_url[: len(self.api_url) - len(self._api_path)]
+        self._throttle = Throttle(target.max_concurrency)
+        limits = httpx.Limits(
+            max_connections=target.max_concurrency, max_keepalive_connections=target.max_concurrency
+        )
+        self._http = httpx.AsyncClient(
+            timeout=target.timeout_s,
+            limits=limits,
+            transport=transport,
+            headers={
+                "Accept": "application/json",
+                "OData-MaxVersion": "4.0",
+                "OData-Version": "4.0",
+            },
+        )
+        self._entra = _EntraTokens(target)
+        self._session = Session(
+            "dynamics",
+            self._http,
+            TokenCache(self._entra.fetch),
+            self._throttle,
+            self.retry,
+            _transient,
+        )
+
+    async def __aenter__(self) -> DynamicsClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        self._entra.close()
+
+    def pause(self, seconds: float | None) -> None:
+        """Hold every request of this client (a 429 heard inside a `$batch` answer)."""
+        self._throttle.pause(self.retry.backoff_base_s if seconds is None else seconds)
+
+    @property
+    def concurrency(self) -> int:
+        """The current concurrency cap (the configured maximum, or lower after a dop hint)."""
+        return self._throttle.cap
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def url(self, entity_set: str, key: Key | None = None) -> str:
+        """The absolute path of an entity set or of one record in it."""
+        path = f"{self._api_path}/{quote(entity_set, safe='')}"
+        return path if key is None else path + key_segment(key)
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        what: str,
+    ) -> httpx.Response:
+        full = url if url.startswith("http") else self._origin + url
+        return await self._session.request(method, full, body=body, headers=headers, what=what)
+
+    @staticmethod
+    def _raise_for(response: httpx.Response, what: str, **how: Any) -> None:
+        outcome = classify(response.status_code, response.text, response.headers, **how)
+        if outcome is not None:
+            raise prefixed(outcome, what)
+
+    # -- single-record operations -------------------------------------------------------------
+
+    def write_request(self, write: Write, content_id: str | None = None) -> BatchRequest:
+        """The request performing ``write``: PATCH with the mode's condition, or DELETE."""
+        url = self.url(write.entity_set, write.key)
+        if write.fields is None:
+            return BatchRequest("DELETE", url, content_id=content_id)
+        condition = {"create": {"If-None-Match": "*"}, "update": {"If-Match": "*"}}.get(write.mode)
+        return BatchRequest("PATCH", url, condition or {}, write.fields, content_id)
+
+    async def upsert(
+        self,
+        entity_set: str,
+        key: Key,
+        fields: Mapping[str, Any],
+        *,
+        mode: WriteMode = "upsert",
+        create_fields: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Create or update (``mode="create"``/``"update"``: only create / only update).
+
+        ``create_fields`` are written only if the record is created: a create-only PATCH with
+        them, then (when the record existed) an update of ``fields``. A bind to a missing record
+        raises ``ParentMissing``; an update-only write of a missing record ``RecordRejected``
+        (the sink reports it ``ParentMissing``).
+        """
+        if create_fields and mode != "update":
+            created = await self._patch(entity_set, key, {**fields, **create_fields}, "create")
+            if created or mode == "create" or not fields:
+                return
+            mode = "upsert"
+        await self._patch(entity_set, key, fields, mode)
+
+    async def _patch(
+        self, entity_set: str, key: Key, fields: Mapping[str, Any], mode: WriteMode
+    ) -> bool:
+        """One PATCH; False when a create-only PATCH found the record already there."""
+        request = self.write_request(Write(entity_set, key, fields, mode))
+        what = f"{request.method} {entity_set}"
+        response = await self._request(
+            request.method, request.url, body=fields, headers=request.headers, what=what
+        )
+        missing = parent_missing(
+            response.status_code, response.text, fields, mode, update_missing=False
+        )
+        if missing is not None:
+            raise prefixed(missing, what)
+        self._raise_for(response, what, operation="write", mode=mode)
+        return response.status_code != 412
+
+    async def delete(self, entity_set: str, key: Key) -> None:
+        """Delete a record; one already gone counts as deleted."""
+        what = f"DELETE {entity_set}"
+        response = await self._request("DELETE", self.url(entity_set, key), what=what)
+        self._raise_for(response, what, operation="delete")
+
+    async def get(
+        self, entity_set: str, key: Key, *, select: Sequence[str] | None = None
+    ) -> dict[str, Any] | None:
+        """One record, or None when there is none with that key."""
+        url = self.url(entity_set, key)
+        if select:
+            url += "?" + urlencode({"$select": ",".join(select)}, safe="$,")
+        what = f"GET {entity_set}"
+        response = await self._request("GET", url, what=what)
+        outcome = classify(response.status_code, response.text, response.headers, operation="read")
+        if isinstance(outcome, RecordRejected) and response.status_code == 404:
+            return None
+        self._raise_for(response, what, operation="read")
+        record: dict[str, Any] = response.json()
+        return record
+
+    async def query(
+        self,
+        entity_set: str,
+        *,
+        filter: str | None = None,
+        select: Sequence[str] | None = None,
+        top: int | None = None,
+        orderby: str | None = None,
+        page_size: int | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every matching record, following ``@odata.nextLink`` page after page."""
+        params: dict[str, str] = {}
+        if filter:
+            params["$filter"] = filter
+        if select:
+            params["$select"] = ",".join(select)
+        if top is not None:
+            params["$top"] = str(top)
+        if orderby:
+            params["$orderby"] = orderby
+        headers = {"Prefer": f"odata.maxpagesize={page_size}"} if page_size else {}
+        url: str | None = self.url(entity_set) + ("?" + urlencode(params) if params else "")
+        what = f"GET {entity_set}"
+        while url:
+            response = await self._request("GET", url, headers=headers, what=what)
+            self._raise_for(response, what, operation="read")
+            page = response.json()
+            for record in page.get("value", []):
+                yield record
+            url = page.get("@odata.nextLink")
+
+    # -- change tracking ---------------------------------------------------------------------
+
+    async def read_changes(
+        self,
+        entity_set: str | None = None,
+        *,
+        link: str | None = None,
+        select: Sequence[str] | None = None,
+        page_size: int | None = None,
+    ) -> ChangesPage:
+        """One page of change tracking (``Prefer: odata.track-changes``).
+
+        Without ``link``: the first page of an initial load of ``entity_set``. With ``link``: the
+        page at a ``@odata.nextLink`` or ``@odata.deltaLink`` this client returned (absolute, or
+        relative to the API root as ``relative_link`` spells it). A token the server no longer
+        knows raises ``FullSyncRequired``; other refusals are classified as for any read.
+        """
+        if link is not None:
+            url = self._own_link(link)
+            what = f"GET {link.split('?', 1)[0].rsplit('/', 1)[-1]} changes"
+        elif entity_set is not None:
+            url = self.url(entity_set)
+            if select:
+                url += "?" + urlencode({"$select": ",".join(select)}, safe="$,")
+            what = f"GET {entity_set} changes"
+        else:
+            raise ValueError("read_changes needs an entity set or a link")
+        prefer = "odata.track-changes" + (f",odata.maxpagesize={page_size}" if page_size else "")
+        response = await self._request("GET", url, headers={"Prefer": prefer}, what=what)
+        if response.status_code == 400:
+            code, message = error_message(response.text)
+            if code.lower() == _EXPIRED_CODE or "perform a full sync" in message.lower():
+                raise FullSyncRequired(f"{what}: HTTP 400 {code}: {message}")
+        self._raise_for(response, what, operation="read")
+        page = response.json()
+        next_link, delta_link = page.get("@odata.nextLink"), page.get("@odata.deltaLink")
+        return ChangesPage(
+            list(page.get("value", [])),
+            self.relative_link(next_link) if next_link else None,
+            self.relative_link(delta_link) if delta_link else None,
+        )
+
+    def relative_link(self, link: str) -> str:
+        """A link of this API without its origin and root (``contacts?$deltatoken=...``), so a
+        stored link survives a change of host name or port."""
+        path = link
+        if link.startswith(("http://", "https://")):
+            parts = urlsplit(link)
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+        prefix = self._api_path.rstrip("/") + "/"
+        if not path.startswith(prefix):
+            raise Fatal(f"link outside the Web API {self.api_url}: {short(link)}")
+        return path[len(prefix) :]
+
+    def _own_link(self, link: str) -> str:
+        """The absolute path of a link; a link to another host is refused (it would get our
+        bearer token)."""
+        if link.startswith(("http://", "https://")):
+            origin = urlsplit(link)
+            if f"{origin.scheme}://{origin.netloc}".lower() != self._origin.lower():
+                raise Fatal(f"link to another host refused: {short(link)}")
+            return self._api_path.rstrip("/") + "/" + self.relative_link(link)
+        return self._api_path.rstrip("/") + "/" + link.lstrip("/")
+
+    # -- $batch -------------------------------------------------------------------------------
+
+    async def batch(
+        self, items: Sequence[BatchRequest | ChangeSet], *, continue_on_error: bool = True
+    ) -> list[BatchResponse]:
+        """Send requests through `$batch`: one response per request, in order.
+
+        More than ``max_batch_requests`` requests are split into several batches (a change set is
+        never split). Requests the server did not answer (a batch that stopped at a failure
+        without ``continue_on_error``) come back as a synthetic 424 response.
+        """
+        chunks: list[list[BatchRequest | ChangeSet]] = [[]]
+        for item in items:
+            size = count_requests([item])
+            if size > self.max_batch_requests:
+                raise ValueError(f"a change set of {size} requests exceeds the batch limit")
+            if count_requests(chunks[-1]) + size > self.max_batch_requests:
+                chunks.append([])
+            chunks[-1].append(item)
+        chunks = [chunk for chunk in chunks if chunk]
+        if continue_on_error:
+            # Independent requests (one per key, see DynamicsSink): the chunks may run side by side.
+            answers = await asyncio.gather(*(self._batch_once(c, True) for c in chunks))
+        else:
+            answers = [await self._batch_once(c, False) for c in chunks]
+        return [response for answer in answers for response in answer]
+
+    async def _batch_once(
+        self, items: Sequence[BatchRequest | ChangeSet], continue_on_error: bool
+    ) -> list[BatchResponse]:
+        requests = [r for i in items for r in (i.requests if isinstance(i, ChangeSet) else [i])]
+        content_type, body = encode_batch(items)
+        headers = {"Content-Type": content_type}
+        if continue_on_error:
+            headers["Prefer"] = "odata.continue-on-error"
+        what = f"$batch of {len(requests)}"
+        response = await self._session.request(
+            "POST", f"{self.api_url}/$batch", content=body, headers=headers, what=what
+        )
+        if response.status_code in (400, 413) and len(requests) > 1:
+            # The whole batch was refused (one unparsable request, or too large): isolate the
+            # culprit by sending each request on its own instead of rejecting all of them.
+            log.warning(
+                "dynamics batch refused, sending requests one by one status=%d",
+                response.status_code,
+                extra={"status": response.status_code},
+            )
+            return [await self._single(r) for r in requests]
+        self._raise_for(response, what, operation="write")
+        answers = decode_batch(response.headers.get("content-type", ""), response.content)
+        return _match(requests, answers)
+
+    async def _single(self, request: BatchRequest) -> BatchResponse:
+        """A batch request sent on its own, its answer in batch form."""
+        what = f"{request.method} {request.url}"
+        try:
+            response = await self._request(
+                request.method, request.url, body=request.body, headers=request.headers, what=what
+            )
+        except Retryable as error:
+            headers_out = (
+                {} if error.retry_after is None else {"retry-after": str(error.retry_after)}
+            )
+            body = json.dumps({"error": {"code": "", "message": error.reason}})
+            return BatchResponse(503, headers_out, body, request.content_id)
+        return BatchResponse(
+            response.status_code, dict(response.headers), response.text, request.content_id
+        )
+
+
+def _match(
+    requests: Sequence[BatchRequest], answers: Sequence[BatchResponse]
+) -> list[BatchResponse]:
+    """Line answers up with requests: by Content-ID where echoed, else by position.
+
+    A failed change set is answered by a single response (carrying the failing request's
+    Content-ID): its other members are reported as 424 Failed Dependency.
+    """
+    by_id = {a.content_id: a for a in answers if a.content_id}
+    ids = [r.content_id or str(n) for n, r in enumerate(requests, 1)]
+    if by_id and all(i in by_id for i in ids):
+        return [by_id[i] for i in ids]
+    if len(answers) == len(requests) and not by_id:
+        return list(answers)
+    matched: list[BatchResponse] = []
+    positional = iter(a for a in answers if not a.content_id)
+    for content_id in ids:
+        answer = by_id.get(content_id) or next(positional, None)
+        if answer is None:
+            body = json.dumps({"error": {"code": "", "message": "not executed (no answer)"}})
+            answer = BatchResponse(424, {}, body, content_id)
+        matched.append(answer)
+    return matched
