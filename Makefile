@@ -52,7 +52,7 @@ lint: setup
 	$(BIN)/ruff check $(CODE) tests bench
 	$(BIN)/ruff format --check $(CODE) tests bench
 	$(BIN)/mypy
-	$(BIN)/mypy tests bench
+	MYPYPATH=bench $(BIN)/mypy tests bench
 
 # Every benchmark on this machine, then one table of all figures against the targets.
 bench: setup

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from crmsync.schemas.codec import CHANGE_EVENT
-from crmsync.schemas.producer import change_event
+from crmsync.streams.kafka.events import change_event
 
 
 def _records(n: int) -> list[dict[str, Any]]:

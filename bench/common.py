@@ -24,8 +24,8 @@ from rich.progress import Progress
 
 from crmsync.deploy.local.kafka import LocalKafka
 from crmsync.schemas.codec import CHANGE_EVENT
-from crmsync.schemas.producer import EventProducer, Scalar, change_event
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.events import EventProducer, Scalar, change_event
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW = "d365-to-campaign"

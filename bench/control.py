@@ -60,8 +60,9 @@ from common import (
 from rich.progress import Progress
 
 from crmsync.deploy.local.kafka import group_lag
-from crmsync.schemas.producer import EventProducer
+from crmsync.streams import catalog
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.events import EventProducer
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -440,7 +441,7 @@ async def _measure(
     args: argparse.Namespace, bootstrap: str, broker_log: Path | None, processes: Processes
 ) -> dict[str, Any]:
     tmp = processes.logs
-    await topics.ensure_topics(bootstrap, topics.topic_specs(args.partitions))
+    await topics.ensure_topics(bootstrap, catalog.topic_specs(args.partitions))
     dport, cport, hport = free_port(), free_port(), free_port()
     token = secrets.token_urlsafe(24)
     env = {

@@ -53,16 +53,18 @@ from common import (
     until,
 )
 
-from crmsync.streams.config import default_config
+from crmsync.streams import catalog
+from crmsync.streams.catalog import default_config
 from crmsync.streams.control_protocol import (
     ControlRecord,
     Desired,
-    TopicFollower,
     WorkerState,
     WorkerStatus,
     write_control,
 )
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.clients import KafkaClients
+from crmsync.streams.kafka.follower import CompactedTopicFollower
 
 
 @dataclass
@@ -117,8 +119,8 @@ class Workflow:
 
     bootstrap: str
     partitions: int  # of every topic the workflow reads
-    control: TopicFollower
-    status: TopicFollower
+    control: CompactedTopicFollower
+    status: CompactedTopicFollower
 
     @classmethod
     async def follow(cls, bootstrap: str, partitions: int) -> Workflow:
@@ -127,7 +129,7 @@ class Workflow:
         await topics.ensure_topics(
             bootstrap,
             [
-                *topics.topic_specs(partitions),
+                *catalog.topic_specs(partitions),
                 *(topics.TopicSpec(name, partitions) for name in source),
             ],
         )
@@ -138,8 +140,8 @@ class Workflow:
         finally:
             await admin.close()
         held = sum(len(topic["partitions"]) for topic in described)  # what the group shares
-        control = TopicFollower(bootstrap, topics.CONTROL)
-        status = TopicFollower(bootstrap, topics.STATUS)
+        control = CompactedTopicFollower(KafkaClients(bootstrap), topics.CONTROL)
+        status = CompactedTopicFollower(KafkaClients(bootstrap), topics.STATUS)
         await control.start()
         await status.start()
         loaded = asyncio.gather(control.loaded.wait(), status.loaded.wait())
@@ -166,7 +168,7 @@ class Workflow:
             active_version=current.active_version if current else 1,
             updated_by="bench",
         )
-        await write_control(self.bootstrap, record)
+        await write_control(KafkaClients(self.bootstrap), record)
         encoded = record.encode()
 
         async def echoed() -> bool:

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from crmsync.deploy.emulators.server import running_emulators
 from crmsync.streams.sinks.base import BatchingSink, DiscardingSink, SinkRecord
 from crmsync.streams.sinks.campaign import CampaignSink
@@ -84,13 +86,13 @@ async def main(records: int) -> list[dict[str, Any]]:
                 url=emu.dynamics_url,
                 tenant=emu.tenant,
                 client_id=emu.client_id,
-                client_secret=emu.client_secret,
+                client_secret=SecretStr(emu.client_secret),
             )
             campaign = CampaignTarget(
                 url=emu.campaign_url,
                 org=emu.org,
                 client_id=emu.client_id,
-                client_secret=emu.client_secret,
+                client_secret=SecretStr(emu.client_secret),
             )
             discard = DiscardingSink()
             rows.append(

@@ -30,9 +30,11 @@ from rich.console import Console
 
 from crmsync.deploy.local.kafka import LocalKafka, run_tool
 from crmsync.schemas.codec import CHANGE_EVENT
-from crmsync.schemas.producer import EventProducer, change_event
-from crmsync.streams.app import group_id, run_worker
+from crmsync.streams import catalog
+from crmsync.streams.app import run_worker
+from crmsync.streams.catalog import spec
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.events import EventProducer, Scalar, change_event
 from crmsync.streams.settings import Settings
 from crmsync.streams.sinks.base import DiscardingSink
 
@@ -59,13 +61,13 @@ def _free_port() -> int:
 
 async def _publish(bootstrap: str, n: int, partitions: int) -> None:
     await topics.ensure_topics(
-        bootstrap, topics.topic_specs(partitions, custom_entities=["new_purchase"])
+        bootstrap, catalog.topic_specs(partitions, custom_entities=["new_purchase"])
     )
     async with EventProducer(bootstrap) as producer:
         pending = []
         for i in range(n):
             key = str(uuid.uuid4())
-            after = {
+            after: dict[str, Scalar] = {
                 "contactid": key,
                 "firstname": f"First{i}",
                 "lastname": f"Last{i}",
@@ -110,7 +112,7 @@ async def _baseline(bootstrap: str, n: int) -> dict[str, float]:
 
 
 async def _lag(admin: AIOKafkaAdminClient, consumer: AIOKafkaConsumer, tps: list[Any]) -> int:
-    committed = await admin.list_consumer_group_offsets(group_id(WORKFLOW))
+    committed = await admin.list_consumer_group_offsets(spec(WORKFLOW).group_id)
     ends = await consumer.end_offsets(tps)
     return sum(
         end - max(committed[tp].offset, 0) if tp in committed else end for tp, end in ends.items()
@@ -121,7 +123,7 @@ async def _reset_group(bootstrap: str, tail: int | None) -> None:
     """Commits, while the group has no member, where the next run starts: offset 0, or `tail`
     records before the end spread over the partitions."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group_id(WORKFLOW), enable_auto_commit=False
+        bootstrap_servers=bootstrap, group_id=spec(WORKFLOW).group_id, enable_auto_commit=False
     )
     await consumer.start()
     try:

@@ -16,7 +16,7 @@ from crmsync.deploy.local.kafka import LocalKafka
 from crmsync.streams.kafka import topics
 from tests.chaos.conftest import own_cluster, pick, record
 from tests.chaos.ledger import Outcome, Stopwatch
-from tests.chaos.traffic import D2C, ContactTraffic, dlq_count, publish_steadily
+from tests.chaos.traffic import D2C, ContactTraffic, Record, dlq_count, publish_steadily
 from tests.chaos.workers import wait_drained, wait_requests_beyond, wait_worker
 from tests.conftest import ROOT, free_port
 from tests.integration.harness import Cluster, EmulatorProcess, recreate_topics
@@ -55,7 +55,7 @@ def three_brokers(tmp_path: Path) -> Iterator[LocalKafka]:
 
 
 async def _stream_through(
-    cluster: Cluster, fault: object, scenario: str, traffic: ContactTraffic, records: list
+    cluster: Cluster, fault: object, scenario: str, traffic: ContactTraffic, records: list[Record]
 ) -> None:
     clock = Stopwatch()
     await cluster.control(D2C, "running")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from crmsync.streams.config import default_config
+from crmsync.streams.catalog import default_config
 from crmsync.streams.kafka import topics
 from tests.chaos.conftest import pick, record
 from tests.chaos.ledger import Outcome, Stopwatch
@@ -33,7 +33,7 @@ async def _scenario(cluster: Cluster, plane: ControlPlane, clock: Stopwatch) -> 
     traffic = ContactTraffic()
     people = pick(500, 10_000)
     first = traffic.versions(people, 1)
-    ids = [key for key, _ in first]
+    ids = [str(key) for key, _ in first]
     worker = cluster.start_worker(D2C)
     await wait_worker(cluster, worker, "RUNNING")
     await plane.wait_status(D2C, "RUNNING")

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from crmsync.schemas.codec import CHANGE_EVENT
-from crmsync.schemas.producer import change_event
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.events import change_event
 from tests.chaos.conftest import pick, record
 from tests.chaos.ledger import Outcome, Stopwatch
 from tests.chaos.traffic import D2C, ContactTraffic, Record, publish

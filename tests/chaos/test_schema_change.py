@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -65,7 +65,7 @@ async def test_compatible_v2_unknown_to_the_workers_is_dead_lettered_not_lost(
     traffic = ContactTraffic()
     people = pick(300, 5000)
     first = traffic.versions(people, 1)
-    ids = [key for key, _ in first]
+    ids = [str(key) for key, _ in first]
     worker = await _running_worker(cluster)
     await publish(cluster, topics.CONTACT_CHANGES, first)
     await wait_drained(cluster, D2C, [topics.CONTACT_CHANGES])
@@ -73,7 +73,7 @@ async def test_compatible_v2_unknown_to_the_workers_is_dead_lettered_not_lost(
     # The producers switch to v2: updates of every contact and new contacts.
     expected_before = {k: dict(v) for k, v in traffic.expected.rows.items()}
     v2_events = [traffic.event(k, 1) for k in ids] + [
-        traffic.event(k, 0, "n") for k, _ in ContactTraffic().versions(people // 5, 1)
+        traffic.event(str(k), 0, "n") for k, _ in ContactTraffic().versions(people // 5, 1)
     ]
     v2: list[Record] = [(e["key"], WITH_V2.encode(_v2(e))) for e in v2_events]
     await publish(cluster, topics.CONTACT_CHANGES, v2)
@@ -118,7 +118,7 @@ async def test_with_a_schema_registry_v2_flows_and_an_incompatible_writer_is_dea
     subject = f"{topics.CONTACT_CHANGES}-value"
     try:
         await _running_worker(cluster, CRMSYNC_SCHEMA_REGISTRY_URL=registry_url)
-        ids = [k for k, _ in ContactTraffic().versions(people, 1)]
+        ids = [str(k) for k, _ in ContactTraffic().versions(people, 1)]
         first = [(k, await v1_codec.encode(traffic.event(k, 0), subject)) for k in ids]
         await publish(cluster, topics.CONTACT_CHANGES, first)
         # The switch to v2 mid-stream: no interruption, nothing dead-lettered.
@@ -177,7 +177,7 @@ async def test_a_registry_outage_holds_records_back_instead_of_dead_lettering_th
     subject = f"{topics.CONTACT_CHANGES}-value"
     try:
         codec = RegistryCodec(WITH_V2, client)
-        ids = [k for k, _ in ContactTraffic().versions(pick(200, 2000), 1)]
+        ids = [str(k) for k, _ in ContactTraffic().versions(pick(200, 2000), 1)]
         records = [(k, await codec.encode(_v2(traffic.event(k, 0)), subject)) for k in ids]
     finally:
         await client.aclose()
@@ -207,7 +207,7 @@ async def test_a_registry_outage_holds_records_back_instead_of_dead_lettering_th
 
 
 def _not_dead_lettered(
-    sent: list[Record], letters: list[tuple[Any, dict[str, str]]], reason: str
+    sent: Sequence[Record], letters: list[tuple[Any, dict[str, str]]], reason: str
 ) -> list[str]:
     found = {(r.key.decode(), r.value): h for r, h in letters}
     problems = []

@@ -16,7 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT
-from crmsync.schemas.producer import change_event
+from crmsync.streams.kafka.events import change_event
 from tests.chaos.ledger import Comparison, Expected, compare
 from tests.integration.harness import Cluster
 from tests.integration.workflow_helpers import (
@@ -180,7 +180,7 @@ class OptOutTraffic:
 
     @classmethod
     async def with_contacts(cls, cluster: Cluster, n: int) -> OptOutTraffic:
-        people = [
+        people: list[dict[str, Any]] = [
             {"contactid": str(uuid.uuid4()), "lastname": f"Subscriber {i}", "donotbulkemail": False}
             for i in range(n)
         ]
@@ -192,7 +192,7 @@ class OptOutTraffic:
 
     def flips(self, n: int) -> list[Record]:
         """`n` flips of random contacts' blackListEmail, each newer than the last of its key."""
-        records = []
+        records: list[Record] = []
         for _ in range(n):
             cid = random.choice(self.contacts)
             old = self._value.get(cid, False)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import re
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 
-from crmsync.streams.kafka.topics import WORKFLOWS
+from crmsync.streams.catalog import NAMES as WORKFLOWS
 from tests.deploy.manifests import COMPOSE_FILE, is_crmsync, load_documents
 
 Compose = dict[str, Any]
@@ -22,7 +23,7 @@ def compose_schema() -> Any:
     path = metadata.distribution("check-jsonschema").locate_file(
         "check_jsonschema/builtin_schemas/vendor/compose-spec.json"
     )
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(Path(str(path)).read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")

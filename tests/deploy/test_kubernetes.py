@@ -10,8 +10,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from crmsync.streams import config as configs
-from crmsync.streams.kafka.topics import WORKFLOWS
+from crmsync.streams import catalog
+from crmsync.streams.catalog import NAMES as WORKFLOWS
 from tests.deploy.manifests import (
     K8S,
     Obj,
@@ -166,7 +166,7 @@ def test_each_workflow_has_a_deployment_a_budget_and_a_lag_scaler(
         assert metadata.get("offsetResetPolicy") == "earliest"  # the workers' auto_offset_reset
         assert metadata.get("allowIdleConsumers", "false") == "false"
         topics.add(metadata["topic"])
-    assert topics == set(configs.default_config(workflow).source_topics())
+    assert topics == set(catalog.default_config(workflow).source_topics())
 
 
 def test_the_control_plane_is_probed_on_its_health_endpoints(rendered: list[Obj]) -> None:

@@ -57,13 +57,13 @@ def _processes() -> Iterator[tuple[str, str, dict[str, str | None], set[str], se
         for obj in objects:
             for container in pod_containers(obj):
                 if is_crmsync(container["image"]):
-                    env = container_env(container, objects)
-                    plain = set(env.values) - env.from_secret
+                    resolved = container_env(container, objects)
+                    plain = set(resolved.values) - resolved.from_secret
                     yield (
                         f"k8s {overlay} {obj['metadata']['name']}",
                         container["args"][0],
-                        {**image_env, **env.values},
-                        env.from_secret,
+                        {**image_env, **resolved.values},
+                        resolved.from_secret,
                         plain,
                     )
 

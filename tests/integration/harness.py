@@ -18,7 +18,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from crmsync.schemas.producer import EventProducer, change_event
+from crmsync.streams import catalog
 from crmsync.streams.control_protocol import (
     ControlRecord,
     ReplayRequest,
@@ -26,6 +26,8 @@ from crmsync.streams.control_protocol import (
     write_control,
 )
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.clients import KafkaClients
+from crmsync.streams.kafka.events import EventProducer, change_event
 from crmsync.targets.campaign import CampaignClient
 from crmsync.targets.dynamics import DynamicsClient
 from crmsync.targets.settings import CampaignTarget, DynamicsTarget
@@ -175,7 +177,7 @@ class Cluster:
         replay: dict[str, str] | None = None,
     ) -> int:
         """Writes a control record with a new generation; returns the generation."""
-        from crmsync.streams.config import default_config
+        from crmsync.streams.catalog import default_config
 
         generation = self.generations.get(workflow, 0) + 1
         self.generations[workflow] = generation
@@ -187,7 +189,7 @@ class Cluster:
             active_version=version,
             replay=ReplayRequest.model_validate(replay) if replay else None,
         )
-        await write_control(self.bootstrap, record)
+        await write_control(KafkaClients(self.bootstrap), record)
         return generation
 
     async def statuses(self, workflow: str) -> list[WorkerStatus]:
@@ -220,7 +222,10 @@ class Cluster:
             ]
             return match if len(match) >= workers else None
 
-        return await wait_for(ready, within, f"{workers} worker(s) of {workflow} {state}")
+        found: list[WorkerStatus] = await wait_for(
+            ready, within, f"{workers} worker(s) of {workflow} {state}"
+        )
+        return found
 
     # -- Kafka --------------------------------------------------------------------------
 
@@ -343,7 +348,7 @@ async def recreate_topics(bootstrap: str, partitions: int = PARTITIONS) -> None:
         await wait_for(gone, 30, "topics deleted")
     finally:
         await admin.close()
-    specs = topics.topic_specs(partitions, custom_entities=["new_purchase"])
+    specs = catalog.topic_specs(partitions, custom_entities=["new_purchase"])
     for _ in range(20):
         try:
             await topics.ensure_topics(bootstrap, specs)

@@ -16,9 +16,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from crmsync.schemas.codec import CHANGE_EVENT
-from crmsync.schemas.producer import change_event
-from crmsync.streams.config import default_config
+from crmsync.streams.catalog import default_config
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.events import change_event
 from tests.conftest import free_port
 from tests.integration.control_helpers import (
     ADMIN,
@@ -202,7 +202,7 @@ async def test_stop_publish_start_edit_restart_and_replay(
     flows = await plane.workflows()
     assert all(flow["backlog"] == 0 for flow in flows.values()), flows
     warm = await _warm_up(cluster, plane)
-    figures = {"list_ms": await _list_latency(plane)}
+    figures: dict[str, Any] = {"list_ms": await _list_latency(plane)}
 
     # stop; 700 contacts wait in Kafka, none reaches Campaign
     began = time.monotonic()

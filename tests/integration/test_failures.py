@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from crmsync.schemas.codec import CHANGE_EVENT
-from crmsync.streams.config import default_config
+from crmsync.streams.catalog import default_config
 from crmsync.streams.kafka import topics
 from tests.integration.harness import Cluster, contacts, wait_for
 from tests.integration.workflow_helpers import (

@@ -11,6 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from crmsync.deploy.local.kafka import KafkaLaunchError, LocalKafka, run_tool
+from crmsync.streams import catalog
 from crmsync.streams.kafka import topics
 from tests.conftest import free_port
 from tests.integration.harness import recreate_topics
@@ -77,7 +78,7 @@ def test_a_busy_port_is_refused_with_a_clear_message(
 
 async def test_every_design_topic_is_created_once_with_its_shape(bootstrap: str) -> None:
     entity = f"new_{uuid.uuid4().hex[:8]}"
-    specs = topics.topic_specs(partitions=6, custom_entities=[entity])
+    specs = catalog.topic_specs(partitions=6, custom_entities=[entity])
     # other tests share the broker and create these topics with their own partition counts
     await recreate_topics(bootstrap, partitions=6)
     await topics.ensure_topics(bootstrap, specs)

@@ -11,9 +11,9 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from crmsync.schemas.codec import CHANGE_EVENT
-from crmsync.schemas.producer import EventProducer, change_event
 from crmsync.streams.control_protocol import WorkerStatus
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.events import EventProducer, change_event
 from crmsync.streams.source import STATUS_KEY, SourceStatus, StoredLink
 from tests.integration.harness import Cluster, Worker, contacts, wait_for
 from tests.integration.kafka_io import read_all

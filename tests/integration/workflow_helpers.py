@@ -11,9 +11,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT
-from crmsync.schemas.producer import EventProducer, change_event
 from crmsync.streams.control_protocol import WorkerStatus
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.events import EventProducer, change_event
 from tests.integration.harness import Cluster, Worker, end_offsets, wait_for
 from tests.integration.kafka_io import read_all
 

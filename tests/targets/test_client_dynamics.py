@@ -74,10 +74,10 @@ async def test_alternate_keys_bind_to_a_contact_and_queries_filter(emulators: An
                 mode="create",
             )
         found = [r async for r in client.query("contacts", filter="lastname eq 'O''Brien'")]
-        event = await client.get("crmsync_emailsends", {"crmsync_eventid": "ev/1 o'clock"})
+        activity = await client.get("crmsync_emailsends", {"crmsync_eventid": "ev/1 o'clock"})
 
     assert [r["contactid"] for r in found] == [guid(7)]
-    assert event is not None and event["_regardingobjectid_value"] == guid(7)
+    assert activity is not None and activity["_regardingobjectid_value"] == guid(7)
 
 
 async def test_the_same_batch_twice_leaves_the_same_records(emulators: Any) -> None:

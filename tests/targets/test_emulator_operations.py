@@ -8,6 +8,7 @@ import random
 import string
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -104,8 +105,13 @@ async def test_latency_and_revocation(
         assert again.status_code == 200
 
 
+#: JSON that is valid but not a profile body.
+_ODD_JSON: tuple[Any, ...] = ([], 1, "x", None, {"email": {"a": 1}}, {"firstName": []})
+
+
 async def test_invalid_fault_bodies_are_422(emulators: Emulators) -> None:
     async with httpx.AsyncClient() as admin:
+        body: Any
         for body in (
             {"latency_ms": -1},
             {"error_rates": {"429": 2}},
@@ -234,9 +240,7 @@ async def test_fuzzed_urls_and_bodies_never_cause_server_errors(
             ),
         ):
             assert response.status_code < 500, (response.request.url, response.text[:200])
-    bodies = [_noise(rng).encode() for _ in range(60)] + [
-        json.dumps(v).encode() for v in ([], 1, "x", None, {"email": {"a": 1}}, {"firstName": []})
-    ]
+    bodies = [_noise(rng).encode() for _ in range(60)] + [json.dumps(v).encode() for v in _ODD_JSON]
     for body in bodies:
         response = await emulated_campaign.post(
             "profileAndServices/profile", content=body, headers={"Content-Type": "application/json"}

@@ -8,12 +8,11 @@ from typing import Any
 
 import pytest
 
+from crmsync.streams.catalog import default_config, parse_config
 from crmsync.streams.config import (
     CampaignToD365Config,
     D365ToCampaignConfig,
     OptInOutConfig,
-    default_config,
-    parse_config,
 )
 from crmsync.streams.mapping import Write, email_event_writes, writes_for
 from crmsync.streams.optout import decide

@@ -101,7 +101,7 @@ async def api() -> AsyncIterator[tuple[httpx.AsyncClient, _FakeSupervisor]]:
         yield fake
 
     auth = Authenticator("the-admin", parse_tokens(TOKENS))
-    app = create_app(Settings(), auth, factory)  # type: ignore[arg-type]
+    app = create_app(Settings(), auth, factory)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://control") as client:

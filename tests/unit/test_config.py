@@ -7,18 +7,17 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from crmsync.streams import catalog
+from crmsync.streams.catalog import NAMES as WORKFLOWS
+from crmsync.streams.catalog import default_config, parse_config
 from crmsync.streams.config import (
-    CONFIG_MODELS,
     CampaignToD365Config,
     ConfigError,
     D365ToCampaignConfig,
     OptInOutConfig,
     config_diff,
-    default_config,
-    parse_config,
     redacted,
 )
-from crmsync.streams.kafka.topics import WORKFLOWS
 
 
 def errors_of(workflow: str, data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -39,7 +38,7 @@ def test_every_default_validates_round_trips_and_names_its_topics(workflow: str)
     assert parse_config(workflow, dumped) == config
     assert config.source_topics()
     assert all(isinstance(topic, str) and topic for topic in config.source_topics())
-    assert CONFIG_MODELS[workflow].model_json_schema()["type"] == "object"
+    assert catalog.spec(workflow).config_model.model_json_schema()["type"] == "object"
 
 
 def test_defaults_match_the_design() -> None:
@@ -259,8 +258,9 @@ def test_opt_in_out_direction_and_unknown_workflow() -> None:
 
 def test_configs_are_frozen_and_strict_outside_parse_config() -> None:
     config = default_config("opt-in-out")
+    assert isinstance(config, OptInOutConfig)
     with pytest.raises(ValidationError):
-        config.direction = "disabled"  # type: ignore[misc]
+        config.direction = "disabled"
     with pytest.raises(ValidationError):
         OptInOutConfig.model_validate({"dirction": "disabled"})
 

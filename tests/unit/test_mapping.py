@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from crmsync.streams.catalog import parse_config
 from crmsync.streams.config import (
     CampaignToD365Config,
     D365ToCampaignConfig,
-    parse_config,
 )
 from crmsync.streams.mapping import (
     MappingError,

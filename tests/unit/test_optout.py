@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from crmsync.streams.config import OptInOutConfig, parse_config
+from crmsync.streams.catalog import parse_config
+from crmsync.streams.config import OptInOutConfig
 from crmsync.streams.mapping import MappingError
 from crmsync.streams.optout import (
     OptOutDecision,

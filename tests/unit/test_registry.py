@@ -17,8 +17,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from crmsync.schemas.codec import CHANGE_EVENT, EventSchema, UnknownSchema
-from crmsync.schemas.producer import change_event
 from crmsync.schemas.registry import RegistryCodec, RegistryUnavailable, SchemaRegistry
+from crmsync.streams.kafka.events import change_event
 
 
 def _registry_app() -> Starlette:

@@ -92,7 +92,7 @@ def test_encodes_requests_with_numbered_content_ids_and_json_bodies() -> None:
 
 
 def test_change_sets_nest_their_own_boundary_and_number_across_the_batch() -> None:
-    items = [
+    items: list[BatchRequest | ChangeSet] = [
         BatchRequest("DELETE", "/x(1)"),
         ChangeSet(
             [BatchRequest("PATCH", "/x(2)", body={}), BatchRequest("PATCH", "/x(3)", body={})]

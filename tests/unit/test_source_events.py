@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from crmsync.schemas.codec import CHANGE_EVENT
-from crmsync.streams.config import default_config
+from crmsync.streams.catalog import default_config
 from crmsync.streams.control_protocol import WorkerStatus
 from crmsync.streams.source import (
     EntityStatus,

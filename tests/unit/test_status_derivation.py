@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from crmsync.control.backlog import Backlog, PartitionLag, TrendWindow
+from crmsync.control.backlog import TrendWindow
 from crmsync.control.status import WAITING_FOR_A_WORKER, derive, live_workers
 from crmsync.streams.control_protocol import ControlRecord, WorkerStatus
+from crmsync.streams.kafka.offsets import Backlog, PartitionLag
 
 NOW_MS = 1_000_000_000
 

@@ -9,8 +9,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from crmsync.control.tail import TopicTail
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.offsets import TopicTail
 
 
 class AuditEntry(BaseModel):

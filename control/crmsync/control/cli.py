@@ -11,13 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from crmsync.streams.catalog import NAMES as WORKFLOWS
 from crmsync.streams.settings import Settings
 
 if TYPE_CHECKING:
     from crmsync.deploy.local.kafka import LocalKafka
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-WORKFLOWS = ("d365-to-campaign", "campaign-to-d365", "opt-in-out")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -197,11 +197,10 @@ def _publish(settings: Settings, args: argparse.Namespace) -> int:
         with Progress(disable=not sys.stderr.isatty(), transient=True) as progress:
             task = progress.add_task(f"publishing to {spec.topic}", total=len(events))
             await publish.send(
-                settings.bootstrap_servers,
+                settings.kafka,
                 spec,
                 events,
                 partitions=settings.topic_partitions,
-                client_options=settings.kafka_client_options(),
                 on_sent=lambda n: progress.advance(task, n),
                 registry_url=settings.schema_registry_url,
             )
@@ -230,14 +229,14 @@ def _run_kafka_call(settings: Settings, call: object) -> bool:
 
 
 def _topics(settings: Settings, args: argparse.Namespace) -> int:
+    from crmsync.streams.catalog import topic_specs
     from crmsync.streams.kafka import topics
 
     async def run() -> None:
         created = await topics.ensure_topics(
-            settings.bootstrap_servers,
-            topics.topic_specs(settings.topic_partitions, args.custom_entity),
+            settings.kafka,
+            topic_specs(settings.topic_partitions, args.custom_entity),
             replication=settings.topic_replication,
-            client_options=settings.kafka_client_options(),
         )
         print(f"created {len(created)} topic(s)" + (": " + ", ".join(created) if created else ""))
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from crmsync.streams import catalog
 from crmsync.streams.config import EVENT_TYPES
 
 Kind = Literal["text", "checkbox", "select", "json", "csv"]
@@ -30,12 +31,11 @@ class Control:
         return f"f-{self.key}"
 
 
-_D2C = "d365-to-campaign"
-_C2D = "campaign-to-d365"
-_OPT = "opt-in-out"
-
+#: The controls of each workflow's form, by workflow (tests/unit/test_catalog.py: one per
+#: workflow of the registry, each naming a field of its config model). A config with
+#: ``mappings`` or ``events`` also gets those rows (see ``_rows``).
 CONTROLS: dict[str, tuple[Control, ...]] = {
-    _D2C: (
+    "d365-to-campaign": (
         Control("propagate_deletes", "Propagate deletes", "checkbox",
                 "a contact deleted in Dynamics 365 deletes its Campaign profile"),
         Control("delete_when_filtered_out", "Delete profiles filtered out", "checkbox",
@@ -48,7 +48,7 @@ CONTROLS: dict[str, tuple[Control, ...]] = {
         Control("profile_resource", "Campaign profile resource"),
         Control("contact_topic", "Contact topic", hint="the Kafka topic of contact changes"),
     ),
-    _C2D: (
+    "campaign-to-d365": (
         Control("subject_template", "Activity subject",
                 hint="placeholders such as {campaign_id}, {delivery_id}, {campaign_name}"),
         Control("event_id_field", "Event id field",
@@ -58,7 +58,7 @@ CONTROLS: dict[str, tuple[Control, ...]] = {
                 "column names of the activities; empty: the defaults"),
         Control("email_topic", "Email event topic"),
     ),
-    _OPT: (
+    "opt-in-out": (
         Control("direction", "Direction", "select",
                 "which side's opt-out changes are written to the other",
                 ("disabled", "d365-to-campaign", "campaign-to-d365", "bidirectional")),
@@ -183,13 +183,18 @@ def _display(control: Control, value: Any) -> Any:
     return "" if value is None else str(value)
 
 
+def _rows(workflow: str, field: str) -> bool:
+    """Whether the workflow's config has ``field`` (the form shows its rows)."""
+    return field in catalog.spec(workflow).config_model.model_fields
+
+
 def from_config(workflow: str, config: Mapping[str, Any]) -> ConfigForm:
     """The form showing ``config`` (a config as the API returns it)."""
     controls = CONTROLS[workflow]
     form = ConfigForm(workflow, controls, {c.key: _display(c, config.get(c.key)) for c in controls})
-    if workflow == _D2C:
+    if _rows(workflow, "mappings"):
         form.mappings = [_mapping_row(m) for m in config.get("mappings") or []]
-    if workflow == _C2D:
+    if _rows(workflow, "events"):
         events = config.get("events") or {}
         form.events = [
             EventRow(t, bool(events.get(t, {}).get("enabled", True)),
@@ -248,9 +253,9 @@ def parse(
             config.pop(control.key, None)
         else:
             config[control.key] = value
-    if workflow == _D2C:
+    if _rows(workflow, "mappings"):
         config["mappings"] = _parse_mappings(data, form, local)
-    if workflow == _C2D:
+    if _rows(workflow, "events"):
         form.events = []
         events: dict[str, Any] = {}
         for kind in EVENT_TYPES:

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 from rich.progress import Progress
 
-from crmsync.schemas.producer import EventProducer, change_event
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.events import EventProducer, change_event
 from crmsync.streams.settings import Settings
 from crmsync.targets.campaign import CampaignClient
 from crmsync.targets.dynamics import DynamicsClient
@@ -188,9 +188,7 @@ async def run_demo(
                 report.d365_opt_outs += 1
 
             await _each(d365_out, opt_out, advance)
-            async with EventProducer(
-                settings.bootstrap_servers, **settings.kafka_client_options()
-            ) as producer:
+            async with EventProducer(settings.kafka) as producer:
                 step("waiting for the profiles in Campaign (source → d365-to-campaign)")
                 ready = await _wait_profiles(campaign, campaign_out, profile_wait_s)
                 step(f"blacklisting {len(ready)} profiles in Campaign")

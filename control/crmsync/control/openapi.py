@@ -10,8 +10,7 @@ from pydantic.json_schema import models_json_schema
 
 from crmsync.control import models
 from crmsync.control.api import DEFAULT_LIMIT, ENDPOINTS, MAX_LIMIT, Endpoint
-from crmsync.streams.config import CONFIG_MODELS
-from crmsync.streams.workflows import TITLES
+from crmsync.streams.catalog import NAMES, WORKFLOWS
 
 _REF = "#/components/schemas/{model}"
 _REASONS = {
@@ -37,12 +36,12 @@ def _schemas() -> dict[str, Any]:
         (model, "serialization") for model in dict.fromkeys(answers)
     ]
     wanted += [(e.body, "validation") for e in ENDPOINTS if isinstance(e.body, type)]
-    wanted += [(model, "validation") for model in CONFIG_MODELS.values()]
+    wanted += [(spec.config_model, "validation") for spec in WORKFLOWS.values()]
     _, top = models_json_schema(wanted, ref_template=_REF)
     schemas: dict[str, Any] = top.get("$defs", {})
     schemas["WorkflowConfig"] = {
         "description": "the config of the workflow named in the path (see each model)",
-        "anyOf": [_ref(model) for model in CONFIG_MODELS.values()],
+        "anyOf": [_ref(model) for model in (spec.config_model for spec in WORKFLOWS.values())],
     }
     return schemas
 
@@ -62,7 +61,7 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
     if "{name}" in endpoint.path:
         parameters.append(
             {"name": "name", "in": "path", "required": True,
-             "schema": {"type": "string", "enum": list(TITLES)}, "description": "the workflow"}
+             "schema": {"type": "string", "enum": list(NAMES)}, "description": "the workflow"}
         )  # fmt: skip
     if "limit" in endpoint.query:
         parameters.append(

@@ -29,6 +29,7 @@ from crmsync.control.errors import (
     UnknownWorkflow,
 )
 from crmsync.control.supervisor import Supervisor
+from crmsync.streams import catalog
 from crmsync.streams import config as configs
 
 _Endpoint = Callable[[Request], Awaitable[Response]]
@@ -343,7 +344,7 @@ class _Pages:
         parsed: configs.WorkflowConfig | None = None
         if not form.errors and not form.general:
             try:
-                parsed = configs.parse_config(name, config)
+                parsed = catalog.parse_config(name, config)
             except configs.ConfigError as error:
                 form.add_errors(error.errors)
         if parsed is None:

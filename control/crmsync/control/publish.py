@@ -14,8 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, EventSchema, InvalidEvent
-from crmsync.schemas.producer import change_event
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.clients import KafkaClients
+from crmsync.streams.kafka.events import change_event
 
 _LONG = range(-(2**63), 2**63)
 
@@ -339,29 +340,22 @@ def _encode(schema: EventSchema, record: dict[str, Any]) -> bytes:
 
 
 async def send(
-    bootstrap_servers: str,
+    kafka: KafkaClients | str,
     spec: Stream,
     events: list[Prepared],
     *,
     partitions: int,
-    client_options: Mapping[str, Any],
     on_sent: Callable[[int], None] | None = None,
     registry_url: str | None = None,
 ) -> None:
     """Creates the stream's topic if needed, then sends every event and waits for Kafka's acks."""
     import asyncio
 
-    from crmsync.schemas.producer import EventProducer
+    from crmsync.streams.kafka.events import EventProducer
 
-    await topics.ensure_topics(
-        bootstrap_servers,
-        [topics.TopicSpec(spec.topic, partitions)],
-        client_options=client_options,
-    )
+    await topics.ensure_topics(kafka, [topics.TopicSpec(spec.topic, partitions)])
     schema = EMAIL_EVENT if spec.email else CHANGE_EVENT
-    async with EventProducer(
-        bootstrap_servers, registry_url=registry_url, **client_options
-    ) as producer:
+    async with EventProducer(kafka, registry_url=registry_url) as producer:
         window = 2000  # futures in flight: bounded memory, the producer still batches
         pending: list[asyncio.Future[Any]] = []
         for event in events:

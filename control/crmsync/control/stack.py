@@ -18,11 +18,10 @@ import httpx
 from crmsync.control.auth import resolve_admin_token
 from crmsync.control.client import ControlClient, Refused, Unreachable
 from crmsync.deploy.local.kafka import LocalKafka
+from crmsync.streams.catalog import NAMES as WORKFLOWS
 from crmsync.streams.settings import Settings
 
 log = logging.getLogger(__name__)
-
-WORKFLOWS = ("d365-to-campaign", "campaign-to-d365", "opt-in-out")
 
 
 class StackError(RuntimeError):

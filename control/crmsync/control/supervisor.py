@@ -18,27 +18,28 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from crmsync.control import models
 from crmsync.control.audit import AuditEntry, AuditLog
 from crmsync.control.auth import Principal
-from crmsync.control.backlog import Backlog, OffsetReader, TrendWindow
+from crmsync.control.backlog import TrendWindow
 from crmsync.control.errors import Conflict, Invalid, Unavailable, UnknownWorkflow
 from crmsync.control.status import Derived, derive, live_workers
-from crmsync.control.tail import TopicTail
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, DecodeError
+from crmsync.streams import catalog
 from crmsync.streams import config as configs
+from crmsync.streams.catalog import NAMES, WORKFLOWS
 from crmsync.streams.control_protocol import (
     ControlRecord,
     ReplayRequest,
-    TopicFollower,
     WorkerStatus,
 )
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.follower import CompactedTopicFollower
+from crmsync.streams.kafka.offsets import Backlog, OffsetReader, TopicTail
 from crmsync.streams.settings import Settings
-from crmsync.streams.workflows import TITLES
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +78,20 @@ class Supervisor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        options = settings.kafka_client_options()
-        bootstrap = settings.bootstrap_servers
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, **options
-        )
+        kafka = settings.kafka
+        self._producer = kafka.producer()
         self._records: dict[str, ControlRecord] = {}
         self._control_read = asyncio.Event()
         self._reports: dict[str, WorkerStatus] = {}
-        self._control = TopicFollower(bootstrap, topics.CONTROL, self._on_control, **options)
-        self._status = TopicFollower(bootstrap, topics.STATUS, self._on_status, **options)
-        self._offsets = OffsetReader(bootstrap, options)
-        self._tail = TopicTail(bootstrap, options, self._offsets)
+        self._control = CompactedTopicFollower(kafka, topics.CONTROL, self._on_control)
+        self._status = CompactedTopicFollower(kafka, topics.STATUS, self._on_status)
+        self._offsets = OffsetReader(kafka)
+        self._tail = TopicTail(kafka, self._offsets)
         self._audit = AuditLog(self._producer, self._tail)
-        self._locks = {name: asyncio.Lock() for name in TITLES}
-        self._sampling = {name: asyncio.Lock() for name in TITLES}
+        self._locks = {name: asyncio.Lock() for name in NAMES}
+        self._sampling = {name: asyncio.Lock() for name in NAMES}
         self._backlogs: dict[str, Backlog] = {}
-        self._trends = {name: TrendWindow(settings.backlog_window_s) for name in TITLES}
+        self._trends = {name: TrendWindow(settings.backlog_window_s) for name in NAMES}
         self._sampler: asyncio.Task[None] | None = None
         self.started_at = time.time()
 
@@ -101,10 +99,9 @@ class Supervisor:
 
     async def start(self) -> None:
         await topics.ensure_topics(
-            self.settings.bootstrap_servers,
-            topics.topic_specs(self.settings.topic_partitions),
+            self.settings.kafka,
+            catalog.topic_specs(self.settings.topic_partitions),
             replication=self.settings.topic_replication,
-            client_options=self.settings.kafka_client_options(),
         )
         await self._producer.start()
         await self._offsets.start()
@@ -112,7 +109,7 @@ class Supervisor:
         await self._control.start()
         await self._status.start()
         await asyncio.gather(self._control.loaded.wait(), self._status.loaded.wait())
-        for name in TITLES:
+        for name in NAMES:
             if name not in self._records:
                 await self._initialise(name)
         await self.sample()
@@ -151,7 +148,7 @@ class Supervisor:
             workflow=name,
             desired="running",
             generation=1,
-            active_config=configs.default_config(name).model_dump(mode="json"),
+            active_config=catalog.default_config(name).model_dump(mode="json"),
             active_version=1,
             updated_by="crmsync",
         )
@@ -195,17 +192,17 @@ class Supervisor:
     # -- reading -----------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return list(TITLES)
+        return list(NAMES)
 
     def _lock(self, name: str) -> asyncio.Lock:
         """Serialises one workflow's read-modify-write of its control record."""
         if name not in self._locks:
-            raise UnknownWorkflow(f"no workflow {name!r}", {"workflows": list(TITLES)})
+            raise UnknownWorkflow(f"no workflow {name!r}", {"workflows": list(NAMES)})
         return self._locks[name]
 
     def _record(self, name: str) -> ControlRecord:
-        if name not in TITLES:
-            raise UnknownWorkflow(f"no workflow {name!r}", {"workflows": list(TITLES)})
+        if name not in NAMES:
+            raise UnknownWorkflow(f"no workflow {name!r}", {"workflows": list(NAMES)})
         record = self._records.get(name)
         if record is None:
             raise Unavailable(f"{name} has no control record yet")
@@ -222,9 +219,9 @@ class Supervisor:
 
     def _active_topics(self, record: ControlRecord) -> list[str]:
         try:
-            return configs.parse_config(record.workflow, record.active_config).source_topics()
+            return catalog.parse_config(record.workflow, record.active_config).source_topics()
         except configs.ConfigError:
-            return configs.default_config(record.workflow).source_topics()
+            return catalog.default_config(record.workflow).source_topics()
 
     async def backlog(self, name: str, fresh: bool = False) -> Backlog:
         """The latest sample while younger than a second (so a burst of requests reads Kafka
@@ -235,7 +232,9 @@ class Supervisor:
             if cached is not None and not fresh and time.time() - cached.at < _SAMPLE_REUSE_S:
                 return cached
             try:
-                backlog = await self._offsets.backlog(name, self._active_topics(record))
+                backlog = await self._offsets.backlog(
+                    WORKFLOWS[name].group_id, self._active_topics(record)
+                )
             except KafkaError as error:
                 raise Unavailable(f"cannot read offsets from Kafka: {error!r}") from error
             self._backlogs[name] = backlog
@@ -244,7 +243,7 @@ class Supervisor:
 
     async def sample(self) -> None:
         """Samples every workflow's backlog once (a failure keeps the previous sample)."""
-        for name in TITLES:
+        for name in NAMES:
             if name not in self._records:
                 continue
             try:
@@ -264,7 +263,7 @@ class Supervisor:
         reading = self._trends[name].reading()
         return models.WorkflowSummary(
             name=name,
-            title=TITLES[name],
+            title=WORKFLOWS[name].title,
             status=derived.status,
             backlog=backlog.total,
             trend=reading.trend,
@@ -274,7 +273,7 @@ class Supervisor:
         )
 
     async def summaries(self) -> list[models.WorkflowSummary]:
-        return [await self.summary(name) for name in TITLES]
+        return [await self.summary(name) for name in NAMES]
 
     async def detail(self, name: str) -> models.WorkflowDetail:
         record = self._record(name)
@@ -302,7 +301,7 @@ class Supervisor:
     def figures(self) -> list[Figures]:
         """Without I/O: the latest backlog sample, status and worker counters."""
         figures = []
-        for name in TITLES:
+        for name in NAMES:
             record = self._records.get(name)
             backlog = self._backlogs.get(name)
             workers = self.workers(name)
@@ -411,7 +410,7 @@ class Supervisor:
         async with self._lock(name):
             record = self._record(name)
             try:
-                parsed = configs.parse_config(name, data)
+                parsed = catalog.parse_config(name, data)
             except configs.ConfigError as error:
                 raise Invalid("invalid config", error.errors) from None
             pending: dict[str, Any] | None = parsed.model_dump(mode="json")
@@ -516,7 +515,7 @@ class Supervisor:
         deadline = time.monotonic() + self.settings.replay_timeout_s
         while True:
             try:
-                await self._offsets.commit_as_group(name, offsets)
+                await self._offsets.commit_as_group(WORKFLOWS[name].group_id, offsets)
                 return
             except KafkaError as error:
                 # A worker that died a moment ago stays a member until its session times out.
@@ -554,7 +553,7 @@ class Supervisor:
 
 def _normalised(name: str, raw: Mapping[str, Any]) -> dict[str, Any] | None:
     try:
-        return configs.parse_config(name, raw).model_dump(mode="json")
+        return catalog.parse_config(name, raw).model_dump(mode="json")
     except configs.ConfigError:
         return None
 
@@ -563,7 +562,7 @@ def _redacted(name: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     """Through the model, so a secret field shows masked (a config that no longer parses is
     shown as stored: it holds nothing the model could have masked)."""
     try:
-        return configs.redacted(configs.parse_config(name, raw))
+        return configs.redacted(catalog.parse_config(name, raw))
     except configs.ConfigError:
         return dict(raw)
 

@@ -13,11 +13,12 @@ from typing import Any
 import faust
 from faust.types import TransportT
 
+from crmsync.streams import catalog
 from crmsync.streams import config as configs
-from crmsync.streams import workflows
 from crmsync.streams.consumer import PausableConsumer, PausableTransport
-from crmsync.streams.control_protocol import ControlRecord, TopicFollower
+from crmsync.streams.control_protocol import ControlRecord
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.follower import CompactedTopicFollower
 from crmsync.streams.runtime import WorkflowRuntime
 from crmsync.streams.settings import Settings
 from crmsync.streams.sinks.base import BatchingSink
@@ -34,14 +35,9 @@ class WorkflowApp(faust.App):
         return PausableTransport(self.conf.broker_consumer, self)
 
 
-def group_id(workflow: str) -> str:
-    """The workflow's consumer group: its backlog is this group's lag."""
-    return f"crmsync.{workflow}"
-
-
 def default_sinks(workflow: str, settings: Settings) -> dict[str, BatchingSink]:
     sinks: dict[str, BatchingSink] = {}
-    for system in workflows.SYSTEMS[workflow]:
+    for system in catalog.spec(workflow).systems:
         if system == "d365":
             sinks[system] = DynamicsSink.for_target(settings.dynamics)
         else:
@@ -59,10 +55,9 @@ def create_app(
 
     `source_topics` defaults to those of the config in force when the worker starts.
     """
-    if workflow not in workflows.TITLES:
-        raise ValueError(f"unknown workflow {workflow!r}; workflows: {', '.join(workflows.TITLES)}")
+    spec = catalog.spec(workflow)
     app = WorkflowApp(
-        group_id(workflow),
+        spec.group_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
         broker_credentials=_credentials(settings),
         store="memory://",
@@ -94,7 +89,7 @@ def create_app(
     # Subscribed through Faust's conductor; the records bypass its streams (see consumer.py).
     app.topics.add(
         app.topic(
-            *(source_topics or configs.default_config(workflow).source_topics()),
+            *(source_topics or spec.default_config().source_topics()),
             key_type=bytes,
             value_type=bytes,
         )
@@ -103,7 +98,7 @@ def create_app(
 
 
 def _credentials(settings: Settings) -> Any:
-    options = settings.kafka_client_options()
+    options = settings.kafka.options
     if "sasl_mechanism" in options:
         return faust.SASLCredentials(
             username=options["sasl_plain_username"],
@@ -125,26 +120,22 @@ async def run_worker(
     """Runs one worker until SIGTERM/SIGINT (or `stop`): follows the control topic, reports
     status. `sinks` replaces the API clients (benchmarks use a discarding sink)."""
     await topics.ensure_topics(
-        settings.bootstrap_servers,
-        topics.topic_specs(settings.topic_partitions),
+        settings.kafka,
+        catalog.topic_specs(settings.topic_partitions),
         replication=settings.topic_replication,
-        client_options=settings.kafka_client_options(),
     )
-    control = TopicFollower(
-        settings.bootstrap_servers, topics.CONTROL, **settings.kafka_client_options()
-    )
+    control = CompactedTopicFollower(settings.kafka, topics.CONTROL)
     await control.start()
     await control.loaded.wait()
     first = _control_record(control, workflow)
     source = _source_topics(workflow, first)
     await topics.ensure_topics(
-        settings.bootstrap_servers,
+        settings.kafka,
         [
-            *topics.topic_specs(settings.topic_partitions),
+            *catalog.topic_specs(settings.topic_partitions),
             *(topics.TopicSpec(name, settings.topic_partitions) for name in source),
         ],
         replication=settings.topic_replication,
-        client_options=settings.kafka_client_options(),
     )
     app, runtime = create_app(workflow, settings, sinks=sinks, source_topics=source)
     app.finalize()
@@ -212,7 +203,7 @@ async def _apply(runtime: WorkflowRuntime, record: ControlRecord | None) -> None
         )
 
 
-def _control_record(control: TopicFollower, workflow: str) -> ControlRecord | None:
+def _control_record(control: CompactedTopicFollower, workflow: str) -> ControlRecord | None:
     data = control.latest.get(workflow)
     if data is None:
         return None
@@ -224,9 +215,10 @@ def _control_record(control: TopicFollower, workflow: str) -> ControlRecord | No
 
 
 def _source_topics(workflow: str, record: ControlRecord | None) -> list[str]:
+    spec = catalog.spec(workflow)
     if record is not None:
         try:
-            return configs.parse_config(workflow, record.active_config).source_topics()
+            return spec.parse_config(record.active_config).source_topics()
         except configs.ConfigError:
             pass  # the runtime reports FAILED with the reason once it applies the record
-    return configs.default_config(workflow).source_topics()
+    return spec.default_config().source_topics()

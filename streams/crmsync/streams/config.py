@@ -527,14 +527,9 @@ class OptInOutConfig(_Model):
         return self
 
 
-# -- the registry and its entry points ---------------------------------------------------------
+# -- what every workflow config shares ---------------------------------------------------------
 
 WorkflowConfig: TypeAlias = D365ToCampaignConfig | CampaignToD365Config | OptInOutConfig
-CONFIG_MODELS: dict[str, type[WorkflowConfig]] = {
-    "d365-to-campaign": D365ToCampaignConfig,
-    "campaign-to-d365": CampaignToD365Config,
-    "opt-in-out": OptInOutConfig,
-}
 
 
 class ConfigError(ValueError):
@@ -579,27 +574,6 @@ def _message(item: Mapping[str, Any]) -> str:
     if kind == "missing":
         return "is required"
     return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-
-
-def parse_config(workflow: str, data: Mapping[str, Any]) -> WorkflowConfig:
-    """The validated config of ``workflow``; ``ConfigError`` lists every problem with its place."""
-    model = CONFIG_MODELS.get(workflow)
-    if model is None:
-        known = ", ".join(CONFIG_MODELS)
-        raise ConfigError(
-            [{"loc": ["workflow"], "msg": f"unknown workflow {workflow!r}; known: {known}"}]
-        )
-    if not isinstance(data, Mapping):
-        raise ConfigError([{"loc": [], "msg": "a config is a JSON object"}])
-    try:
-        return model.model_validate(dict(data))
-    except ValidationError as error:
-        raise ConfigError.from_validation(error) from None
-
-
-def default_config(workflow: str) -> WorkflowConfig:
-    """The config a workflow starts with (what the local stack runs)."""
-    return parse_config(workflow, {})
 
 
 def redacted(config: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
@@ -662,7 +636,6 @@ def _walk(old: Any, new: Any, path: str, out: list[dict[str, Any]]) -> None:
 
 
 __all__ = [
-    "CONFIG_MODELS",
     "ActivityFields",
     "CampaignToD365Config",
     "Condition",
@@ -676,8 +649,6 @@ __all__ = [
     "ProfileLinkConfig",
     "WorkflowConfig",
     "config_diff",
-    "default_config",
-    "parse_config",
     "redacted",
     "value_key",
 ]

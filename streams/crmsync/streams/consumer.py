@@ -245,15 +245,6 @@ class PausableConsumer(faust_aiokafka.Consumer):
         """Commits every acked offset at once (a stop must leave the group's lag exact)."""
         return await self.commit()
 
-    async def committed_offsets(self, tps: Iterable[TP]) -> dict[TP, int | None]:
-        return cast(
-            dict[TP, int | None], await self._thread.call_thread(self._committed_in_thread, tps)
-        )
-
-    async def _committed_in_thread(self, tps: Iterable[TP]) -> dict[TP, int | None]:
-        consumer: aiokafka.AIOKafkaConsumer = self._thread._ensure_consumer()
-        return {tp: await consumer.committed(tp) for tp in tps}
-
 
 class PausableTransport(faust_aiokafka.Transport):
     """The aiokafka transport with the pausable consumer."""

@@ -27,8 +27,8 @@ from faust.types import TP
 
 from crmsync.schemas.codec import DecodeError
 from crmsync.schemas.registry import RegistryCodec, RegistryUnavailable, SchemaRegistry
+from crmsync.streams import catalog, workflows
 from crmsync.streams import config as configs
-from crmsync.streams import workflows
 from crmsync.streams.consumer import PausableConsumer
 from crmsync.streams.control_protocol import (
     ControlRecord,
@@ -111,14 +111,7 @@ class WorkflowRuntime:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_request_size=topics.DLQ_MAX_MESSAGE_BYTES,
-            **self.settings.kafka_client_options(),
-        )
+        self._producer = self.settings.kafka.producer(max_request_size=topics.DLQ_MAX_MESSAGE_BYTES)
         await self._producer.start()
 
     async def close(self) -> None:
@@ -193,20 +186,14 @@ class WorkflowRuntime:
         self.error = None
         await self.report()
         try:
+            spec = catalog.spec(self.name)
             config = (
-                configs.parse_config(self.name, raw_config)
-                if raw_config is not None
-                else configs.default_config(self.name)
+                spec.parse_config(raw_config) if raw_config is not None else spec.default_config()
             )
         except configs.ConfigError as error:
             await self.fail(f"invalid config version {version}: {error}")
             return
-        new = workflows.build(
-            self.name,
-            config,
-            self.settings.bootstrap_servers,
-            self.settings.kafka_client_options(),
-        )
+        new = spec.build(config, self.settings.kafka)
         if self.workflow is not None and set(new.source_topics()) != set(
             self.workflow.source_topics()
         ):

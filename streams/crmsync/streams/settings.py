@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from crmsync.streams.kafka.clients import KafkaClients
 from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 
 LOCAL_BOOTSTRAP = "127.0.0.1:9092"
@@ -107,8 +109,10 @@ class Settings(BaseSettings):
     def bootstrap_servers(self) -> str:
         return self.kafka_bootstrap_servers or LOCAL_BOOTSTRAP
 
-    def kafka_client_options(self) -> dict[str, Any]:
-        """Security options for every aiokafka client (producer, consumer, admin)."""
+    @cached_property
+    def kafka(self) -> KafkaClients:
+        """The Kafka clients of this process, with its security options; the SSL context is
+        built here, once per process (the settings object is the process's one)."""
         options: dict[str, Any] = {"security_protocol": self.kafka_security_protocol}
         if self.kafka_sasl_mechanism:
             options["sasl_mechanism"] = self.kafka_sasl_mechanism
@@ -121,7 +125,7 @@ class Settings(BaseSettings):
             options["ssl_context"] = create_ssl_context(
                 cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None
             )
-        return options
+        return KafkaClients(self.bootstrap_servers, MappingProxyType(options))
 
     @property
     def liveness_s(self) -> float:

@@ -20,10 +20,12 @@ from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field
 
 from crmsync.schemas.codec import CHANGE_EVENT
-from crmsync.schemas.producer import EventProducer, change_event
-from crmsync.streams.config import ConfigError, D365ToCampaignConfig, default_config, parse_config
-from crmsync.streams.control_protocol import ControlRecord, TopicFollower, WorkerStatus
+from crmsync.streams.catalog import default_config, parse_config
+from crmsync.streams.config import ConfigError, D365ToCampaignConfig
+from crmsync.streams.control_protocol import ControlRecord, WorkerStatus
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.events import EventProducer, change_event
+from crmsync.streams.kafka.follower import CompactedTopicFollower
 from crmsync.streams.settings import Settings
 from crmsync.targets.dynamics import ChangesPage, DynamicsClient, FullSyncRequired
 from crmsync.targets.errors import Fatal, RecordRejected, Retryable, SinkError
@@ -270,21 +272,17 @@ class D365Source:
     async def run(self, stop: asyncio.Event) -> None:
         """Runs until ``stop`` is set; Kafka unreachable at start raises KafkaError."""
         settings = self.settings
-        options = settings.kafka_client_options()
         client = self.client or DynamicsClient(settings.dynamics)
         self.client = client
-        control = TopicFollower(
-            settings.bootstrap_servers,
+        control = CompactedTopicFollower(
+            settings.kafka,
             topics.CONTROL,
             lambda key, _: self._control_changed.set() if key == CONFIG_WORKFLOW else None,
-            **options,
         )
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(client.aclose)
             await self._ensure_topics([])
-            self._producer = await stack.enter_async_context(
-                EventProducer(settings.bootstrap_servers, **options)
-            )
+            self._producer = await stack.enter_async_context(EventProducer(settings.kafka))
             await self._load_links()
             await control.start()
             stack.push_async_callback(control.stop)
@@ -320,7 +318,7 @@ class D365Source:
         custom = [e.logical_name for e in entities if e.logical_name != "contact"]
         specs = [
             spec
-            for spec in topics.topic_specs(self.settings.topic_partitions, custom)
+            for spec in topics.shared_topic_specs(self.settings.topic_partitions, custom)
             if spec.name in wanted
         ]
         specs += [
@@ -328,19 +326,12 @@ class D365Source:
             for name in wanted - {spec.name for spec in specs}
         ]
         await topics.ensure_topics(
-            self.settings.bootstrap_servers,
-            specs,
-            replication=self.settings.topic_replication,
-            client_options=self.settings.kafka_client_options(),
+            self.settings.kafka, specs, replication=self.settings.topic_replication
         )
 
     async def _load_links(self) -> None:
         """Reads every stored link once: this process is the only writer afterwards."""
-        offsets = TopicFollower(
-            self.settings.bootstrap_servers,
-            topics.SOURCE_OFFSETS,
-            **self.settings.kafka_client_options(),
-        )
+        offsets = CompactedTopicFollower(self.settings.kafka, topics.SOURCE_OFFSETS)
         await offsets.start()
         try:
             await asyncio.wait_for(offsets.loaded.wait(), _LOADED_WAIT_S)
@@ -356,7 +347,7 @@ class D365Source:
             ",".join(f"{n}:{link.phase}" for n, link in self._links.items()) or "-",
         )
 
-    def _config(self, control: TopicFollower) -> D365ToCampaignConfig:
+    def _config(self, control: CompactedTopicFollower) -> D365ToCampaignConfig:
         raw = control.latest.get(CONFIG_WORKFLOW)
         if raw is None:
             self._config_version = 0
@@ -368,7 +359,7 @@ class D365Source:
         assert isinstance(config, D365ToCampaignConfig)
         return config
 
-    async def _reconcile(self, control: TopicFollower) -> None:
+    async def _reconcile(self, control: CompactedTopicFollower) -> None:
         """Starts a task per entity of the active config; stops those no longer configured."""
         try:
             config = self._config(control)

@@ -1,40 +1,26 @@
-"""The three workflows: which topics each reads and how one source record becomes target writes."""
+"""The workflow objects: which topics each reads and how source records become target writes.
+
+Which workflows exist, and how each is built from its config: ``crmsync.streams.catalog``.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 
-from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, EventSchema
+from crmsync.schemas.codec import CHANGE_EVENT, EventSchema
 from crmsync.streams import mapping, optout
-from crmsync.streams.config import (
-    CampaignToD365Config,
-    D365ToCampaignConfig,
-    OptInOutConfig,
-    WorkflowConfig,
-)
-from crmsync.streams.control_protocol import TopicFollower
+from crmsync.streams.config import OptInOutConfig, WorkflowConfig
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.clients import KafkaClients
+from crmsync.streams.kafka.follower import CompactedTopicFollower
 from crmsync.targets.errors import Fatal
 
 log = logging.getLogger(__name__)
-
-TITLES = {
-    "d365-to-campaign": "Microsoft Dynamics 365 to Campaign",
-    "campaign-to-d365": "Campaign to Microsoft Dynamics 365",
-    "opt-in-out": "Opt-in/Opt-out",
-}
-#: Which target systems each workflow writes to.
-SYSTEMS = {
-    "d365-to-campaign": ("campaign",),
-    "campaign-to-d365": ("d365",),
-    "opt-in-out": ("d365", "campaign"),
-}
 
 
 @dataclass
@@ -69,57 +55,27 @@ class Workflow(Protocol):
     async def stop(self) -> None: ...
 
 
-def _plan_each(batch: Sequence[tuple[str, dict[str, Any]]], fn: Any) -> list[Planned]:
-    planned = []
-    for topic, event in batch:
-        try:
-            planned.append(Planned(fn(topic, event)))
-        except (mapping.MappingError, Fatal) as error:
-            planned.append(Planned([], commit=error))
-    return planned
-
-
 @dataclass
-class D365ToCampaign:
-    config: D365ToCampaignConfig
-    name: str = "d365-to-campaign"
+class StatelessWorkflow:
+    """A workflow whose every record maps on its own, keeping nothing between records
+    (d365-to-campaign, campaign-to-d365): ``writes`` turns one (topic, event) into its writes."""
+
+    name: str
+    config: WorkflowConfig
+    schema: EventSchema
+    writes: Callable[[str, dict[str, Any]], list[mapping.Write]]
 
     def source_topics(self) -> list[str]:
         return self.config.source_topics()
 
-    @property
-    def schema(self) -> EventSchema:
-        return CHANGE_EVENT
-
     async def plan(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> list[Planned]:
-        return _plan_each(batch, lambda topic, event: mapping.writes_for(event, topic, self.config))
-
-    def forget_pending(self) -> None:
-        return None
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-
-@dataclass
-class CampaignToD365:
-    config: CampaignToD365Config
-    name: str = "campaign-to-d365"
-
-    def source_topics(self) -> list[str]:
-        return self.config.source_topics()
-
-    @property
-    def schema(self) -> EventSchema:
-        return EMAIL_EVENT
-
-    async def plan(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> list[Planned]:
-        return _plan_each(
-            batch, lambda _topic, event: mapping.email_event_writes(event, self.config)
-        )
+        planned = []
+        for topic, event in batch:
+            try:
+                planned.append(Planned(self.writes(topic, event)))
+            except (mapping.MappingError, Fatal) as error:
+                planned.append(Planned([], commit=error))
+        return planned
 
     def forget_pending(self) -> None:
         return None
@@ -146,12 +102,11 @@ class OptInOut:
     """
 
     config: OptInOutConfig
-    bootstrap_servers: str
-    client_options: Mapping[str, Any] = field(default_factory=dict)
+    kafka: KafkaClients
     name: str = "opt-in-out"
     _states: dict[str, optout.OptOutState] = field(default_factory=dict)
     _pending: dict[str, optout.OptOutState] = field(default_factory=dict)
-    _follower: TopicFollower | None = None
+    _follower: CompactedTopicFollower | None = None
     _producer: AIOKafkaProducer | None = None
 
     def source_topics(self) -> list[str]:
@@ -169,17 +124,12 @@ class OptInOut:
             else:
                 self._states[key] = state
 
-        self._follower = _PartitionedFollower(
-            self.bootstrap_servers, topics.OPTOUT_STATE, remember, **self.client_options
+        self._follower = CompactedTopicFollower(
+            self.kafka, topics.OPTOUT_STATE, remember, partitions=None
         )
         await self._follower.start()
         await self._follower.loaded.wait()
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            **self.client_options,
-        )
+        self._producer = self.kafka.producer()
         await self._producer.start()
 
     async def stop(self) -> None:
@@ -226,52 +176,3 @@ class OptInOut:
             self._states[key] = state
 
         return store
-
-
-class _PartitionedFollower(TopicFollower):
-    """A TopicFollower over every partition of a topic."""
-
-    async def start(self) -> None:
-        from aiokafka import TopicPartition
-
-        await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self.topic)
-        if partitions is None:
-            await self._consumer.topics()
-            partitions = self._consumer.partitions_for_topic(self.topic) or {0}
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
-        ends = await self._consumer.end_offsets(tps)
-        self._task = asyncio.create_task(self._follow_all(ends), name=f"follow:{self.topic}")
-
-    async def _follow_all(self, ends: Mapping[Any, int]) -> None:
-        remaining = {tp for tp, end in ends.items() if end > 0}
-        if not remaining:
-            self.loaded.set()
-        while True:
-            batch = await self._consumer.getmany(timeout_ms=500)
-            for tp, records in batch.items():
-                for record in records:
-                    key = record.key.decode() if record.key else ""
-                    if self._on_record is not None:
-                        self._on_record(key, record.value)
-                    if record.offset + 1 >= ends.get(tp, 0):
-                        remaining.discard(tp)
-            if not remaining:
-                self.loaded.set()
-
-
-def build(
-    name: str,
-    config: WorkflowConfig,
-    bootstrap_servers: str,
-    client_options: Mapping[str, Any] | None = None,
-) -> Workflow:
-    if isinstance(config, D365ToCampaignConfig):
-        return D365ToCampaign(config)
-    if isinstance(config, CampaignToD365Config):
-        return CampaignToD365(config)
-    if isinstance(config, OptInOutConfig):
-        return OptInOut(config, bootstrap_servers, dict(client_options or {}))
-    raise ValueError(f"no workflow for config {type(config).__name__} ({name})")

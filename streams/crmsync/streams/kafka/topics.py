@@ -6,15 +6,14 @@ import asyncio
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 from aiokafka.protocol.metadata import MetadataRequest
 
-log = logging.getLogger(__name__)
+from crmsync.streams.kafka.clients import KafkaClients
 
-WORKFLOWS = ("d365-to-campaign", "campaign-to-d365", "opt-in-out")
+log = logging.getLogger(__name__)
 
 CONTACT_CHANGES = "d365.contact.changes"
 EMAIL_EVENTS = "campaign.email.events"
@@ -46,44 +45,47 @@ class TopicSpec:
     config: Mapping[str, str] | None = None
 
 
-def topic_specs(partitions: int = 6, custom_entities: Iterable[str] = ()) -> list[TopicSpec]:
-    """Every topic of DESIGN.md's table. Control-side topics have one partition: one ordered log."""
-    compacted = {"min.compaction.lag.ms": "0", "segment.ms": str(3_600_000)}
-    specs = [
+#: Settings of every compacted topic: records compacted soon, segments rolled hourly.
+COMPACTED: Mapping[str, str] = {"min.compaction.lag.ms": "0", "segment.ms": str(3_600_000)}
+
+
+def shared_topic_specs(partitions: int = 6, custom_entities: Iterable[str] = ()) -> list[TopicSpec]:
+    """The topics no single workflow owns. Control-side topics have one partition: one log.
+
+    Every topic crmsync creates: ``crmsync.streams.catalog.topic_specs`` (these, plus each
+    workflow's own topics and dead letters).
+    """
+    return [
         TopicSpec(CONTACT_CHANGES, partitions),
         TopicSpec(EMAIL_EVENTS, partitions),
         TopicSpec(PROFILE_CHANGES, partitions),
         *(TopicSpec(entity_changes(name), partitions) for name in custom_entities),
-        TopicSpec(CONTROL, 1, compacted=True, config=compacted),
-        TopicSpec(STATUS, 1, compacted=True, config=compacted),
+        TopicSpec(CONTROL, 1, compacted=True, config=COMPACTED),
+        TopicSpec(STATUS, 1, compacted=True, config=COMPACTED),
         TopicSpec(AUDIT, 1, config={"retention.ms": str(90 * 24 * 3_600_000)}),
-        TopicSpec(SOURCE_OFFSETS, 1, compacted=True, config=compacted),
-        # The last opt-out value synced per contact: co-partitioned with the inputs by key.
-        TopicSpec(OPTOUT_STATE, partitions, compacted=True, config=compacted),
-        # Room for a source record at the broker's size limit plus the context headers.
-        *(
-            TopicSpec(
-                dead_letters(w),
-                partitions,
-                config={"retention.ms": "-1", "max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)},
-            )
-            for w in WORKFLOWS
-        ),
+        TopicSpec(SOURCE_OFFSETS, 1, compacted=True, config=COMPACTED),
     ]
-    return specs
+
+
+def dead_letter_spec(workflow: str, partitions: int) -> TopicSpec:
+    """A workflow's DLQ: kept forever, with room for a source record at the broker's size limit
+    plus the context headers."""
+    return TopicSpec(
+        dead_letters(workflow),
+        partitions,
+        config={"retention.ms": "-1", "max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)},
+    )
 
 
 async def ensure_topics(
-    bootstrap_servers: str,
-    specs: Iterable[TopicSpec],
-    replication: int | None = None,
-    client_options: Mapping[str, Any] | None = None,
+    kafka: KafkaClients | str, specs: Iterable[TopicSpec], replication: int | None = None
 ) -> list[str]:
     """Creates the topics that do not exist yet; returns the names created.
 
-    Replication defaults to min(3, brokers in the cluster).
+    ``kafka``: the process's clients, or bootstrap servers (no security options). Replication
+    defaults to min(3, brokers in the cluster).
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **(client_options or {}))
+    admin = (KafkaClients(kafka) if isinstance(kafka, str) else kafka).admin()
     await admin.start()
     try:
         if replication is None:

@@ -7,10 +7,9 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Literal
 
-from aiokafka import AIOKafkaProducer
-
-from .codec import CHANGE_EVENT, EMAIL_EVENT, EventSchema
-from .registry import RegistryCodec, SchemaRegistry
+from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, EventSchema
+from crmsync.schemas.registry import RegistryCodec, SchemaRegistry
+from crmsync.streams.kafka.clients import KafkaClients
 
 Scalar = None | bool | int | float | str
 
@@ -53,19 +52,11 @@ class EventProducer:
                                    after={"firstname": "Ada"}, system="d365"))
     """
 
-    def __init__(
-        self, bootstrap_servers: str, *, registry_url: str | None = None, **client_options: Any
-    ) -> None:
+    def __init__(self, kafka: KafkaClients | str, *, registry_url: str | None = None) -> None:
+        if isinstance(kafka, str):
+            kafka = KafkaClients(kafka)
         self._registry = SchemaRegistry(registry_url) if registry_url else None
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_batch_size=256 * 1024,
-            compression_type=None,
-            **client_options,
-        )
+        self._producer = kafka.producer(linger_ms=5, max_batch_size=256 * 1024)
 
     async def __aenter__(self) -> EventProducer:
         await self._producer.start()

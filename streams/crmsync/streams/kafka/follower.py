@@ -1,0 +1,91 @@
+"""Reads a compacted topic from the beginning, then follows it: the latest value per key."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+
+from aiokafka import TopicPartition
+
+from crmsync.streams.kafka.clients import KafkaClients
+
+OnRecord = Callable[[str, bytes | None], None]
+
+
+class CompactedTopicFollower:
+    """Follows ``partitions`` of ``topic`` (None: every partition it has), outside any group.
+
+    ``latest`` keeps the newest value per key (a tombstone removes the key) and ``on_record`` sees
+    each record as it comes; ``loaded`` is set once everything present at start was read, and
+    ``changes()`` yields after each batch of new records.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaClients,
+        topic: str,
+        on_record: OnRecord | None = None,
+        *,
+        partitions: Iterable[int] | None = (0,),
+    ) -> None:
+        self.topic = topic
+        self.latest: dict[str, bytes] = {}
+        self.loaded = asyncio.Event()
+        self.changed = asyncio.Event()
+        self._on_record = on_record
+        self._partitions = None if partitions is None else sorted(partitions)
+        self._consumer = kafka.consumer(auto_offset_reset="earliest", fetch_max_wait_ms=100)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        numbers = self._partitions
+        if numbers is None:
+            found = self._consumer.partitions_for_topic(self.topic)
+            if found is None:
+                await self._consumer.topics()
+                found = self._consumer.partitions_for_topic(self.topic) or {0}
+            numbers = sorted(found)
+        tps = [TopicPartition(self.topic, n) for n in numbers]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        ends = await self._consumer.end_offsets(tps)
+        self._task = asyncio.create_task(self._follow(ends), name=f"follow:{self.topic}")
+
+    async def _follow(self, ends: dict[TopicPartition, int]) -> None:
+        remaining = {tp for tp, end in ends.items() if end > 0}
+        if not remaining:
+            self.loaded.set()
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=500)
+            for tp, records in batch.items():
+                for record in records:
+                    key = record.key.decode() if record.key else ""
+                    if record.value is None:
+                        self.latest.pop(key, None)
+                    else:
+                        self.latest[key] = record.value
+                    if self._on_record is not None:
+                        self._on_record(key, record.value)
+                    if record.offset + 1 >= ends.get(tp, 0):
+                        remaining.discard(tp)
+            if not remaining:
+                self.loaded.set()
+            if batch:
+                self.changed.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._consumer.stop()
+
+    async def changes(self) -> AsyncIterator[None]:
+        """Yields after every batch of new records."""
+        while True:
+            await self.changed.wait()
+            self.changed.clear()
+            yield None
