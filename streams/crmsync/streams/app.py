@@ -61,6 +61,8 @@ def create_app(
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
         broker_credentials=_credentials(settings),
         store="memory://",
+        # Faust's data folder under .local/ (not the working directory a worker started in).
+        datadir=str(settings.local_dir / "faust" / spec.group_id),
         web_enabled=False,
         topic_disable_leader=True,
         topic_allow_declare=False,
