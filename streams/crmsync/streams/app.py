@@ -56,13 +56,15 @@ def create_app(
     `source_topics` defaults to those of the config in force when the worker starts.
     """
     spec = catalog.spec(workflow)
+    # Faust's data folder under .local/ (not the working directory the worker started in).
+    datadir = settings.local_dir / "faust" / spec.group_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = WorkflowApp(
         spec.group_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
         broker_credentials=_credentials(settings),
         store="memory://",
-        # Faust's data folder under .local/ (not the working directory a worker started in).
-        datadir=str(settings.local_dir / "faust" / spec.group_id),
+        datadir=str(datadir),
         web_enabled=False,
         topic_disable_leader=True,
         topic_allow_declare=False,
