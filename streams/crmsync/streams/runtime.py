@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import socket
 import time
 from collections import defaultdict, deque
@@ -40,6 +39,7 @@ from crmsync.streams.kafka import topics
 from crmsync.streams.settings import Settings
 from crmsync.streams.sinks.base import BatchingSink
 from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
+from crmsync.targets.retry import backoff
 
 log = logging.getLogger(__name__)
 
@@ -555,9 +555,7 @@ class WorkflowRuntime:
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after:
             return float(retry_after)
-        cap = self.settings.retry_backoff_max_s
-        ceiling: float = min(cap, 0.25 * 2.0 ** min(attempt, 10))
-        return random.uniform(0.5, 1.0) * ceiling
+        return backoff(attempt, base_s=0.5, cap_s=self.settings.retry_backoff_max_s)
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         """Waits, but a stop, a failure or shutdown ends the wait at once."""

@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import signal
 import socket
 import time
@@ -29,6 +28,7 @@ from crmsync.streams.kafka.follower import CompactedTopicFollower
 from crmsync.streams.settings import Settings
 from crmsync.targets.dynamics import ChangesPage, DynamicsClient, FullSyncRequired
 from crmsync.targets.errors import Fatal, RecordRejected, Retryable, SinkError
+from crmsync.targets.retry import backoff
 
 log = logging.getLogger(__name__)
 
@@ -625,7 +625,7 @@ class D365Source:
 
 
 def _backoff(attempt: int) -> float:
-    return float(min(_RETRY_CAP_S, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+    return backoff(attempt, base_s=0.5, cap_s=_RETRY_CAP_S)
 
 
 def _age_s(iso: str) -> float:

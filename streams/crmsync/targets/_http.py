@@ -6,7 +6,6 @@ import asyncio
 import email.utils
 import json
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -23,6 +22,7 @@ from tenacity import (
 )
 
 from crmsync.targets.errors import Fatal, Retryable, SinkError
+from crmsync.targets.retry import backoff
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class RetryPolicy:
     up after ``attempts`` tries or once the next wait would pass ``budget_s`` seconds, and hands the
     record back as ``Retryable(retry_after=...)``; the runtime then retries for as long as it runs.
     Between tries it waits what the server asked (``Retry-After``), else a capped exponential
-    backoff with jitter: ``min(cap, base * 2**(n-1))`` scaled by a random factor in [0.5, 1].
+    backoff with jitter (``crmsync.targets.retry.backoff``).
     """
 
     attempts: int = 6
@@ -50,9 +50,7 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         """The wait after failed try number ``attempt`` (1-based) when the server named none."""
-        ceiling = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (attempt - 1))
-        # "Equal jitter": never less than half the ceiling, so a few tries do span an outage.
-        return float(ceiling * random.uniform(0.5, 1.0))
+        return backoff(attempt, base_s=self.backoff_base_s, cap_s=self.backoff_cap_s)
 
     def wait(self, state: RetryCallState) -> float:
         """tenacity wait strategy: the server's Retry-After when it gave one, else backoff."""
@@ -60,9 +58,6 @@ class RetryPolicy:
         if isinstance(error, Retryable) and error.retry_after is not None:
             return float(error.retry_after)
         return self.backoff(state.attempt_number)
-
-
-NO_RETRY = RetryPolicy(attempts=1, budget_s=0.0)
 
 
 async def with_retries(policy: RetryPolicy, call: Callable[[], Awaitable[T]], what: str) -> T:

@@ -26,6 +26,7 @@ from crmsync.targets._http import (
 )
 from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
 from crmsync.targets.settings import CampaignTarget
+from crmsync.targets.writes import WriteMode, when_created, when_existing
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,7 @@ class CampaignClient:
         *,
         key_field: str | None = None,
         create_fields: Mapping[str, Any] | None = None,
-        mode: Literal["upsert", "create", "update"] = "upsert",
+        mode: WriteMode = "upsert",
     ) -> str:
         """Update the record whose key field is ``value``, or create it; returns its PKey.
 
@@ -371,7 +372,7 @@ class CampaignClient:
         fields: Mapping[str, Any],
         create_fields: Mapping[str, Any],
         key_field: str | None,
-        mode: Literal["upsert", "create", "update"],
+        mode: WriteMode,
     ) -> str:
         lookup = self.lookup_for(resource, key_field)
         cache_key = self._cache_key(resource, lookup, value)
@@ -383,7 +384,7 @@ class CampaignClient:
                         f"update {resource}: no record with {lookup.field}={value} yet "
                         "(update only: not created)"
                     )
-                body = {**fields, **create_fields, lookup.field: value}
+                body = {**when_created(fields, create_fields), lookup.field: value}
                 response = await self._call(
                     "POST",
                     self.url(resource),
@@ -395,12 +396,13 @@ class CampaignClient:
                 created = str(response.json()["PKey"])
                 self._pkeys.put(cache_key, created)
                 return created
-            if mode == "create" or not fields:
+            existing = when_existing(fields, mode)
+            if existing is None:
                 return pkey
             response = await self._call(
                 "PATCH",
                 self.url(resource, pkey),
-                body=dict(fields),
+                body=existing,
                 place="record",
                 what=f"update {resource}",
             )

@@ -36,6 +36,7 @@ from crmsync.targets._multipart import (
 )
 from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
 from crmsync.targets.settings import DynamicsTarget
+from crmsync.targets.writes import WriteMode, creates_first, when_created, when_existing
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 KeyValue = str | int | float | bool | uuid.UUID
 #: A record's identity: its primary id (a GUID) or an alternate key (column → value).
 Key = str | uuid.UUID | Mapping[str, KeyValue]
-WriteMode = Literal["upsert", "create", "update"]
 Operation = Literal["write", "delete", "read"]
 
 MAX_BATCH_REQUESTS = 1000  # the documented limit of one $batch
@@ -52,10 +52,8 @@ _GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 # entity set, and "No HTTP resource was found that matches the request URI" for an unknown path.
 _MISSING_SET_CODES = frozenset({"0x8006088a"})
 _MISSING_SET_TEXTS = ("resource not found for the segment", "no http resource was found")
-# OAuth2 errors meaning the credentials or the request are wrong (asking again will not help).
 # Dataverse: "Version stamp associated with the client has expired. Please perform a full sync."
 _EXPIRED_CODE = "0x80044352"
-_REFUSED = frozenset({"invalid_client", "unauthorized_client", "invalid_scope", "invalid_grant"})
 
 
 def odata_literal(value: KeyValue) -> str:
@@ -306,6 +304,7 @@ class _EntraTokens:
             return str(result["access_token"]), float(result.get("expires_in", 3600))
         error_code = str(result.get("error", ""))
         reason = f"dynamics token: {error_code}: {short(str(result.get('error_description', '')))}"
+        # OAuth2 errors meaning the credentials or the request are wrong (asking again won't help).
         if error_code in (
             "invalid_client",
             "unauthorized_client",
@@ -420,6 +419,29 @@ class DynamicsClient:
         condition = {"create": {"If-None-Match": "*"}, "update": {"If-Match": "*"}}.get(write.mode)
         return BatchRequest("PATCH", url, condition or {}, write.fields, content_id)
 
+    def first_write(
+        self,
+        entity_set: str,
+        key: Key,
+        fields: Mapping[str, Any] | None,
+        *,
+        mode: WriteMode = "upsert",
+        create_fields: Mapping[str, Any] | None = None,
+    ) -> Write:
+        """The first request of a write (``fields`` None: a delete). With ``create_fields``, a
+        create-only write carrying them; ``then_write`` says what follows when it answered 412."""
+        if fields is not None and creates_first(create_fields or {}, mode):
+            return Write(entity_set, key, when_created(fields, create_fields or {}), "create")
+        return Write(entity_set, key, fields, mode)
+
+    @staticmethod
+    def then_write(
+        entity_set: str, key: Key, fields: Mapping[str, Any], mode: WriteMode
+    ) -> Write | None:
+        """The second request of a write whose create-only first found the record (412)."""
+        existing = when_existing(fields, mode)
+        return None if existing is None else Write(entity_set, key, existing, "upsert")
+
     async def upsert(
         self,
         entity_set: str,
@@ -431,33 +453,33 @@ class DynamicsClient:
     ) -> None:
         """Create or update (``mode="create"``/``"update"``: only create / only update).
 
-        ``create_fields`` are written only if the record is created: a create-only PATCH with
-        them, then (when the record existed) an update of ``fields``. A bind to a missing record
-        raises ``ParentMissing``; an update-only write of a missing record ``RecordRejected``
-        (the sink reports it ``ParentMissing``).
+        ``create_fields`` are written only if the record is created (``crmsync.targets.writes``):
+        a create-only PATCH with them, then (when the record existed) an update of ``fields``. A
+        bind to a missing record raises ``ParentMissing``; an update-only write of a missing
+        record ``RecordRejected`` (the sink reports it ``ParentMissing``).
         """
-        if create_fields and mode != "update":
-            created = await self._patch(entity_set, key, {**fields, **create_fields}, "create")
-            if created or mode == "create" or not fields:
-                return
-            mode = "upsert"
-        await self._patch(entity_set, key, fields, mode)
+        first = self.first_write(entity_set, key, fields, mode=mode, create_fields=create_fields)
+        assert first.fields is not None
+        if await self._patch(first):
+            return
+        then = self.then_write(entity_set, key, fields, mode)
+        if then is not None:
+            await self._patch(then)
 
-    async def _patch(
-        self, entity_set: str, key: Key, fields: Mapping[str, Any], mode: WriteMode
-    ) -> bool:
+    async def _patch(self, write: Write) -> bool:
         """One PATCH; False when a create-only PATCH found the record already there."""
-        request = self.write_request(Write(entity_set, key, fields, mode))
-        what = f"{request.method} {entity_set}"
+        assert write.fields is not None
+        request = self.write_request(write)
+        what = f"{request.method} {write.entity_set}"
         response = await self._request(
-            request.method, request.url, body=fields, headers=request.headers, what=what
+            request.method, request.url, body=write.fields, headers=request.headers, what=what
         )
         missing = parent_missing(
-            response.status_code, response.text, fields, mode, update_missing=False
+            response.status_code, response.text, write.fields, write.mode, update_missing=False
         )
         if missing is not None:
             raise prefixed(missing, what)
-        self._raise_for(response, what, operation="write", mode=mode)
+        self._raise_for(response, what, operation="write", mode=write.mode)
         return response.status_code != 412
 
     async def delete(self, entity_set: str, key: Key) -> None:

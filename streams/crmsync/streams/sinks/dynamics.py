@@ -21,12 +21,12 @@ from crmsync.targets.dynamics import (
     DynamicsClient,
     Key,
     Write,
-    WriteMode,
     classify,
     parent_missing,
 )
 from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
 from crmsync.targets.settings import DynamicsTarget
+from crmsync.targets.writes import WriteMode
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class DynamicsSink:
                     continue
                 else:
                     try:
-                        requests[index] = self.client.write_request(_write_of(record))
+                        requests[index] = self.client.write_request(self._first_write(record))
                         continue
                     except RecordRejected as error:
                         outcomes[index] = error
@@ -101,16 +101,13 @@ class DynamicsSink:
             for index, (outcome, status) in written.items():
                 record = records[index]
                 outcomes[index] = outcome
-                if (
-                    status == 412
-                    and _mode_of(requests[index]) == "create"
-                    and record.create_fields
-                    and record.mode == "upsert"
-                    and record.fields
-                ):
-                    updates[index] = self.client.write_request(
-                        Write(record.target, record_key(record), record.fields, "upsert")
+                then = None
+                if status == 412 and _mode_of(requests[index]) != record.mode:
+                    then = self.client.then_write(
+                        record.target, record_key(record), record.fields, record.mode
                     )
+                if then is not None:
+                    updates[index] = self.client.write_request(then)
                     continue  # the record stays first in its queue for its second step
                 queues[record.identity].pop(0)
                 if blocks_its_key(outcome):
@@ -172,21 +169,21 @@ class DynamicsSink:
             attempt += 1
         return outcomes
 
+    def _first_write(self, record: SinkRecord) -> Write:
+        fields = None if record.op == "delete" else record.fields
+        return self.client.first_write(
+            record.target,
+            record_key(record),
+            fields,
+            mode=record.mode,
+            create_fields=record.create_fields,
+        )
+
     def _items(self, requests: list[BatchRequest]) -> list[BatchRequest | ChangeSet]:
         if not self.atomic:
             return list(requests)
         size = self.client.max_batch_requests
         return [ChangeSet(requests[i : i + size]) for i in range(0, len(requests), size)]
-
-
-def _write_of(record: SinkRecord) -> Write:
-    """The record's (first) request: with create_fields, a create-only write including them."""
-    if record.op == "delete":
-        return Write(record.target, record_key(record), None, record.mode)
-    if record.create_fields and record.mode != "update":
-        fields = {**record.fields, **record.create_fields}
-        return Write(record.target, record_key(record), fields, "create")
-    return Write(record.target, record_key(record), record.fields, record.mode)
 
 
 def _mode_of(request: BatchRequest) -> WriteMode:
