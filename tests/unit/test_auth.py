@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from crmsync.control import models
 from crmsync.control.auth import (
     Authenticator,
     Role,
@@ -20,8 +18,8 @@ from crmsync.control.auth import (
 )
 from crmsync.control.errors import Forbidden, Unauthenticated
 from crmsync.control.server import create_app
-from crmsync.control.supervisor import Figures
 from crmsync.streams.settings import Settings
+from tests.unit.fake_supervisor import FakeSupervisor, factory
 
 TOKENS = "ada:viewer:view-token,ops:operator:op:with:colons, root:admin:root-token"
 
@@ -66,42 +64,11 @@ def test_the_admin_token_is_kept_for_the_cli_and_the_next_start(tmp_path: Any) -
     assert (tmp_path / ".local/admin-token").read_text().strip() == "chosen"
 
 
-class _FakeSupervisor:
-    """Answers like a supervisor with every workflow running; records the actions."""
-
-    def __init__(self) -> None:
-        self.actions: list[tuple[str, str, str]] = []
-
-    async def summaries(self) -> list[models.WorkflowSummary]:
-        return []
-
-    def config(self, name: str) -> models.ConfigAnswer:
-        return models.ConfigAnswer(
-            active={}, active_version=1, pending=None, pending_version=None, pending_diff=[]
-        )
-
-    async def stop_workflow(self, name: str, who: Any) -> models.StatusAnswer:
-        self.actions.append(("stop", name, who.name))
-        return models.StatusAnswer(name=name, status="STARTING", generation=2)
-
-    async def edit_config(self, name: str, data: Any, who: Any) -> models.PendingAnswer:
-        self.actions.append(("edit", name, who.name))
-        return models.PendingAnswer(pending=data, pending_version=2, pending_diff=[])
-
-    def figures(self) -> list[Figures]:
-        return []
-
-
 @pytest.fixture
-async def api() -> AsyncIterator[tuple[httpx.AsyncClient, _FakeSupervisor]]:
-    fake = _FakeSupervisor()
-
-    @contextlib.asynccontextmanager
-    async def factory(settings: Settings) -> AsyncIterator[Any]:
-        yield fake
-
+async def api() -> AsyncIterator[tuple[httpx.AsyncClient, FakeSupervisor]]:
+    fake = FakeSupervisor()
     auth = Authenticator("the-admin", parse_tokens(TOKENS))
-    app = create_app(Settings(), auth, factory)  # type: ignore[arg-type]
+    app = create_app(Settings(), auth, factory(fake))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://control") as client:
@@ -109,7 +76,7 @@ async def api() -> AsyncIterator[tuple[httpx.AsyncClient, _FakeSupervisor]]:
 
 
 async def test_the_api_answers_401_403_and_lets_the_right_role_act(
-    api: tuple[httpx.AsyncClient, _FakeSupervisor],
+    api: tuple[httpx.AsyncClient, FakeSupervisor],
 ) -> None:
     client, fake = api
     missing = await client.get("/api/v1/workflows")
@@ -134,7 +101,7 @@ async def test_the_api_answers_401_403_and_lets_the_right_role_act(
     assert fake.actions == [("stop", "opt-in-out", "ops"), ("edit", "opt-in-out", "admin")]
 
 
-async def test_open_routes_need_no_token(api: tuple[httpx.AsyncClient, _FakeSupervisor]) -> None:
+async def test_open_routes_need_no_token(api: tuple[httpx.AsyncClient, FakeSupervisor]) -> None:
     client, _ = api
     assert (await client.get("/healthz")).json() == {"status": "ok", "detail": None}
     assert (await client.get("/openapi.json")).json()["openapi"].startswith("3.")
@@ -142,7 +109,7 @@ async def test_open_routes_need_no_token(api: tuple[httpx.AsyncClient, _FakeSupe
 
 
 async def test_malformed_requests_are_4xx_in_the_error_shape(
-    api: tuple[httpx.AsyncClient, _FakeSupervisor],
+    api: tuple[httpx.AsyncClient, FakeSupervisor],
 ) -> None:
     client, _ = api
     admin = {"Authorization": "Bearer the-admin"}

@@ -1,7 +1,7 @@
 """The HTTP API: thin routes over the supervisor, one table that also yields /openapi.json.
 
-Every refusal is a typed `ControlError`; `_error_response` is the one place that turns them
-into HTTP codes.
+Every refusal is a typed `ControlError` carrying its HTTP status; `error_response` is the one
+place that turns one into an answer, for the page too.
 """
 
 from __future__ import annotations
@@ -20,43 +20,20 @@ from starlette.routing import Route
 
 from crmsync.control import models
 from crmsync.control.auth import Authenticator, Principal, Role, require
-from crmsync.control.errors import (
-    BadRequest,
-    Conflict,
-    ControlError,
-    Forbidden,
-    Invalid,
-    Unauthenticated,
-    Unavailable,
-    UnknownWorkflow,
-)
-from crmsync.control.supervisor import Supervisor
+from crmsync.control.errors import BadRequest, ControlError, Invalid, Unavailable
+from crmsync.control.supervisor_protocol import Supervisor
 
 log = logging.getLogger(__name__)
 
-_STATUS: dict[type[ControlError], int] = {
-    BadRequest: 400,
-    Unauthenticated: 401,
-    Forbidden: 403,
-    UnknownWorkflow: 404,
-    Conflict: 409,
-    Invalid: 422,
-    Unavailable: 503,
-}
 DEFAULT_LIMIT, MAX_LIMIT = 50, 1000
 
 
-def _error_response(error: ControlError) -> JSONResponse:
-    status = next((code for kind, code in _STATUS.items() if isinstance(error, kind)), 400)
+def error_response(error: ControlError) -> JSONResponse:
+    """The one place a refusal becomes HTTP: the status and headers its class carries."""
     body: dict[str, Any] = {"error": error.message, "detail": error.detail}
     if isinstance(error, Invalid):
         body["errors"] = error.errors
-    headers = {}
-    if isinstance(error, Unauthenticated):
-        headers["WWW-Authenticate"] = 'Bearer realm="crmsync"' + (
-            ', error="invalid_token"' if "not valid" in error.message else ""
-        )
-    return JSONResponse(body, status, headers=headers)
+    return JSONResponse(body, error.status, headers=error.headers())
 
 
 def http_error(request: Request, exc: Exception) -> Response:
@@ -260,7 +237,7 @@ def _route(path: str, endpoints: list[Endpoint], authenticator: Authenticator) -
             supervisor: Supervisor = request.app.state.supervisor
             return await endpoint.handler(Call(request, supervisor, who))
         except ControlError as error:
-            return _error_response(error)
+            return error_response(error)
 
     return Route(path, run, methods=list(by_method), name=endpoints[0].handler.__name__)
 

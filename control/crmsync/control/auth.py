@@ -89,7 +89,7 @@ class Authenticator:
             raise Unauthenticated("use an Authorization: Bearer <token> header")
         principal = self.identify(token.strip())
         if principal is None:
-            raise Unauthenticated("the token is not valid")
+            raise Unauthenticated("the token is not valid", invalid_token=True)
         return principal
 
 

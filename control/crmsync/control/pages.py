@@ -20,15 +20,10 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from crmsync.control import config_form, models
+from crmsync.control.api import error_response
 from crmsync.control.auth import Authenticator, Principal, Role
-from crmsync.control.errors import (
-    ControlError,
-    Forbidden,
-    Invalid,
-    Unavailable,
-    UnknownWorkflow,
-)
-from crmsync.control.supervisor import Supervisor
+from crmsync.control.errors import ControlError, Invalid
+from crmsync.control.supervisor_protocol import Supervisor
 from crmsync.streams import config as configs
 
 _Endpoint = Callable[[Request], Awaitable[Response]]
@@ -42,12 +37,6 @@ _HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
 }
-_CODES: dict[type[ControlError], int] = {
-    Forbidden: 403,
-    UnknownWorkflow: 404,
-    Invalid: 422,
-    Unavailable: 503,
-}
 _TRENDS = {
     "caught_up": "caught up",
     "draining": "draining",
@@ -57,10 +46,6 @@ _TRENDS = {
 }
 
 templates = Jinja2Templates(directory=str(_HERE / "templates"))
-
-
-def _code(error: ControlError) -> int:
-    return next((c for kind, c in _CODES.items() if isinstance(error, kind)), 409)
 
 
 def row(summary: models.WorkflowSummary) -> dict[str, Any]:
@@ -208,6 +193,12 @@ class _Pages:
         context = {"title": "Refused", "message": message, "status": status}
         return self._page(request, session, "error.html", context, status)
 
+    def _refuse_error(self, request: Request, session: _Session, error: ControlError) -> Response:
+        """A supervisor's refusal, with the status its class carries (as the API answers it)."""
+        if _wants_json(request):
+            return self._sessions.write(request, error_response(error), session)
+        return self._refuse(request, session, error.status, error.message)
+
     @staticmethod
     def _supervisor(request: Request) -> Supervisor:
         supervisor: Supervisor = request.app.state.supervisor
@@ -269,7 +260,9 @@ class _Pages:
         try:
             summaries = await self._supervisor(request).summaries()
         except ControlError as error:
-            return JSONResponse({"error": error.message, "detail": None}, _code(error), _HEADERS)
+            response = error_response(error)
+            response.headers.update(_HEADERS)
+            return response
         return JSONResponse({"workflows": [row(s) for s in summaries]}, headers=_HEADERS)
 
     async def toggle(self, request: Request) -> Response:
@@ -289,7 +282,7 @@ class _Pages:
                 answer = await supervisor.stop_workflow(name, principal)
         except ControlError as error:
             if _wants_json(request):
-                return self._refuse(request, session, _code(error), error.message)
+                return self._refuse_error(request, session, error)
             session.flash, session.changed = error.message, True
             return self._redirect(request, session, "/")
         if _wants_json(request):
@@ -310,7 +303,7 @@ class _Pages:
             config = self._supervisor(request).config(name)
             summary = await self._supervisor(request).summary(name)
         except ControlError as error:
-            return self._refuse(request, session, _code(error), error.message)
+            return self._refuse_error(request, session, error)
         form = config_form.from_config(name, config.pending or config.active)
         diff = [c.model_dump(mode="json") for c in config.pending_diff]
         context = {
@@ -333,7 +326,7 @@ class _Pages:
             current = supervisor.config(name)
             summary = await supervisor.summary(name)
         except ControlError as error:
-            return self._refuse(request, session, _code(error), error.message)
+            return self._refuse_error(request, session, error)
         data = {k: v for k, v in form_data.items() if isinstance(v, str)}
         config, form = config_form.parse(name, data, current.pending or current.active)
         context: dict[str, Any] = {"row": row(summary), "form": form, "diff": None}
@@ -360,7 +353,7 @@ class _Pages:
                 context |= {"review": None, "reviewed": None}
                 return self._page(request, session, "edit.html", context, 422)
             except ControlError as error:
-                return self._refuse(request, session, _code(error), error.message)
+                return self._refuse_error(request, session, error)
             session.changed = True
             session.flash = (
                 f"Saved {name}'s changes: they apply on the next Stop + Start."

@@ -16,7 +16,8 @@ from starlette.routing import Route
 
 from crmsync.control import api, metrics, openapi, pages
 from crmsync.control.auth import Authenticator, resolve_admin_token
-from crmsync.control.supervisor import Supervisor
+from crmsync.control.supervisor import KafkaSupervisor
+from crmsync.control.supervisor_protocol import Supervisor
 from crmsync.streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class ControlPlaneFailed(RuntimeError):
 def create_app(
     settings: Settings,
     authenticator: Authenticator,
-    supervisor_factory: SupervisorFactory = Supervisor,
+    supervisor_factory: SupervisorFactory = KafkaSupervisor,
 ) -> Starlette:
     """The app; its lifespan starts the supervisor (and so needs Kafka)."""
     document = openapi.document()

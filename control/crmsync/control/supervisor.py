@@ -1,4 +1,5 @@
-"""The one object the HTTP API, the web page and the CLI call: it reads and writes control topics.
+"""The `Supervisor` the HTTP API, the web page and the CLI call, over Kafka: it reads and writes
+the control topics.
 
 It follows `crmsync.control` and `crmsync.status` and is the only writer of `crmsync.control`;
 every state-changing action is also written to `crmsync.audit`.
@@ -13,7 +14,6 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -27,6 +27,7 @@ from crmsync.control.auth import Principal
 from crmsync.control.backlog import Backlog, OffsetReader, TrendWindow
 from crmsync.control.errors import Conflict, Invalid, Unavailable, UnknownWorkflow
 from crmsync.control.status import Derived, derive, live_workers
+from crmsync.control.supervisor_protocol import Figures
 from crmsync.control.tail import TopicTail
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, DecodeError
 from crmsync.streams import config as configs
@@ -59,21 +60,8 @@ def _epoch_ms(iso_time: str) -> int:
     return int(moment.timestamp() * 1000)
 
 
-@dataclass(frozen=True)
-class Figures:
-    """What /metrics shows of one workflow, from what the supervisor already holds."""
-
-    name: str
-    status: str
-    backlog: int | None
-    pending_changes: bool
-    live_workers: int
-    records_written: int  # Σ over the workers reporting (each counts since its own start)
-    dead_lettered: int
-
-
-class Supervisor:
-    """Status, backlog, config and actions of every workflow."""
+class KafkaSupervisor:
+    """The `Supervisor` over Kafka: status, backlog, config and actions of every workflow."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -129,7 +117,7 @@ class Supervisor:
         await self._offsets.close()
         await self._producer.stop()
 
-    async def __aenter__(self) -> Supervisor:
+    async def __aenter__(self) -> KafkaSupervisor:
         try:
             await self.start()
         except BaseException:

@@ -1,0 +1,96 @@
+"""A `Supervisor` without Kafka for the control plane's unit tests: every workflow running."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from crmsync.control import models
+from crmsync.control.auth import Principal
+from crmsync.control.errors import ControlError
+from crmsync.control.server import SupervisorFactory
+from crmsync.control.supervisor_protocol import Figures, Supervisor
+from crmsync.streams.settings import Settings
+
+
+class FakeSupervisor:
+    """Records the actions; `refuse` makes every call raise that error instead."""
+
+    def __init__(self) -> None:
+        self.actions: list[tuple[str, str, str]] = []
+        self.refuse: ControlError | None = None
+
+    def _check(self) -> None:
+        if self.refuse is not None:
+            raise self.refuse
+
+    def _summary(self, name: str) -> models.WorkflowSummary:
+        return models.WorkflowSummary(
+            name=name, title=name, status="RUNNING", backlog=0, trend="caught_up",
+            pending_changes=False, error=None,
+        )  # fmt: skip
+
+    async def summaries(self) -> list[models.WorkflowSummary]:
+        self._check()
+        return []
+
+    async def summary(self, name: str) -> models.WorkflowSummary:
+        self._check()
+        return self._summary(name)
+
+    async def detail(self, name: str) -> models.WorkflowDetail:
+        self._check()
+        raise NotImplementedError
+
+    def config(self, name: str) -> models.ConfigAnswer:
+        self._check()
+        return models.ConfigAnswer(
+            active={}, active_version=1, pending=None, pending_version=None, pending_diff=[]
+        )
+
+    def figures(self) -> list[Figures]:
+        return []
+
+    async def dead_letters(self, name: str, limit: int) -> models.DeadLetterList:
+        self._check()
+        return models.DeadLetterList(workflow=name, dead_letters=[])
+
+    async def audit(self, limit: int) -> models.AuditList:
+        self._check()
+        return models.AuditList(audit=[])
+
+    async def ready(self) -> None:
+        self._check()
+
+    async def start_workflow(self, name: str, who: Principal) -> models.StatusAnswer:
+        self._check()
+        self.actions.append(("start", name, who.name))
+        return models.StatusAnswer(name=name, status="STARTING", generation=2)
+
+    async def stop_workflow(self, name: str, who: Principal) -> models.StatusAnswer:
+        self._check()
+        self.actions.append(("stop", name, who.name))
+        return models.StatusAnswer(name=name, status="STARTING", generation=2)
+
+    async def edit_config(
+        self, name: str, data: Mapping[str, Any], who: Principal
+    ) -> models.PendingAnswer:
+        self._check()
+        self.actions.append(("edit", name, who.name))
+        return models.PendingAnswer(pending=dict(data), pending_version=2, pending_diff=[])
+
+    async def replay(self, name: str, from_: str, who: Principal) -> models.ReplayAnswer:
+        self._check()
+        raise NotImplementedError
+
+
+def factory(fake: FakeSupervisor) -> SupervisorFactory:
+    """A `SupervisorFactory` that hands out `fake` (checked against the protocol by mypy)."""
+    supervisor: Supervisor = fake
+
+    @contextlib.asynccontextmanager
+    async def make(settings: Settings) -> AsyncIterator[Supervisor]:
+        yield supervisor
+
+    return make
