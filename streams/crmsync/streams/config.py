@@ -32,9 +32,9 @@ from crmsync.streams.kafka.topics import (
 
 # -- value types ------------------------------------------------------------------------------
 
-_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_RESOURCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z_][A-Za-z0-9_]*)*$")
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_RESOURCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z_][A-Za-z0-9_]*)*\Z")
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
 
 
 def _field_name(value: str) -> str:

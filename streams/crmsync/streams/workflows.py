@@ -20,7 +20,7 @@ from crmsync.streams.config import (
 )
 from crmsync.streams.control_protocol import TopicFollower
 from crmsync.streams.kafka import topics
-from crmsync.targets.errors import Fatal
+from crmsync.targets.errors import Fatal, RecordRejected
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ class Workflow(Protocol):
 
     async def plan(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> list[Planned]:
         """One Planned per (topic, event), in order. Raises nothing for a single record: one
-        that cannot be mapped is a `Planned` whose `commit` is the MappingError (or Fatal)."""
+        that cannot be mapped is a `Planned` whose `commit` is the RecordRejected (or Fatal: only a
+        configuration fault, never something a record's content provokes)."""
         ...
 
     def forget_pending(self) -> None:
@@ -76,7 +77,14 @@ def _plan_each(batch: Sequence[tuple[str, dict[str, Any]]], fn: Any) -> list[Pla
             planned.append(Planned(fn(topic, event)))
         except (mapping.MappingError, Fatal) as error:
             planned.append(Planned([], commit=error))
+        except Exception as error:  # whatever one record provokes is that record's rejection
+            planned.append(Planned([], commit=_unplannable(error)))
     return planned
+
+
+def _unplannable(error: Exception) -> RecordRejected:
+    log.warning("event=record_unplannable error=%r", error)
+    return RecordRejected(f"cannot be mapped: {type(error).__name__}: {error}")
 
 
 @dataclass
@@ -203,6 +211,9 @@ class OptInOut:
                 decision = optout.decide(event, side, state, self.config)
             except mapping.MappingError as error:
                 planned.append(Planned([], commit=error))
+                continue
+            except Exception as error:  # whatever one record provokes is that record's rejection
+                planned.append(Planned([], commit=_unplannable(error)))
                 continue
             commit = None
             if decision.state is not None:

@@ -47,7 +47,7 @@ WriteMode = Literal["upsert", "create", "update"]
 Operation = Literal["write", "delete", "read"]
 
 MAX_BATCH_REQUESTS = 1000  # the documented limit of one $batch
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
 # Dataverse answers 404 0x8006088a "Resource not found for the segment 'x'." for an unknown
 # entity set, and "No HTTP resource was found that matches the request URI" for an unknown path.
 _MISSING_SET_CODES = frozenset({"0x8006088a"})
