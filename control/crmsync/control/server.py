@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crmsync.control import api, metrics, openapi, pages
-from crmsync.control.auth import Authenticator, resolve_admin_token
+from crmsync.control.auth import Authenticator, resolve_admin_token, token_whereabouts
 from crmsync.control.supervisor import KafkaSupervisor
 from crmsync.control.supervisor_protocol import Supervisor
 from crmsync.streams.settings import Settings
@@ -66,11 +66,13 @@ def create_app(
     )
 
 
-def banner(settings: Settings, token: str) -> str:
+def banner(settings: Settings) -> str:
+    """Where the control plane listens and where its admin token is kept, never the token:
+    stdout ends up in pod logs and log pipelines."""
     url = f"http://{settings.http_host}:{settings.http_port}"
     return (
         f"control plane: {url}  (API {url}/api/v1/workflows, OpenAPI {url}/openapi.json)\n"
-        f"admin token:   {token}  (also in {settings.local_dir / 'admin-token'})"
+        f"admin token:   {token_whereabouts(settings)}"
     )
 
 
@@ -86,7 +88,7 @@ async def serve(settings: Settings) -> None:
         access_log=False,
         log_config=None,
     )
-    print(banner(settings, token), flush=True)
+    print(banner(settings), flush=True)
     server = uvicorn.Server(config)
     await server.serve()
     if not server.started:
