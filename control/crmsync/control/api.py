@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from crmsync.control import models
+from crmsync.control import limits, models
 from crmsync.control.auth import Authenticator, Principal, Role, require
 from crmsync.control.errors import BadRequest, ControlError, Invalid, Unavailable
 from crmsync.control.supervisor_protocol import Supervisor
@@ -37,8 +37,11 @@ def error_response(error: ControlError) -> JSONResponse:
 
 
 def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own refusals (unknown path, wrong method) in our error shape."""
+    """Starlette's own refusals (unknown path, wrong method, a body past its limit) in our
+    error shape."""
     assert isinstance(exc, HTTPException)
+    if isinstance(exc, limits.BodyTooLarge):
+        return JSONResponse(limits.too_large_body(exc.limit), 413, headers={"Connection": "close"})
     return JSONResponse(
         {"error": exc.detail or "error", "detail": None}, exc.status_code, headers=exc.headers
     )
@@ -80,9 +83,18 @@ class Call:
     async def json(self) -> Any:
         body = await self.request.body()
         try:
-            return json.loads(body)
+            data = json.loads(body)
+            too_deep = limits.depth(data) > limits.JSON_MAX_DEPTH
         except (ValueError, UnicodeDecodeError) as error:
             raise BadRequest("the body is not valid JSON", str(error)) from None
+        except RecursionError:  # deeper than Python's own limit
+            too_deep = True
+        if too_deep:
+            raise BadRequest(
+                f"the JSON body nests deeper than {limits.JSON_MAX_DEPTH} levels",
+                {"max_depth": limits.JSON_MAX_DEPTH},
+            )
+        return data
 
     async def body(self, model: type[BaseModel]) -> Any:
         data = await self.json()
@@ -200,12 +212,12 @@ ENDPOINTS: list[Endpoint] = [
     ),
     Endpoint(
         "PUT", f"{_W}/config", _put_config, "Validate a config and store it as pending",
-        Role.admin, models.PendingAnswer, body="WorkflowConfig", refusals=(400, 404, 422),
+        Role.admin, models.PendingAnswer, body="WorkflowConfig", refusals=(400, 404, 413, 422),
     ),
     Endpoint(
         "POST", f"{_W}/replay", _replay, "Move the committed offsets back (only while STOPPED)",
         Role.operator, models.ReplayAnswer, body=models.ReplayBody,
-        refusals=(400, 404, 409, 422),
+        refusals=(400, 404, 409, 413, 422),
     ),
     Endpoint(
         "GET", f"{_W}/dead-letters", _dead_letters, "The newest dead letters with their reasons",

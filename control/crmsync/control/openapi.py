@@ -20,6 +20,7 @@ _REASONS = {
     403: "the token's role does not allow this",
     404: "no such workflow",
     409: "the workflow's state does not allow this now",
+    413: "the body is larger than its limit (1 MiB for JSON, 64 KiB for forms), named in detail",
     422: "invalid body: every problem with its place",
     503: "Kafka or the workers did not answer in time",
 }

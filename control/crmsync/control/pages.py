@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from crmsync.control import config_form, models
+from crmsync.control import config_form, limits, models
 from crmsync.control.api import error_response
 from crmsync.control.auth import Authenticator, Principal, Role
 from crmsync.control.errors import ControlError, Invalid
@@ -139,6 +139,15 @@ def _csrf_ok(session: _Session, form: FormData) -> bool:
     return isinstance(given, str) and hmac.compare_digest(given.encode(), session.csrf.encode())
 
 
+async def _form(request: Request) -> FormData:
+    """The form, with our field and file limits (no form of ours uploads a file)."""
+    return await request.form(
+        max_files=limits.FORM_MAX_FILES,
+        max_fields=limits.FORM_MAX_FIELDS,
+        max_part_size=limits.FORM_LIMIT,
+    )
+
+
 def _wants_json(request: Request) -> bool:
     return "application/json" in request.headers.get("accept", "")
 
@@ -215,7 +224,7 @@ class _Pages:
 
     async def login(self, request: Request) -> Response:
         session = self._sessions.read(request)
-        form = await request.form()
+        form = await _form(request)
         if not _csrf_ok(session, form):
             return self._refuse(request, session, 403, "The form expired: reload it and retry.")
         token = form.get("token")
@@ -233,7 +242,7 @@ class _Pages:
 
     async def logout(self, request: Request) -> Response:
         session = self._sessions.read(request)
-        form = await request.form()
+        form = await _form(request)
         if not _csrf_ok(session, form):
             return self._refuse(request, session, 403, "The form expired: reload it and retry.")
         fresh = _Session(csrf=secrets.token_urlsafe(24), flash="Signed out.", changed=True)
@@ -267,7 +276,7 @@ class _Pages:
 
     async def toggle(self, request: Request) -> Response:
         session = self._sessions.read(request)
-        form = await request.form()
+        form = await _form(request)
         if not _csrf_ok(session, form):
             return self._refuse(request, session, 403, "The form expired: reload it and retry.")
         principal = session.principal
@@ -314,7 +323,7 @@ class _Pages:
 
     async def edit(self, request: Request) -> Response:
         session = self._sessions.read(request)
-        form_data = await request.form()
+        form_data = await _form(request)
         if not _csrf_ok(session, form_data):
             return self._refuse(request, session, 403, "The form expired: reload it and retry.")
         principal = session.principal

@@ -10,12 +10,14 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crmsync.control import api, metrics, openapi, pages
 from crmsync.control.auth import Authenticator, resolve_admin_token, token_whereabouts
+from crmsync.control.limits import RequestLimits
 from crmsync.control.supervisor import KafkaSupervisor
 from crmsync.control.supervisor_protocol import Supervisor
 from crmsync.streams.settings import Settings
@@ -62,6 +64,7 @@ def create_app(
             *pages.routes(authenticator),
         ],
         exception_handlers={HTTPException: api.http_error, Exception: crashed},
+        middleware=[Middleware(RequestLimits)],
         lifespan=lifespan,
     )
 
