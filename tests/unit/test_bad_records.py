@@ -153,3 +153,31 @@ def test_an_opt_out_change_with_an_impossible_time_is_rejected(ts_ms: int) -> No
     """Kept, a time past 9999 would win against every later change of the contact."""
     with pytest.raises(mapping.MappingError, match="not epoch milliseconds"):
         optout.decide(flip("d365", True, ts_ms), "d365", None, optout_config())
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        topics.CONTROL,
+        topics.AUDIT,
+        topics.OPTOUT_STATE,
+        topics.STATUS,
+        topics.dead_letters("opt-in-out"),
+        "crmsync.anything",
+        "CRMSYNC.control",
+        "__consumer_offsets",
+        "d365.contact\x07changes",
+    ],
+)
+def test_a_config_cannot_aim_a_workflow_or_the_source_at_internal_topics(topic: str) -> None:
+    """The source would publish into them, workers consume and dead-letter them."""
+    entity = {"logical_name": "new_purchase", "resource": "cusPurchase", "key_field": "id"}
+    for workflow, data in [
+        ("d365-to-campaign", {"contact_topic": topic}),
+        ("d365-to-campaign", {"custom_entities": [{**entity, "topic": topic}]}),
+        ("campaign-to-d365", {"email_topic": topic}),
+        ("opt-in-out", {"profile_topic": topic}),
+    ]:
+        with pytest.raises(ConfigError) as refused:
+            parse_config(workflow, data)
+        assert "topic" in json.dumps(refused.value.errors), refused.value.errors
