@@ -172,12 +172,13 @@ def test_an_opt_out_change_with_an_impossible_time_is_rejected(ts_ms: int) -> No
 def test_a_config_cannot_aim_a_workflow_or_the_source_at_internal_topics(topic: str) -> None:
     """The source would publish into them, workers consume and dead-letter them."""
     entity = {"logical_name": "new_purchase", "resource": "cusPurchase", "key_field": "id"}
-    for workflow, data in [
+    cases: list[tuple[str, dict[str, Any]]] = [
         ("d365-to-campaign", {"contact_topic": topic}),
         ("d365-to-campaign", {"custom_entities": [{**entity, "topic": topic}]}),
         ("campaign-to-d365", {"email_topic": topic}),
         ("opt-in-out", {"profile_topic": topic}),
-    ]:
+    ]
+    for workflow, data in cases:
         with pytest.raises(ConfigError) as refused:
             parse_config(workflow, data)
         assert "topic" in json.dumps(refused.value.errors), refused.value.errors
