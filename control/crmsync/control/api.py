@@ -184,7 +184,9 @@ async def _readyz(call: Call) -> Response:
     try:
         await call.supervisor.ready()
     except Unavailable as error:
-        return _answer(models.Health(status="unavailable", detail=error.message), 503)
+        # an open route: why (Kafka's error text, addresses) goes to the log, not to anyone asking
+        log.warning("event=not_ready reason=%r", error.message)
+        return _answer(models.Health(status="unavailable"), 503)
     return _answer(models.Health(status="ok"))
 
 

@@ -511,7 +511,8 @@ class DynamicsClient:
             page = response.json()
             for record in page.get("value", []):
                 yield record
-            url = page.get("@odata.nextLink")
+            next_link = page.get("@odata.nextLink")
+            url = self._own_link(next_link) if next_link else None  # never our token elsewhere
 
     # -- change tracking ---------------------------------------------------------------------
 
