@@ -15,6 +15,7 @@ from crmsync.control.errors import (
     ControlError,
     Forbidden,
     Invalid,
+    TooManyAttempts,
     Unauthenticated,
     Unavailable,
     UnknownWorkflow,
@@ -32,6 +33,7 @@ REFUSALS: list[tuple[ControlError, int]] = [
     (UnknownWorkflow("no such workflow"), 404),
     (Conflict("already running"), 409),
     (Invalid("invalid", [{"loc": ["x"], "msg": "bad"}]), 422),
+    (TooManyAttempts("slow down", 30), 429),
     (Unavailable("Kafka is away"), 503),
 ]
 

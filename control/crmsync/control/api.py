@@ -20,8 +20,9 @@ from starlette.routing import Route
 
 from crmsync.control import limits, models
 from crmsync.control.auth import Authenticator, Principal, Role, require
-from crmsync.control.errors import BadRequest, ControlError, Invalid, Unavailable
+from crmsync.control.errors import BadRequest, ControlError, Invalid, Unauthenticated, Unavailable
 from crmsync.control.supervisor_protocol import Supervisor
+from crmsync.control.throttle import FailureThrottle
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,9 @@ ENDPOINTS: list[Endpoint] = [
 ]  # fmt: skip
 
 
-def _route(path: str, endpoints: list[Endpoint], authenticator: Authenticator) -> Route:
+def _route(
+    path: str, endpoints: list[Endpoint], authenticator: Authenticator, throttle: FailureThrottle
+) -> Route:
     """One route per path (so a 405 names every allowed method), dispatching on the method."""
     by_method = {endpoint.method: endpoint for endpoint in endpoints}
 
@@ -246,7 +249,14 @@ def _route(path: str, endpoints: list[Endpoint], authenticator: Authenticator) -
         try:
             who = None
             if endpoint.role is not None:
-                who = authenticator.authenticate(request.headers.get("authorization"))
+                client = request.client.host if request.client else "unknown"
+                throttle.check(client)
+                try:
+                    who = authenticator.authenticate(request.headers.get("authorization"))
+                except Unauthenticated as error:
+                    if error.invalid_token:  # a guess, not a missing header
+                        throttle.failed(client)
+                    raise
                 require(who, endpoint.role)
             supervisor: Supervisor = request.app.state.supervisor
             return await endpoint.handler(Call(request, supervisor, who))
@@ -256,8 +266,9 @@ def _route(path: str, endpoints: list[Endpoint], authenticator: Authenticator) -
     return Route(path, run, methods=list(by_method), name=endpoints[0].handler.__name__)
 
 
-def routes(authenticator: Authenticator) -> list[Route]:
+def routes(authenticator: Authenticator, throttle: FailureThrottle | None = None) -> list[Route]:
+    throttle = throttle or FailureThrottle()
     paths: dict[str, list[Endpoint]] = {}
     for endpoint in ENDPOINTS:
         paths.setdefault(endpoint.path, []).append(endpoint)
-    return [_route(path, endpoints, authenticator) for path, endpoints in paths.items()]
+    return [_route(path, endpoints, authenticator, throttle) for path, endpoints in paths.items()]

@@ -94,6 +94,7 @@ class Authenticator:
     def __init__(self, admin_token: str, more: Sequence[tuple[str, Role, str]] = ()) -> None:
         if not admin_token or any(not token for _, _, token in more):
             raise TokenError("an empty token would let anyone in")
+        self._key = secrets.token_bytes(32)
         self._tokens = [_Token(Principal("admin", Role.admin), admin_token.encode())]
         self._tokens += [_Token(Principal(n, r), t.encode()) for n, r, t in more]
 
@@ -105,6 +106,19 @@ class Authenticator:
         for name, _, token in more:
             check_token(f"CRMSYNC_API_TOKENS entry {name}", token)
         return cls(admin_token, more)
+
+    def fingerprint(self, token: str) -> str:
+        """What a server-side session keeps of the token that opened it (a keyed hash)."""
+        return hmac.new(self._key, token.encode(), "sha256").hexdigest()
+
+    def by_fingerprint(self, fingerprint: str) -> Principal | None:
+        """The principal of the token with that fingerprint, None once no such token is known."""
+        found = None
+        for known in self._tokens:
+            mine = hmac.new(self._key, known.secret, "sha256").hexdigest()
+            if hmac.compare_digest(mine, fingerprint) and found is None:
+                found = known.principal
+        return found
 
     def identify(self, token: str) -> Principal | None:
         """The token's principal; every known token is compared, so timing tells nothing."""

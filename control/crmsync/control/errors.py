@@ -73,6 +73,19 @@ class Invalid(ControlError):
         self.errors = errors
 
 
+class TooManyAttempts(ControlError):
+    """Too many failed sign-ins or bearer tokens from one client: wait, then retry."""
+
+    status, code = 429, "too_many_attempts"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, {"retry_after_s": retry_after_s})
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
 class Unavailable(ControlError):
     """Kafka or the workers did not answer in time; retrying later may work."""
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +24,16 @@ from starlette.templating import Jinja2Templates
 from crmsync.control import config_form, limits, models
 from crmsync.control.api import error_response
 from crmsync.control.auth import Authenticator, Principal, Role
-from crmsync.control.errors import ControlError, Invalid
+from crmsync.control.errors import ControlError, Invalid, TooManyAttempts
 from crmsync.control.supervisor_protocol import Supervisor
+from crmsync.control.throttle import FailureThrottle
 from crmsync.streams import config as configs
 
 _Endpoint = Callable[[Request], Awaitable[Response]]
 _HERE = Path(__file__).parent
 _COOKIE = "crmsync_session"
+#: The cookie's name whenever it is Secure: `__Host-` binds it to this host, path / and HTTPS.
+_SECURE_COOKIE = "__Host-crmsync_session"
 _SESSION_MAX_AGE_S = 12 * 3600
 _PENDING_TIP = "edited; changes apply on the next Stop + Start"
 _HEADERS = {
@@ -75,19 +80,14 @@ def _duration(seconds: float) -> str:
 
 @dataclass
 class _Session:
-    """The signed cookie's content: who signed in (never the token), the CSRF token, a notice."""
+    """The signed cookie's content: a CSRF token, a notice, and the id of a server-side session
+    (never the token, nor who signed in: the server holds that, so signing out revokes it)."""
 
     csrf: str
-    who: str | None = None
-    role: str | None = None
+    sid: str | None = None
     flash: str | None = None
     changed: bool = False
-
-    @property
-    def principal(self) -> Principal | None:
-        if self.who is None or self.role is None or self.role not in Role.__members__:
-            return None
-        return Principal(self.who, Role[self.role])
+    principal: Principal | None = None
 
     def can(self, role: Role) -> bool:
         principal = self.principal
@@ -99,39 +99,90 @@ class _Session:
         return flash
 
 
+@dataclass
+class _SignedIn:
+    token: str  # the token's fingerprint (Authenticator.fingerprint), not the token
+    expires: float
+
+
 class _Sessions:
-    def __init__(self, secret: bytes) -> None:
+    """Signed cookies that name server-side sessions; a session lasts 12 h, until its sign-out,
+    or until the token that opened it is no longer known."""
+
+    def __init__(self, secret: bytes, authenticator: Authenticator, public_url: str | None) -> None:
         self._signer = URLSafeTimedSerializer(secret, salt="crmsync.page-session")
+        self._auth = authenticator
+        self._https = bool(public_url and public_url.lower().startswith("https://"))
+        self._signed_in: dict[str, _SignedIn] = {}
+
+    def _secure(self, request: Request) -> bool:
+        """`__Host-` and Secure unless a browser on this machine talks plain HTTP to us."""
+        client = request.client.host if request.client else ""
+        return self._https or request.url.scheme == "https" or not _loopback(client)
 
     def read(self, request: Request) -> _Session:
-        raw = request.cookies.get(_COOKIE)
+        raw = request.cookies.get(_SECURE_COOKIE if self._secure(request) else _COOKIE)
         if raw:
             try:
                 data = self._signer.loads(raw, max_age=_SESSION_MAX_AGE_S)
-                return _Session(
-                    csrf=str(data["csrf"]), who=data.get("who"), role=data.get("role"),
-                    flash=data.get("flash"),
-                )  # fmt: skip
+                session = _Session(
+                    csrf=str(data["csrf"]), sid=data.get("sid"), flash=data.get("flash")
+                )
             except (BadSignature, KeyError, TypeError):
                 pass
+            else:
+                session.principal = self._principal(session.sid)
+                return session
         return _Session(csrf=secrets.token_urlsafe(24), changed=True)
+
+    def _principal(self, sid: str | None) -> Principal | None:
+        signed_in = self._signed_in.get(sid) if isinstance(sid, str) else None
+        if signed_in is None:
+            return None
+        principal = self._auth.by_fingerprint(signed_in.token)
+        if principal is None or signed_in.expires < time.monotonic():
+            del self._signed_in[str(sid)]  # the token is gone, or the session is too old
+            return None
+        return principal
+
+    def sign_in(self, token: str, principal: Principal) -> _Session:
+        """A new session (and a new CSRF token: one planted before is worth nothing after)."""
+        now = time.monotonic()
+        for sid in [s for s, v in self._signed_in.items() if v.expires < now]:
+            del self._signed_in[sid]
+        sid = secrets.token_urlsafe(24)
+        fingerprint = self._auth.fingerprint(token)
+        self._signed_in[sid] = _SignedIn(fingerprint, now + _SESSION_MAX_AGE_S)
+        return _Session(csrf=secrets.token_urlsafe(24), sid=sid, changed=True, principal=principal)
+
+    def sign_out(self, session: _Session) -> None:
+        if session.sid is not None:
+            self._signed_in.pop(session.sid, None)
 
     def write(self, request: Request, response: Response, session: _Session) -> Response:
         response.headers.update(_HEADERS)
         if session.changed:
-            data = {"csrf": session.csrf, "who": session.who, "role": session.role}
+            data = {"csrf": session.csrf, "sid": session.sid}
             if session.flash:
                 data["flash"] = session.flash
+            secure = self._secure(request)
             response.set_cookie(
-                _COOKIE,
+                _SECURE_COOKIE if secure else _COOKIE,
                 self._signer.dumps(data),
                 max_age=_SESSION_MAX_AGE_S,
                 path="/",
                 httponly=True,
                 samesite="lax",
-                secure=request.url.scheme == "https",
+                secure=secure,
             )
         return response
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _csrf_ok(session: _Session, form: FormData) -> bool:
@@ -164,9 +215,16 @@ def _config_hash(config: Any) -> str:
 
 
 class _Pages:
-    def __init__(self, authenticator: Authenticator, secret: bytes) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        secret: bytes,
+        throttle: FailureThrottle,
+        public_url: str | None,
+    ) -> None:
         self._auth = authenticator
-        self._sessions = _Sessions(secret)
+        self._throttle = throttle
+        self._sessions = _Sessions(secret, authenticator, public_url)
 
     # -- rendering ---------------------------------------------------------------------
 
@@ -223,28 +281,31 @@ class _Pages:
         return self._page(request, session, "login.html", context)
 
     async def login(self, request: Request) -> Response:
+        client = _client(request)
         session = self._sessions.read(request)
+        try:
+            self._throttle.check(client)
+        except TooManyAttempts as error:
+            return self._refuse_error(request, session, error)
         form = await _form(request)
         if not _csrf_ok(session, form):
             return self._refuse(request, session, 403, "The form expired: reload it and retry.")
         token = form.get("token")
-        principal = self._auth.identify(token.strip()) if isinstance(token, str) else None
+        given = token.strip() if isinstance(token, str) else ""
+        principal = self._auth.identify(given) if given else None
         target = _local(str(form.get("next") or "/"))
         if principal is None:
+            self._throttle.failed(client)
             context = {"next": target, "error": "That token is not valid."}
             return self._page(request, session, "login.html", context, 401)
-        # A new CSRF token on sign-in: one planted before it is worth nothing after.
-        signed_in = _Session(
-            csrf=secrets.token_urlsafe(24), who=principal.name, role=principal.role.name,
-            changed=True,
-        )  # fmt: skip
-        return self._redirect(request, signed_in, target)
+        return self._redirect(request, self._sessions.sign_in(given, principal), target)
 
     async def logout(self, request: Request) -> Response:
         session = self._sessions.read(request)
         form = await _form(request)
         if not _csrf_ok(session, form):
             return self._refuse(request, session, 403, "The form expired: reload it and retry.")
+        self._sessions.sign_out(session)  # the cookie, captured or not, signs nobody in now
         fresh = _Session(csrf=secrets.token_urlsafe(24), flash="Signed out.", changed=True)
         return self._redirect(request, fresh, "/login")
 
@@ -401,6 +462,16 @@ def _by_method(get: _Endpoint, post: _Endpoint) -> _Endpoint:
     return endpoint
 
 
-def routes(authenticator: Authenticator, session_secret: bytes | None = None) -> list[BaseRoute]:
+def routes(
+    authenticator: Authenticator,
+    session_secret: bytes | None = None,
+    throttle: FailureThrottle | None = None,
+    public_url: str | None = None,
+) -> list[BaseRoute]:
     """The page's routes; without a secret, sessions last as long as this process."""
-    return _Pages(authenticator, session_secret or secrets.token_bytes(32)).routes()
+    secret = session_secret or secrets.token_bytes(32)
+    return _Pages(authenticator, secret, throttle or FailureThrottle(), public_url).routes()
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"

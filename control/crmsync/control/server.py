@@ -20,6 +20,7 @@ from crmsync.control.auth import Authenticator, resolve_admin_token, token_where
 from crmsync.control.limits import RequestLimits
 from crmsync.control.supervisor import KafkaSupervisor
 from crmsync.control.supervisor_protocol import Supervisor
+from crmsync.control.throttle import FailureThrottle
 from crmsync.streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ def create_app(
 ) -> Starlette:
     """The app; its lifespan starts the supervisor (and so needs Kafka)."""
     document = openapi.document()
+    throttle = FailureThrottle()  # one count of failures per client for the API and the page
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -58,10 +60,10 @@ def create_app(
 
     return Starlette(
         routes=[
-            *api.routes(authenticator),
+            *api.routes(authenticator, throttle),
             Route("/metrics", scrape, methods=["GET"]),
             Route("/openapi.json", describe, methods=["GET"]),
-            *pages.routes(authenticator),
+            *pages.routes(authenticator, throttle=throttle, public_url=settings.public_url),
         ],
         exception_handlers={HTTPException: api.http_error, Exception: crashed},
         middleware=[Middleware(RequestLimits)],
