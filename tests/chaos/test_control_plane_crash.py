@@ -33,7 +33,7 @@ from tests.conftest import free_port
 from tests.integration.harness import Cluster, wait_for
 from tests.integration.workflow_helpers import requests
 
-TOKEN = "chaos-admin-token"
+TOKEN = "chaos-admin-token-0123456789"
 OPT_TOPICS = [topics.CONTACT_CHANGES, topics.PROFILE_CHANGES]
 
 pytestmark = pytest.mark.timeout(pick(240, 900, 500))

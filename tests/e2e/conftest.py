@@ -31,7 +31,11 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ADMIN, OPERATOR, VIEWER = "e2e-admin-token", "e2e-operator-token", "e2e-viewer-token"
+ADMIN, OPERATOR, VIEWER = (
+    "e2e-admin-token-0123456789",
+    "e2e-operator-token-01234567",
+    "e2e-viewer-token-0123456789",
+)
 WORKFLOWS = ("d365-to-campaign", "campaign-to-d365", "opt-in-out")
 
 

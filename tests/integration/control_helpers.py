@@ -18,7 +18,11 @@ from crmsync.streams.settings import Settings
 from tests.conftest import free_port
 from tests.integration.harness import PARTITIONS, wait_for
 
-ADMIN, OPERATOR, VIEWER = "admin-secret", "operator-secret", "viewer-secret"
+ADMIN, OPERATOR, VIEWER = (
+    "admin-secret-0123456789abcd",
+    "operator-secret-0123456789ab",
+    "viewer-secret-0123456789abcd",
+)
 
 
 def control_settings(bootstrap: str, home: Path) -> Settings:

@@ -46,7 +46,7 @@ class EmulatorProcess:
     def reset(self) -> None:
         for url in (self.dynamics_url, self.campaign_url):
             httpx.delete(f"{url}/_admin/faults").raise_for_status()
-            httpx.post(f"{url}/_admin/reset").raise_for_status()
+            httpx.post(f"{url}/_admin/reset", json={}).raise_for_status()
 
     def stats(self, system: str) -> dict[str, Any]:
         url = self.dynamics_url if system == "d365" else self.campaign_url

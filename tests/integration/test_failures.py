@@ -15,13 +15,18 @@ from crmsync.streams.catalog import default_config
 from crmsync.streams.kafka import topics
 from tests.integration.harness import Cluster, contacts, wait_for
 from tests.integration.workflow_helpers import (
+    ACTIVITY_SETS,
     PROFILE,
     campaign_rows,
     contact_change,
     counts,
+    create_contacts_in_dynamics,
     dead_letters,
+    dynamics_rows,
+    email_event,
     guid,
     publish_changes,
+    publish_email_events,
     publish_raw,
     start_running,
     status_of,
@@ -31,6 +36,7 @@ from tests.integration.workflow_helpers import (
 pytestmark = pytest.mark.timeout(150)
 
 D2C = "d365-to-campaign"
+C2D = "campaign-to-d365"
 CONTACTS = topics.CONTACT_CHANGES
 
 
@@ -83,6 +89,28 @@ async def test_malformed_events_go_to_the_dlq_with_their_context_and_the_rest_is
     assert any("unknown writer schema fingerprint" in m for m in messages), messages
     (status,) = await status_of(cluster, D2C)
     assert (status.state, status.error, status.dead_lettered) == ("RUNNING", None, 3)
+
+
+async def test_an_email_event_dated_past_9999_is_dead_lettered_and_the_workflow_runs_on(
+    cluster: Cluster,
+) -> None:
+    """ts_ms = 2**62 is a valid Avro long: it used to turn the workflow FAILED, and Start read
+    the same record again, so the workflow stayed stuck."""
+    people = contacts(3)
+    await create_contacts_in_dynamics(cluster, people)
+    await start_running(cluster, C2D)
+    events = [email_event("open", person["contactid"], n) for n, person in enumerate(people)]
+    events[1]["ts_ms"] = 2**62
+    await publish_email_events(cluster, events)
+
+    await wait_drained(cluster, C2D, [topics.EMAIL_EVENTS])
+    opened = {row["crmsync_eventid"] for row in await dynamics_rows(cluster, ACTIVITY_SETS["open"])}
+    assert opened == {events[0]["event_id"], events[2]["event_id"]}
+    ((_, headers),) = await dead_letters(cluster, C2D)
+    assert headers["crmsync.error.class"] == "MappingError"
+    assert "ts_ms 4611686018427387904" in headers["crmsync.error.message"]
+    (status,) = await status_of(cluster, C2D)
+    assert (status.state, status.error, status.dead_lettered) == ("RUNNING", None, 1)
 
 
 async def test_a_record_the_target_refuses_goes_to_the_dlq_with_the_servers_reason(

@@ -39,7 +39,7 @@ async def test_stats_count_rows_and_api_requests(
     async with httpx.AsyncClient() as admin:
         dynamics = (await admin.get(f"{emulators.dynamics_url}/_admin/stats")).json()
         campaign = (await admin.get(f"{emulators.campaign_url}/_admin/stats")).json()
-        await admin.post(f"{emulators.dynamics_url}/_admin/reset")
+        await admin.post(f"{emulators.dynamics_url}/_admin/reset", json={})
         after_reset = (await admin.get(f"{emulators.dynamics_url}/_admin/stats")).json()
     assert dynamics["counts"]["contacts"] == 2 and dynamics["counts"]["crmsync_emailsends"] == 0
     assert dynamics["requests"] == 2
@@ -123,7 +123,11 @@ async def test_invalid_fault_bodies_are_422(emulators: Emulators) -> None:
             response = await admin.post(f"{emulators.campaign_url}/_admin/faults", json=body)
             assert response.status_code == 422, body
             assert response.json()["errors"][0]["loc"] is not None
-        broken = await admin.post(f"{emulators.dynamics_url}/_admin/faults", content=b"{")
+        broken = await admin.post(
+            f"{emulators.dynamics_url}/_admin/faults",
+            content=b"{",
+            headers={"Content-Type": "application/json"},
+        )
         assert broken.status_code == 422
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
+import stat
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from crmsync.control import models
 from crmsync.control.auth import (
     Authenticator,
     Role,
@@ -17,12 +17,14 @@ from crmsync.control.auth import (
     parse_tokens,
     require,
     resolve_admin_token,
+    stored_admin_token,
 )
 from crmsync.control.errors import Forbidden, Unauthenticated
-from crmsync.control.server import create_app
-from crmsync.control.supervisor import Figures
+from crmsync.control.server import banner, create_app
 from crmsync.streams.settings import Settings
+from tests.unit.fake_supervisor import FakeSupervisor, factory
 
+ADMIN = "the-admin"
 TOKENS = "ada:viewer:view-token,ops:operator:op:with:colons, root:admin:root-token"
 
 
@@ -42,8 +44,8 @@ def test_malformed_token_lists_are_refused(spec: str) -> None:
 
 
 def test_authentication_and_roles() -> None:
-    auth = Authenticator("the-admin", parse_tokens(TOKENS))
-    assert auth.authenticate("Bearer the-admin").role is Role.admin
+    auth = Authenticator(ADMIN, parse_tokens(TOKENS))
+    assert auth.authenticate(f"Bearer {ADMIN}").role is Role.admin
     assert auth.authenticate("bearer view-token").name == "ada"
     for header in (None, "", "Bearer", "Basic dmlldy10b2tlbg==", "Bearer nope", "view-token"):
         with pytest.raises(Unauthenticated):
@@ -61,47 +63,99 @@ def test_the_admin_token_is_kept_for_the_cli_and_the_next_start(tmp_path: Any) -
     assert len(first) >= 24
     assert resolve_admin_token(settings) == first
     assert (tmp_path / ".local/admin-token").stat().st_mode & 0o077 == 0
-    chosen = Settings(home=tmp_path, admin_token="chosen")  # type: ignore[arg-type]
-    assert resolve_admin_token(chosen) == "chosen"
-    assert (tmp_path / ".local/admin-token").read_text().strip() == "chosen"
+    chosen = Settings(home=tmp_path, admin_token=CHOSEN)  # type: ignore[arg-type]
+    assert resolve_admin_token(chosen) == CHOSEN
+    assert (tmp_path / ".local/admin-token").read_text().strip() == CHOSEN
 
 
-class _FakeSupervisor:
-    """Answers like a supervisor with every workflow running; records the actions."""
+CHOSEN = "a-chosen-admin-token-of-32-chars"
 
-    def __init__(self) -> None:
-        self.actions: list[tuple[str, str, str]] = []
 
-    async def summaries(self) -> list[models.WorkflowSummary]:
-        return []
+@pytest.mark.parametrize(
+    ("token", "says"),
+    [
+        ("", "is empty"),
+        ("   ", "is empty"),
+        ("replace-me-with-a-long-random-string", "placeholder"),
+        ("short-token", "at least 24"),
+    ],
+)
+def test_an_empty_short_or_placeholder_admin_token_is_refused_at_start(
+    tmp_path: Path, token: str, says: str
+) -> None:
+    settings = Settings(home=tmp_path, admin_token=token)  # type: ignore[arg-type]
+    with pytest.raises(TokenError, match=says) as refused:
+        resolve_admin_token(settings)
+    assert token.strip() == "" or token not in str(refused.value)
+    with pytest.raises(TokenError, match=says):
+        Authenticator.from_settings(settings, token)
 
-    def config(self, name: str) -> models.ConfigAnswer:
-        return models.ConfigAnswer(
-            active={}, active_version=1, pending=None, pending_version=None, pending_diff=[]
-        )
 
-    async def stop_workflow(self, name: str, who: Any) -> models.StatusAnswer:
-        self.actions.append(("stop", name, who.name))
-        return models.StatusAnswer(name=name, status="STARTING", generation=2)
+def test_short_or_placeholder_api_tokens_are_refused_at_start() -> None:
+    for spec in ("ada:viewer:short", "ada:viewer:replace-me-with-a-long-random-string"):
+        settings = Settings(api_tokens=spec)  # type: ignore[arg-type]
+        with pytest.raises(TokenError, match="entry ada"):
+            Authenticator.from_settings(settings, CHOSEN)
 
-    async def edit_config(self, name: str, data: Any, who: Any) -> models.PendingAnswer:
-        self.actions.append(("edit", name, who.name))
-        return models.PendingAnswer(pending=data, pending_version=2, pending_diff=[])
 
-    def figures(self) -> list[Figures]:
-        return []
+def test_an_empty_token_never_signs_anyone_in() -> None:
+    """The page's login compared b"" with an empty admin token and let anyone in as admin."""
+    with pytest.raises(TokenError):
+        Authenticator("")
+    assert Authenticator(CHOSEN).identify("") is None
+
+
+def test_the_token_file_is_made_0600_in_a_0700_local_even_when_it_existed_0644(
+    tmp_path: Path,
+) -> None:
+    local = tmp_path / ".local"
+    local.mkdir(mode=0o755)
+    (local / "admin-token").write_text("x" * 30)
+    (local / "admin-token").chmod(0o644)
+    settings = Settings(home=tmp_path, admin_token=CHOSEN)  # type: ignore[arg-type]
+    resolve_admin_token(settings)
+    assert stat.S_IMODE((local / "admin-token").stat().st_mode) == 0o600
+    assert stat.S_IMODE(local.stat().st_mode) == 0o700
+
+
+def test_a_token_file_open_to_others_is_not_read(tmp_path: Path) -> None:
+    local = tmp_path / ".local"
+    local.mkdir(mode=0o700)
+    (local / "admin-token").write_text("y" * 30)
+    (local / "admin-token").chmod(0o644)
+    with pytest.raises(TokenError, match="chmod 600"):
+        resolve_admin_token(Settings(home=tmp_path))
+    with pytest.raises(TokenError, match="chmod 600"):
+        stored_admin_token(Settings(home=tmp_path))
+
+
+def test_a_token_file_that_is_a_symlink_is_neither_followed_nor_written(tmp_path: Path) -> None:
+    local = tmp_path / ".local"
+    local.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("kept\n")
+    (local / "admin-token").symlink_to(elsewhere)
+    with pytest.raises(TokenError, match="link"):
+        resolve_admin_token(Settings(home=tmp_path, admin_token=CHOSEN))  # type: ignore[arg-type]
+    with pytest.raises(TokenError, match="link"):
+        resolve_admin_token(Settings(home=tmp_path))
+    assert elsewhere.read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("chosen", [True, False])
+def test_the_banner_says_where_the_token_is_never_the_token(tmp_path: Path, chosen: bool) -> None:
+    settings = Settings(home=tmp_path, admin_token=CHOSEN if chosen else None)  # type: ignore[arg-type]
+    token = resolve_admin_token(settings)
+    text = banner(settings)
+    assert token not in text
+    assert str(tmp_path / ".local/admin-token") in text
 
 
 @pytest.fixture
-async def api() -> AsyncIterator[tuple[httpx.AsyncClient, _FakeSupervisor]]:
-    fake = _FakeSupervisor()
-
-    @contextlib.asynccontextmanager
-    async def factory(settings: Settings) -> AsyncIterator[Any]:
-        yield fake
-
-    auth = Authenticator("the-admin", parse_tokens(TOKENS))
-    app = create_app(Settings(), auth, factory)
+async def api() -> AsyncIterator[tuple[httpx.AsyncClient, FakeSupervisor]]:
+    fake = FakeSupervisor()
+    auth = Authenticator(ADMIN, parse_tokens(TOKENS))
+    app = create_app(Settings(), auth, factory(fake))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://control") as client:
@@ -109,7 +163,7 @@ async def api() -> AsyncIterator[tuple[httpx.AsyncClient, _FakeSupervisor]]:
 
 
 async def test_the_api_answers_401_403_and_lets_the_right_role_act(
-    api: tuple[httpx.AsyncClient, _FakeSupervisor],
+    api: tuple[httpx.AsyncClient, FakeSupervisor],
 ) -> None:
     client, fake = api
     missing = await client.get("/api/v1/workflows")
@@ -129,12 +183,12 @@ async def test_the_api_answers_401_403_and_lets_the_right_role_act(
     operator = {"Authorization": "Bearer op:with:colons"}
     assert (await client.post(stop, headers=operator)).status_code == 202
     assert (await client.put(put, headers=operator, json={})).status_code == 403
-    admin = {"Authorization": "Bearer the-admin"}
+    admin = {"Authorization": f"Bearer {ADMIN}"}
     assert (await client.put(put, headers=admin, json={})).status_code == 200
     assert fake.actions == [("stop", "opt-in-out", "ops"), ("edit", "opt-in-out", "admin")]
 
 
-async def test_open_routes_need_no_token(api: tuple[httpx.AsyncClient, _FakeSupervisor]) -> None:
+async def test_open_routes_need_no_token(api: tuple[httpx.AsyncClient, FakeSupervisor]) -> None:
     client, _ = api
     assert (await client.get("/healthz")).json() == {"status": "ok", "detail": None}
     assert (await client.get("/openapi.json")).json()["openapi"].startswith("3.")
@@ -142,10 +196,10 @@ async def test_open_routes_need_no_token(api: tuple[httpx.AsyncClient, _FakeSupe
 
 
 async def test_malformed_requests_are_4xx_in_the_error_shape(
-    api: tuple[httpx.AsyncClient, _FakeSupervisor],
+    api: tuple[httpx.AsyncClient, FakeSupervisor],
 ) -> None:
     client, _ = api
-    admin = {"Authorization": "Bearer the-admin"}
+    admin = {"Authorization": f"Bearer {ADMIN}"}
     put = "/api/v1/workflows/opt-in-out/config"
     assert (await client.put(put, headers=admin, content=b"{not json")).status_code == 400
     assert (await client.put(put, headers=admin, content=b"\xff\xfe")).status_code == 400
@@ -158,3 +212,18 @@ async def test_malformed_requests_are_4xx_in_the_error_shape(
         assert "limit" in answer.json()["error"]
     assert (await client.delete("/api/v1/workflows", headers=admin)).status_code == 405
     assert (await client.get("/api/v1/nothing", headers=admin)).status_code == 404
+
+
+def test_the_stack_description_and_up_json_hold_no_token_and_are_owner_only(
+    tmp_path: Path,
+) -> None:
+    from crmsync.control.stack import LocalStack, pid_file, write_pid_file
+
+    settings = Settings(home=tmp_path)
+    local = LocalStack(settings)
+    local.admin_token = resolve_admin_token(settings)
+    write_pid_file(settings, local)
+    kept = pid_file(settings)
+    assert local.admin_token not in kept.read_text()
+    assert local.admin_token not in str(local.describe())
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600

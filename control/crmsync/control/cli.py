@@ -456,6 +456,7 @@ def _emulators(settings: Settings, args: argparse.Namespace) -> int:
 
 def _up(settings: Settings, args: argparse.Namespace) -> int:
     from crmsync.control import stack
+    from crmsync.control.auth import TokenError
     from crmsync.deploy.local.kafka import KafkaLaunchError
 
     if args.detach:
@@ -471,6 +472,9 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
         _wait_for_signal()
         print("stopping...", flush=True)
         return EXIT_OK
+    except TokenError as error:
+        print(f"crmsync up: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except (KafkaLaunchError, stack.StackError) as error:
         print(f"crmsync up: {error}", file=sys.stderr)
         return EXIT_UNREACHABLE

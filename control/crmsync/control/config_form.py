@@ -85,7 +85,7 @@ _SUB_LABELS = {
     "enabled": "sync",
     "entity_set": "activity entity set",
 }
-_ROW = re.compile(r"^mappings-(\d+)-source$")
+_ROW = re.compile(r"^mappings-(\d+)-source\Z")
 
 
 @dataclass

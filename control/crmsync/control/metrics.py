@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from crmsync.control.status import Status
-from crmsync.control.supervisor import Supervisor
+from crmsync.control.supervisor_protocol import Supervisor
 
 STATUSES: tuple[Status, ...] = ("RUNNING", "STOPPED", "STARTING", "FAILED")
 

@@ -145,12 +145,22 @@ class DeadLetter(_Answer):
     key: str | None
     headers: dict[str, str]
     value: dict[str, Any] | None = Field(description="the decoded Avro event, when it decodes")
-    value_base64: str | None = Field(description="the original bytes, when they do not decode")
+    value_base64: str | None = Field(
+        description="the original bytes, when they do not decode (at most the first 8 KiB)"
+    )
+    value_size: int = Field(default=0, description="bytes of the original value")
+    value_truncated: bool = Field(
+        default=False, description="value_base64 holds only the first 8 KiB of the value"
+    )
 
 
 class DeadLetterList(_Answer):
     workflow: str
     dead_letters: list[DeadLetter]
+    complete: bool = Field(
+        default=True,
+        description="false: the read's byte budget ended the list before `limit` dead letters",
+    )
 
 
 class AuditView(_Answer):

@@ -19,7 +19,9 @@ _REASONS = {
     403: "the token's role does not allow this",
     404: "no such workflow",
     409: "the workflow's state does not allow this now",
+    413: "the body is larger than its limit (1 MiB for JSON, 64 KiB for forms), named in detail",
     422: "invalid body: every problem with its place",
+    429: "too many failed tokens or sign-ins from this client: wait Retry-After seconds",
     503: "Kafka or the workers did not answer in time",
 }
 
@@ -85,7 +87,7 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
     if endpoint.role is not None:
         operation["security"] = [{"bearer": []}]
         operation["x-role"] = endpoint.role.name
-        refusals |= {401, 403, 503}
+        refusals |= {401, 403, 429, 503}
     for code in sorted(refusals):
         if code == 503 and endpoint.answer is models.Health:
             schema = _ref(models.Health)

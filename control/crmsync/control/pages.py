@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,22 +21,20 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from crmsync.control import config_form, models
+from crmsync.control import config_form, limits, models
+from crmsync.control.api import error_response
 from crmsync.control.auth import Authenticator, Principal, Role
-from crmsync.control.errors import (
-    ControlError,
-    Forbidden,
-    Invalid,
-    Unavailable,
-    UnknownWorkflow,
-)
-from crmsync.control.supervisor import Supervisor
+from crmsync.control.errors import ControlError, Invalid, TooManyAttempts
+from crmsync.control.supervisor_protocol import Supervisor
+from crmsync.control.throttle import FailureThrottle
 from crmsync.streams import catalog
 from crmsync.streams import config as configs
 
 _Endpoint = Callable[[Request], Awaitable[Response]]
 _HERE = Path(__file__).parent
 _COOKIE = "crmsync_session"
+#: The cookie's name whenever it is Secure: `__Host-` binds it to this host, path / and HTTPS.
+_SECURE_COOKIE = "__Host-crmsync_session"
 _SESSION_MAX_AGE_S = 12 * 3600
 _PENDING_TIP = "edited; changes apply on the next Stop + Start"
 _HEADERS = {
@@ -42,12 +42,6 @@ _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
-}
-_CODES: dict[type[ControlError], int] = {
-    Forbidden: 403,
-    UnknownWorkflow: 404,
-    Invalid: 422,
-    Unavailable: 503,
 }
 _TRENDS = {
     "caught_up": "caught up",
@@ -58,10 +52,6 @@ _TRENDS = {
 }
 
 templates = Jinja2Templates(directory=str(_HERE / "templates"))
-
-
-def _code(error: ControlError) -> int:
-    return next((c for kind, c in _CODES.items() if isinstance(error, kind)), 409)
 
 
 def row(summary: models.WorkflowSummary) -> dict[str, Any]:
@@ -91,19 +81,14 @@ def _duration(seconds: float) -> str:
 
 @dataclass
 class _Session:
-    """The signed cookie's content: who signed in (never the token), the CSRF token, a notice."""
+    """The signed cookie's content: a CSRF token, a notice, and the id of a server-side session
+    (never the token, nor who signed in: the server holds that, so signing out revokes it)."""
 
     csrf: str
-    who: str | None = None
-    role: str | None = None
+    sid: str | None = None
     flash: str | None = None
     changed: bool = False
-
-    @property
-    def principal(self) -> Principal | None:
-        if self.who is None or self.role is None or self.role not in Role.__members__:
-            return None
-        return Principal(self.who, Role[self.role])
+    principal: Principal | None = None
 
     def can(self, role: Role) -> bool:
         principal = self.principal
@@ -115,44 +100,104 @@ class _Session:
         return flash
 
 
+@dataclass
+class _SignedIn:
+    token: str  # the token's fingerprint (Authenticator.fingerprint), not the token
+    expires: float
+
+
 class _Sessions:
-    def __init__(self, secret: bytes) -> None:
+    """Signed cookies that name server-side sessions; a session lasts 12 h, until its sign-out,
+    or until the token that opened it is no longer known."""
+
+    def __init__(self, secret: bytes, authenticator: Authenticator, public_url: str | None) -> None:
         self._signer = URLSafeTimedSerializer(secret, salt="crmsync.page-session")
+        self._auth = authenticator
+        self._https = bool(public_url and public_url.lower().startswith("https://"))
+        self._signed_in: dict[str, _SignedIn] = {}
+
+    def _secure(self, request: Request) -> bool:
+        """`__Host-` and Secure unless a browser on this machine talks plain HTTP to us."""
+        client = request.client.host if request.client else ""
+        return self._https or request.url.scheme == "https" or not _loopback(client)
 
     def read(self, request: Request) -> _Session:
-        raw = request.cookies.get(_COOKIE)
+        raw = request.cookies.get(_SECURE_COOKIE if self._secure(request) else _COOKIE)
         if raw:
             try:
                 data = self._signer.loads(raw, max_age=_SESSION_MAX_AGE_S)
-                return _Session(
-                    csrf=str(data["csrf"]), who=data.get("who"), role=data.get("role"),
-                    flash=data.get("flash"),
-                )  # fmt: skip
+                session = _Session(
+                    csrf=str(data["csrf"]), sid=data.get("sid"), flash=data.get("flash")
+                )
             except (BadSignature, KeyError, TypeError):
                 pass
+            else:
+                session.principal = self._principal(session.sid)
+                return session
         return _Session(csrf=secrets.token_urlsafe(24), changed=True)
+
+    def _principal(self, sid: str | None) -> Principal | None:
+        signed_in = self._signed_in.get(sid) if isinstance(sid, str) else None
+        if signed_in is None:
+            return None
+        principal = self._auth.by_fingerprint(signed_in.token)
+        if principal is None or signed_in.expires < time.monotonic():
+            del self._signed_in[str(sid)]  # the token is gone, or the session is too old
+            return None
+        return principal
+
+    def sign_in(self, token: str, principal: Principal) -> _Session:
+        """A new session (and a new CSRF token: one planted before is worth nothing after)."""
+        now = time.monotonic()
+        for sid in [s for s, v in self._signed_in.items() if v.expires < now]:
+            del self._signed_in[sid]
+        sid = secrets.token_urlsafe(24)
+        fingerprint = self._auth.fingerprint(token)
+        self._signed_in[sid] = _SignedIn(fingerprint, now + _SESSION_MAX_AGE_S)
+        return _Session(csrf=secrets.token_urlsafe(24), sid=sid, changed=True, principal=principal)
+
+    def sign_out(self, session: _Session) -> None:
+        if session.sid is not None:
+            self._signed_in.pop(session.sid, None)
 
     def write(self, request: Request, response: Response, session: _Session) -> Response:
         response.headers.update(_HEADERS)
         if session.changed:
-            data = {"csrf": session.csrf, "who": session.who, "role": session.role}
+            data = {"csrf": session.csrf, "sid": session.sid}
             if session.flash:
                 data["flash"] = session.flash
+            secure = self._secure(request)
             response.set_cookie(
-                _COOKIE,
+                _SECURE_COOKIE if secure else _COOKIE,
                 self._signer.dumps(data),
                 max_age=_SESSION_MAX_AGE_S,
                 path="/",
                 httponly=True,
                 samesite="lax",
-                secure=request.url.scheme == "https",
+                secure=secure,
             )
         return response
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _csrf_ok(session: _Session, form: FormData) -> bool:
     given = form.get("csrf")
     return isinstance(given, str) and hmac.compare_digest(given.encode(), session.csrf.encode())
+
+
+async def _form(request: Request) -> FormData:
+    """The form, with our field and file limits (no form of ours uploads a file)."""
+    return await request.form(
+        max_files=limits.FORM_MAX_FILES,
+        max_fields=limits.FORM_MAX_FIELDS,
+        max_part_size=limits.FORM_LIMIT,
+    )
 
 
 def _wants_json(request: Request) -> bool:
@@ -171,9 +216,16 @@ def _config_hash(config: Any) -> str:
 
 
 class _Pages:
-    def __init__(self, authenticator: Authenticator, secret: bytes) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        secret: bytes,
+        throttle: FailureThrottle,
+        public_url: str | None,
+    ) -> None:
         self._auth = authenticator
-        self._sessions = _Sessions(secret)
+        self._throttle = throttle
+        self._sessions = _Sessions(secret, authenticator, public_url)
 
     # -- rendering ---------------------------------------------------------------------
 
@@ -209,6 +261,12 @@ class _Pages:
         context = {"title": "Refused", "message": message, "status": status}
         return self._page(request, session, "error.html", context, status)
 
+    def _refuse_error(self, request: Request, session: _Session, error: ControlError) -> Response:
+        """A supervisor's refusal, with the status its class carries (as the API answers it)."""
+        if _wants_json(request):
+            return self._sessions.write(request, error_response(error), session)
+        return self._refuse(request, session, error.status, error.message)
+
     @staticmethod
     def _supervisor(request: Request) -> Supervisor:
         supervisor: Supervisor = request.app.state.supervisor
@@ -224,28 +282,31 @@ class _Pages:
         return self._page(request, session, "login.html", context)
 
     async def login(self, request: Request) -> Response:
+        client = _client(request)
         session = self._sessions.read(request)
-        form = await request.form()
+        try:
+            self._throttle.check(client)
+        except TooManyAttempts as error:
+            return self._refuse_error(request, session, error)
+        form = await _form(request)
         if not _csrf_ok(session, form):
             return self._refuse(request, session, 403, "The form expired: reload it and retry.")
         token = form.get("token")
-        principal = self._auth.identify(token.strip()) if isinstance(token, str) else None
+        given = token.strip() if isinstance(token, str) else ""
+        principal = self._auth.identify(given) if given else None
         target = _local(str(form.get("next") or "/"))
         if principal is None:
+            self._throttle.failed(client)
             context = {"next": target, "error": "That token is not valid."}
             return self._page(request, session, "login.html", context, 401)
-        # A new CSRF token on sign-in: one planted before it is worth nothing after.
-        signed_in = _Session(
-            csrf=secrets.token_urlsafe(24), who=principal.name, role=principal.role.name,
-            changed=True,
-        )  # fmt: skip
-        return self._redirect(request, signed_in, target)
+        return self._redirect(request, self._sessions.sign_in(given, principal), target)
 
     async def logout(self, request: Request) -> Response:
         session = self._sessions.read(request)
-        form = await request.form()
+        form = await _form(request)
         if not _csrf_ok(session, form):
             return self._refuse(request, session, 403, "The form expired: reload it and retry.")
+        self._sessions.sign_out(session)  # the cookie, captured or not, signs nobody in now
         fresh = _Session(csrf=secrets.token_urlsafe(24), flash="Signed out.", changed=True)
         return self._redirect(request, fresh, "/login")
 
@@ -270,12 +331,14 @@ class _Pages:
         try:
             summaries = await self._supervisor(request).summaries()
         except ControlError as error:
-            return JSONResponse({"error": error.message, "detail": None}, _code(error), _HEADERS)
+            response = error_response(error)
+            response.headers.update(_HEADERS)
+            return response
         return JSONResponse({"workflows": [row(s) for s in summaries]}, headers=_HEADERS)
 
     async def toggle(self, request: Request) -> Response:
         session = self._sessions.read(request)
-        form = await request.form()
+        form = await _form(request)
         if not _csrf_ok(session, form):
             return self._refuse(request, session, 403, "The form expired: reload it and retry.")
         principal = session.principal
@@ -290,7 +353,7 @@ class _Pages:
                 answer = await supervisor.stop_workflow(name, principal)
         except ControlError as error:
             if _wants_json(request):
-                return self._refuse(request, session, _code(error), error.message)
+                return self._refuse_error(request, session, error)
             session.flash, session.changed = error.message, True
             return self._redirect(request, session, "/")
         if _wants_json(request):
@@ -311,7 +374,7 @@ class _Pages:
             config = self._supervisor(request).config(name)
             summary = await self._supervisor(request).summary(name)
         except ControlError as error:
-            return self._refuse(request, session, _code(error), error.message)
+            return self._refuse_error(request, session, error)
         form = config_form.from_config(name, config.pending or config.active)
         diff = [c.model_dump(mode="json") for c in config.pending_diff]
         context = {
@@ -322,7 +385,7 @@ class _Pages:
 
     async def edit(self, request: Request) -> Response:
         session = self._sessions.read(request)
-        form_data = await request.form()
+        form_data = await _form(request)
         if not _csrf_ok(session, form_data):
             return self._refuse(request, session, 403, "The form expired: reload it and retry.")
         principal = session.principal
@@ -334,7 +397,7 @@ class _Pages:
             current = supervisor.config(name)
             summary = await supervisor.summary(name)
         except ControlError as error:
-            return self._refuse(request, session, _code(error), error.message)
+            return self._refuse_error(request, session, error)
         data = {k: v for k, v in form_data.items() if isinstance(v, str)}
         config, form = config_form.parse(name, data, current.pending or current.active)
         context: dict[str, Any] = {"row": row(summary), "form": form, "diff": None}
@@ -361,7 +424,7 @@ class _Pages:
                 context |= {"review": None, "reviewed": None}
                 return self._page(request, session, "edit.html", context, 422)
             except ControlError as error:
-                return self._refuse(request, session, _code(error), error.message)
+                return self._refuse_error(request, session, error)
             session.changed = True
             session.flash = (
                 f"Saved {name}'s changes: they apply on the next Stop + Start."
@@ -400,6 +463,16 @@ def _by_method(get: _Endpoint, post: _Endpoint) -> _Endpoint:
     return endpoint
 
 
-def routes(authenticator: Authenticator, session_secret: bytes | None = None) -> list[BaseRoute]:
+def routes(
+    authenticator: Authenticator,
+    session_secret: bytes | None = None,
+    throttle: FailureThrottle | None = None,
+    public_url: str | None = None,
+) -> list[BaseRoute]:
     """The page's routes; without a secret, sessions last as long as this process."""
-    return _Pages(authenticator, session_secret or secrets.token_bytes(32)).routes()
+    secret = session_secret or secrets.token_bytes(32)
+    return _Pages(authenticator, secret, throttle or FailureThrottle(), public_url).routes()
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"

@@ -89,7 +89,7 @@ STREAMS = {
         email=True,
     ),
 }
-_ENTITY_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_ENTITY_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 
 
 class UnknownStream(ValueError):

@@ -10,13 +10,17 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crmsync.control import api, metrics, openapi, pages
-from crmsync.control.auth import Authenticator, resolve_admin_token
-from crmsync.control.supervisor import Supervisor
+from crmsync.control.auth import Authenticator, resolve_admin_token, token_whereabouts
+from crmsync.control.limits import RequestLimits
+from crmsync.control.supervisor import KafkaSupervisor
+from crmsync.control.supervisor_protocol import Supervisor
+from crmsync.control.throttle import FailureThrottle
 from crmsync.streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,10 +35,11 @@ class ControlPlaneFailed(RuntimeError):
 def create_app(
     settings: Settings,
     authenticator: Authenticator,
-    supervisor_factory: SupervisorFactory = Supervisor,
+    supervisor_factory: SupervisorFactory = KafkaSupervisor,
 ) -> Starlette:
     """The app; its lifespan starts the supervisor (and so needs Kafka)."""
     document = openapi.document()
+    throttle = FailureThrottle()  # one count of failures per client for the API and the page
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -55,21 +60,24 @@ def create_app(
 
     return Starlette(
         routes=[
-            *api.routes(authenticator),
+            *api.routes(authenticator, throttle),
             Route("/metrics", scrape, methods=["GET"]),
             Route("/openapi.json", describe, methods=["GET"]),
-            *pages.routes(authenticator),
+            *pages.routes(authenticator, throttle=throttle, public_url=settings.public_url),
         ],
         exception_handlers={HTTPException: api.http_error, Exception: crashed},
+        middleware=[Middleware(RequestLimits)],
         lifespan=lifespan,
     )
 
 
-def banner(settings: Settings, token: str) -> str:
+def banner(settings: Settings) -> str:
+    """Where the control plane listens and where its admin token is kept, never the token:
+    stdout ends up in pod logs and log pipelines."""
     url = f"http://{settings.http_host}:{settings.http_port}"
     return (
         f"control plane: {url}  (API {url}/api/v1/workflows, OpenAPI {url}/openapi.json)\n"
-        f"admin token:   {token}  (also in {settings.local_dir / 'admin-token'})"
+        f"admin token:   {token_whereabouts(settings)}"
     )
 
 
@@ -85,7 +93,7 @@ async def serve(settings: Settings) -> None:
         access_log=False,
         log_config=None,
     )
-    print(banner(settings, token), flush=True)
+    print(banner(settings), flush=True)
     server = uvicorn.Server(config)
     await server.serve()
     if not server.started:

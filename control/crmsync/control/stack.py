@@ -15,8 +15,9 @@ from pathlib import Path
 
 import httpx
 
-from crmsync.control.auth import resolve_admin_token
+from crmsync.control.auth import resolve_admin_token, token_whereabouts
 from crmsync.control.client import ControlClient, Refused, Unreachable
+from crmsync.control.secret_files import private_dir, write_secret
 from crmsync.deploy.local.kafka import LocalKafka
 from crmsync.streams.catalog import NAMES as WORKFLOWS
 from crmsync.streams.settings import Settings
@@ -114,6 +115,7 @@ class LocalStack:
             raise
 
     def _start(self) -> None:
+        private_dir(self.settings.local_dir)  # logs and state of the stack: the owner's only
         if self.settings.uses_local_kafka:
             data = self.settings.local_dir / ("kafka" if self.brokers == 1 else "kafka-cluster")
             self.kafka = LocalKafka(self.settings.cache_dir, data, nodes=self.brokers)
@@ -202,7 +204,7 @@ class LocalStack:
             ),
             "control plane": self.settings.control_base_url,
             "HTTP API": f"{self.settings.control_base_url}/api/v1/workflows",
-            "admin token": self.admin_token,
+            "admin token": token_whereabouts(self.settings),
             "workflows": ", ".join(f"{name} {status}" for name, status in self.statuses.items()),
             "logs": str(self.logs),
         }
@@ -213,9 +215,11 @@ def pid_file(settings: Settings) -> Path:
 
 
 def write_pid_file(settings: Settings, stack: LocalStack) -> None:
-    path = pid_file(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"pid": os.getpid(), **stack.describe()}))
+    write_secret(
+        pid_file(settings),
+        json.dumps({"pid": os.getpid(), **stack.describe()}),
+        private=settings.local_dir,
+    )
 
 
 def down(settings: Settings, timeout: float = 120) -> bool:

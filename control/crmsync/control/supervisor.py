@@ -1,4 +1,5 @@
-"""The one object the HTTP API, the web page and the CLI call: it reads and writes control topics.
+"""The `Supervisor` the HTTP API, the web page and the CLI call, over Kafka: it reads and writes
+the control topics.
 
 It follows `crmsync.control` and `crmsync.status` and is the only writer of `crmsync.control`;
 every state-changing action is also written to `crmsync.audit`.
@@ -13,7 +14,6 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -27,6 +27,7 @@ from crmsync.control.auth import Principal
 from crmsync.control.backlog import TrendWindow
 from crmsync.control.errors import Conflict, Invalid, Unavailable, UnknownWorkflow
 from crmsync.control.status import Derived, derive, live_workers
+from crmsync.control.supervisor_protocol import Figures
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, DecodeError
 from crmsync.streams import catalog
 from crmsync.streams import config as configs
@@ -60,21 +61,8 @@ def _epoch_ms(iso_time: str) -> int:
     return int(moment.timestamp() * 1000)
 
 
-@dataclass(frozen=True)
-class Figures:
-    """What /metrics shows of one workflow, from what the supervisor already holds."""
-
-    name: str
-    status: str
-    backlog: int | None
-    pending_changes: bool
-    live_workers: int
-    records_written: int  # Σ over the workers reporting (each counts since its own start)
-    dead_lettered: int
-
-
-class Supervisor:
-    """Status, backlog, config and actions of every workflow."""
+class KafkaSupervisor:
+    """The `Supervisor` over Kafka: status, backlog, config and actions of every workflow."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -126,7 +114,7 @@ class Supervisor:
         await self._offsets.close()
         await self._producer.stop()
 
-    async def __aenter__(self) -> Supervisor:
+    async def __aenter__(self) -> KafkaSupervisor:
         try:
             await self.start()
         except BaseException:
@@ -331,10 +319,11 @@ class Supervisor:
     async def dead_letters(self, name: str, limit: int) -> models.DeadLetterList:
         self._record(name)
         try:
-            records = await self._tail.newest(topics.dead_letters(name), limit)
+            records, complete = await self._tail.newest_within(topics.dead_letters(name), limit)
         except (KafkaError, TimeoutError) as error:
             raise Unavailable(f"cannot read the dead letters: {error!r}") from error
-        return models.DeadLetterList(workflow=name, dead_letters=[_dead_letter(r) for r in records])
+        letters = [_dead_letter(r) for r in records]
+        return models.DeadLetterList(workflow=name, dead_letters=letters, complete=complete)
 
     async def audit(self, limit: int) -> models.AuditList:
         try:
@@ -611,23 +600,47 @@ def _worker_view(status: WorkerStatus, live: bool) -> models.WorkerView:
     )
 
 
+#: How much of a dead letter's value and of each header the listing shows.
+VALUE_PREVIEW_BYTES = 8 * 1024
+HEADER_PREVIEW_CHARS = 2048
+
+
 def _dead_letter(record: Any) -> models.DeadLetter:
-    headers = {k: v.decode(errors="replace") for k, v in record.headers or ()}
+    headers = {
+        k: _shortened(v.decode(errors="replace"), HEADER_PREVIEW_CHARS)
+        for k, v in record.headers or ()
+    }
     value: dict[str, Any] | None = None
     raw: bytes = record.value or b""
-    for schema in (CHANGE_EVENT, EMAIL_EVENT):
+    for schema in (CHANGE_EVENT, EMAIL_EVENT) if len(raw) <= VALUE_PREVIEW_BYTES else ():
         try:
             value = schema.decode(raw)
             break
         except DecodeError:
             continue
+    shown = raw[:VALUE_PREVIEW_BYTES]
     return models.DeadLetter(
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
-        timestamp=datetime.fromtimestamp(record.timestamp / 1000, UTC).isoformat(),
+        timestamp=_when(record.timestamp),
         key=record.key.decode(errors="replace") if record.key is not None else None,
         headers=headers,
         value=value,
-        value_base64=None if value is not None else base64.b64encode(raw).decode(),
+        value_base64=None if value is not None else base64.b64encode(shown).decode(),
+        value_size=len(raw),
+        value_truncated=value is None and len(shown) < len(raw),
     )
+
+
+def _when(timestamp_ms: int) -> str:
+    """A record's timestamp in ISO-8601; a producer may set any long, so one out of range
+    is shown as it is rather than failing the listing."""
+    try:
+        return datetime.fromtimestamp(timestamp_ms / 1000, UTC).isoformat()
+    except (ValueError, OverflowError, OSError):
+        return str(timestamp_ms)
+
+
+def _shortened(text: str, most: int) -> str:
+    return text if len(text) <= most else f"{text[:most]}… ({len(text)} characters)"

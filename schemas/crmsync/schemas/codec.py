@@ -96,7 +96,7 @@ class EventSchema:
     @classmethod
     def packaged(cls, name: str) -> EventSchema:
         """Loads `<name>.v<N>.avsc` files shipped in this package, all versions."""
-        pattern = re.compile(rf"^{re.escape(name)}\.v(\d+)\.avsc$")
+        pattern = re.compile(rf"^{re.escape(name)}\.v(\d+)\.avsc\Z")
         versions = []
         for entry in resources.files(__package__).iterdir():
             match = pattern.match(entry.name)

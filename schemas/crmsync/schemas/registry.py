@@ -64,7 +64,7 @@ class SchemaRegistry:
             async with self._lock:
                 if schema_id not in self._by_id:
                     data = await self._call("GET", f"/schemas/ids/{schema_id}")
-                    self._by_id[schema_id] = json.loads(data["schema"])
+                    self._by_id[schema_id] = _record_schema(data.get("schema"), schema_id)
         return self._by_id[schema_id]
 
     def cached(self, schema_id: int) -> dict[str, Any] | None:
@@ -86,6 +86,17 @@ class SchemaRegistry:
             )
         data: dict[str, Any] = response.json()
         return data
+
+
+def _record_schema(text: Any, schema_id: int) -> dict[str, Any]:
+    """The registry's schema text as a JSON object; anything else is a refused schema."""
+    try:
+        schema = json.loads(text) if isinstance(text, str) else None
+    except ValueError as error:
+        raise RegistryError(f"schema id {schema_id} is not JSON: {error}") from None
+    if not isinstance(schema, dict) or schema.get("type") != "record":
+        raise RegistryError(f"schema id {schema_id} is not a record schema: {str(text)[:100]}")
+    return schema
 
 
 class RegistryCodec:
@@ -117,7 +128,13 @@ class RegistryCodec:
                 raise  # not the record's fault: the caller retries
             except RegistryError as error:
                 raise UnknownSchema(f"{self.schema.name}: schema id {schema_id}: {error}") from None
-            writer = SchemaVersion.from_json(raw, version=0)
+            try:
+                writer = SchemaVersion.from_json(raw, version=0)
+            except Exception as error:  # a primitive, unparseable or broken writer schema
+                raise UnknownSchema(
+                    f"{self.schema.name}: schema id {schema_id} is not a usable record schema: "
+                    f"{type(error).__name__}: {error}"
+                ) from None
             if writer.fingerprint == self.schema.latest.fingerprint:
                 writer = self.schema.latest  # no resolution needed: the fast path
             self._writers[schema_id] = writer

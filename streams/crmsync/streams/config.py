@@ -32,9 +32,9 @@ from crmsync.streams.kafka.topics import (
 
 # -- value types ------------------------------------------------------------------------------
 
-_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_RESOURCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z_][A-Za-z0-9_]*)*$")
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_RESOURCE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z_][A-Za-z0-9_]*)*\Z")
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}\Z")
 
 
 def _field_name(value: str) -> str:
@@ -49,9 +49,19 @@ def _resource_name(value: str) -> str:
     return value
 
 
+#: Topic name prefixes a data topic may not have: crmsync's own topics (control, status, audit,
+#: source offsets, opt-out state, dead letters) and Kafka's internal ones (__consumer_offsets).
+RESERVED_TOPIC_PREFIXES = ("crmsync.", "__")
+
+
 def _topic_name(value: str) -> str:
     if not _TOPIC.match(value) or value in (".", ".."):
         raise ValueError(f"must be a Kafka topic name (letters, digits, . _ -), got {value!r}")
+    if value.lower().startswith(RESERVED_TOPIC_PREFIXES):
+        raise ValueError(
+            f"{value!r} is reserved: topics starting with 'crmsync.' are crmsync's own (control, "
+            "status, audit, state, dead letters) and '__' Kafka's: a workflow reads data topics"
+        )
     return value
 
 

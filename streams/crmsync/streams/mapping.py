@@ -23,7 +23,7 @@ from crmsync.streams.config import (
 from crmsync.streams.sinks.base import ProfileLink, SinkRecord
 from crmsync.targets.errors import Fatal, RecordRejected
 
-GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
 #: Dataverse's limit for an activity's subject.
 SUBJECT_MAX_LENGTH = 400
 
@@ -209,8 +209,15 @@ def writes_for(event: Mapping[str, Any], topic: str, config: D365ToCampaignConfi
 # -- campaign-to-d365 -------------------------------------------------------------------------
 
 
+#: The epoch milliseconds a timestamp may carry: 1970-01-01 to 9999-12-31 (what ISO-8601 and
+#: Dynamics' DateTime hold); outside it the record is rejected, not the workflow stopped.
+EPOCH_MS_RANGE = range(0, 253_402_300_800_000)
+
+
 def event_time(ts_ms: int) -> str:
     """Epoch milliseconds as ISO-8601 UTC with milliseconds, e.g. 2024-05-01T12:00:00.250Z."""
+    if ts_ms not in EPOCH_MS_RANGE:
+        raise MappingError(f"ts_ms {ts_ms} is not a time between 1970 and 9999")
     moment = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
 

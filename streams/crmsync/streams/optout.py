@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from crmsync.streams.config import OptInOutConfig
-from crmsync.streams.mapping import GUID, MappingError, Write
+from crmsync.streams.mapping import EPOCH_MS_RANGE, GUID, MappingError, Write
 from crmsync.streams.sinks.base import SinkRecord
 
 Side = Literal["d365", "campaign"]
@@ -111,7 +111,8 @@ def decide(
     if before is not None and _flag(before[1], before[0], key) == value:
         return OptOutDecision([], None, "field unchanged")
     ts_ms = source.get("ts_ms")
-    if not isinstance(ts_ms, int) or isinstance(ts_ms, bool):
+    if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or ts_ms not in EPOCH_MS_RANGE:
+        # A time past 9999 would win every later change of the contact, so it is refused too.
         raise MappingError(f"source.ts_ms of {key} is not epoch milliseconds: {ts_ms!r}")
     if state is not None:
         if value == state.value:

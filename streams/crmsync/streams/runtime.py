@@ -400,6 +400,10 @@ class WorkflowRuntime:
                 value = await self._decode(item.message.value)
             except DecodeError as error:
                 item.error = RecordRejected(f"undecodable: {error}")
+            except _Abandoned:
+                raise
+            except Exception as error:  # bytes that trip the decoder are the record's fault
+                item.error = RecordRejected(f"undecodable: {type(error).__name__}: {error}")
             else:
                 decoded.append((item, item.message.topic, value))
         planned = await self.workflow.plan([(topic, value) for _, topic, value in decoded])

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     control_url: str | None = Field(
         default=None, description="where the CLI finds the control plane; None → http_host:port"
     )
+    public_url: str | None = Field(
+        default=None,
+        description="the page's address as browsers see it (behind an ingress); https → the "
+        "session cookie is __Host- and Secure even when uvicorn sees plain HTTP",
+    )
     admin_token: SecretStr | None = Field(
         default=None, description="None → random, kept in .local/admin-token"
     )

@@ -18,7 +18,7 @@ from crmsync.streams.config import OptInOutConfig, WorkflowConfig
 from crmsync.streams.kafka import topics
 from crmsync.streams.kafka.clients import KafkaClients
 from crmsync.streams.kafka.follower import CompactedTopicFollower
-from crmsync.targets.errors import Fatal
+from crmsync.targets.errors import Fatal, RecordRejected
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class Workflow(Protocol):
 
     async def plan(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> list[Planned]:
         """One Planned per (topic, event), in order. Raises nothing for a single record: one
-        that cannot be mapped is a `Planned` whose `commit` is the MappingError (or Fatal)."""
+        that cannot be mapped is a `Planned` whose `commit` is the RecordRejected (or Fatal: only a
+        configuration fault, never something a record's content provokes)."""
         ...
 
     def forget_pending(self) -> None:
@@ -53,6 +54,11 @@ class Workflow(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+def _unplannable(error: Exception) -> RecordRejected:
+    log.warning("event=record_unplannable error=%r", error)
+    return RecordRejected(f"cannot be mapped: {type(error).__name__}: {error}")
 
 
 @dataclass
@@ -75,6 +81,8 @@ class StatelessWorkflow:
                 planned.append(Planned(self.writes(topic, event)))
             except (mapping.MappingError, Fatal) as error:
                 planned.append(Planned([], commit=error))
+            except Exception as error:  # whatever one record provokes is that record's rejection
+                planned.append(Planned([], commit=_unplannable(error)))
         return planned
 
     def forget_pending(self) -> None:
@@ -153,6 +161,9 @@ class OptInOut:
                 decision = optout.decide(event, side, state, self.config)
             except mapping.MappingError as error:
                 planned.append(Planned([], commit=error))
+                continue
+            except Exception as error:  # whatever one record provokes is that record's rejection
+                planned.append(Planned([], commit=_unplannable(error)))
                 continue
             commit = None
             if decision.state is not None:

@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -91,20 +92,28 @@ async def with_retries(policy: RetryPolicy, call: Callable[[], Awaitable[T]], wh
     raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
+#: The longest wait a ``Retry-After`` may ask for: a server (or a proxy in between) answering
+#: ``Retry-After: 1e12`` must not park a workflow for ever; past it the policy's backoff applies.
+MAX_RETRY_AFTER_S = 300.0
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), or None;
+    at most ``MAX_RETRY_AFTER_S``."""
     if value is None or not value.strip():
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if math.isnan(seconds):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
 
 
 class Throttle:

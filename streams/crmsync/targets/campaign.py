@@ -432,6 +432,13 @@ class CampaignClient:
         )
         return None if response is None else dict(response.json())
 
+    def _own_link(self, link: str) -> str:
+        """A paging link of this API; one to another host is refused (it would get our token)."""
+        ours, theirs = urlsplit(self.api_url), urlsplit(link)
+        if (theirs.scheme, theirs.netloc.lower()) != (ours.scheme, ours.netloc.lower()):
+            raise Fatal(f"link to another host refused: {link[:200]}")
+        return link
+
     async def list(
         self, resource: str, *, page_size: int | None = None
     ) -> AsyncIterator[dict[str, Any]]:
@@ -446,4 +453,4 @@ class CampaignClient:
             for record in page.get("content", []):
                 yield record
             href = (page.get("next") or {}).get("href")
-            url = urljoin(self.api_url, href) if href else None
+            url = self._own_link(urljoin(self.api_url, href)) if href else None

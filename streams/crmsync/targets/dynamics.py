@@ -47,7 +47,7 @@ Key = str | uuid.UUID | Mapping[str, KeyValue]
 Operation = Literal["write", "delete", "read"]
 
 MAX_BATCH_REQUESTS = 1000  # the documented limit of one $batch
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
 # Dataverse answers 404 0x8006088a "Resource not found for the segment 'x'." for an unknown
 # entity set, and "No HTTP resource was found that matches the request URI" for an unknown path.
 _MISSING_SET_CODES = frozenset({"0x8006088a"})
@@ -533,7 +533,8 @@ class DynamicsClient:
             page = response.json()
             for record in page.get("value", []):
                 yield record
-            url = page.get("@odata.nextLink")
+            next_link = page.get("@odata.nextLink")
+            url = self._own_link(next_link) if next_link else None  # never our token elsewhere
 
     # -- change tracking ---------------------------------------------------------------------
 

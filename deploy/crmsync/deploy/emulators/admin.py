@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -26,6 +26,22 @@ class Administered(Protocol):
     def revoke_tokens(self) -> None: ...
 
     def set_token_lifetime(self, seconds: float | None) -> None: ...
+
+
+def _json_only(endpoint: Any) -> Any:
+    """A POST must say `Content-Type: application/json`: a cross-site form (urlencoded,
+    multipart, text/plain) cannot, and a JSON body from another origin needs CORS we never grant."""
+
+    async def checked(request: Request) -> Response:
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            return JSONResponse(
+                {"error": "send the body as JSON (Content-Type: application/json)"}, 415
+            )
+        response: Response = await endpoint(request)
+        return response
+
+    return checked
 
 
 def admin_routes(emulator: Administered) -> list[Route]:
@@ -63,7 +79,7 @@ def admin_routes(emulator: Administered) -> list[Route]:
     return [
         Route("/_admin/stats", stats, methods=["GET"]),
         Route("/_admin/faults", get_faults, methods=["GET"]),
-        Route("/_admin/faults", set_faults, methods=["POST"]),
+        Route("/_admin/faults", _json_only(set_faults), methods=["POST"]),
         Route("/_admin/faults", clear_faults, methods=["DELETE"]),
-        Route("/_admin/reset", reset, methods=["POST"]),
+        Route("/_admin/reset", _json_only(reset), methods=["POST"]),
     ]

@@ -92,7 +92,7 @@ def _headers_and_content(part: bytes) -> tuple[dict[str, str], bytes]:
     return headers, content
 
 
-_REQUEST_LINE = re.compile(rb"^(GET|POST|PATCH|PUT|DELETE) (\S+) HTTP/1\.[01]$")
+_REQUEST_LINE = re.compile(rb"^(GET|POST|PATCH|PUT|DELETE) (\S+) HTTP/1\.[01]\Z")
 
 
 def _request(part: bytes) -> BatchRequest:

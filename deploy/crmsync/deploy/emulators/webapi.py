@@ -36,7 +36,7 @@ from crmsync.deploy.emulators.store import DuplicateKey, Records, Row, folded, k
 
 EMULATOR_USER_ID = "9f3a2b1c-0000-4000-8000-00000000e5e5"
 _MAX_PAGE = 5000
-_PATH = re.compile(r"^(?P<set>[A-Za-z_][A-Za-z0-9_]*)(?:\((?P<key>.*)\))?$", re.DOTALL)
+_PATH = re.compile(r"^(?P<set>[A-Za-z_][A-Za-z0-9_]*)(?:\((?P<key>.*)\))?\Z", re.DOTALL)
 
 
 @dataclass

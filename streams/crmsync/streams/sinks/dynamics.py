@@ -92,6 +92,8 @@ class DynamicsSink:
                         continue
                     except RecordRejected as error:
                         outcomes[index] = error
+                    except Exception as error:  # a request one record cannot make is its own
+                        outcomes[index] = RecordRejected(f"cannot build the request: {error!r}")
                 queues[record.identity].pop(0)
             try:
                 written = await self._write_round(requests)
