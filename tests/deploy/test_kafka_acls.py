@@ -7,15 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from crmsync.streams.config import default_config
 from crmsync.streams.kafka import topics
+from tests.deploy.manifests import K8S, is_crmsync, load_documents, pod_containers, render
 
 ROOT = Path(__file__).resolve().parents[2]
-ACLS: dict[str, list[dict[str, Any]]] = yaml.safe_load(
-    (ROOT / "deploy" / "kafka" / "acls.yaml").read_text()
-)["principals"]
+ACLS: dict[str, list[dict[str, Any]]] = load_documents(ROOT / "deploy" / "kafka" / "acls.yaml")[0][
+    "principals"
+]
 DLQS = [topics.dead_letters(w) for w in topics.WORKFLOWS]
 EVERY_TOPIC = [s.name for s in topics.topic_specs()] + DLQS
 
@@ -37,7 +37,7 @@ def _needs() -> list[tuple[str, str, str, str]]:
     needs = []
     for workflow in topics.WORKFLOWS:
         worker = f"crmsync-worker-{workflow}"
-        for topic in default_config(workflow).source_topics():  # type: ignore[union-attr]
+        for topic in default_config(workflow).source_topics():
             needs += [(worker, "topic", topic, "Read"), ("crmsync-control", "topic", topic, "Read")]
         needs += [
             (worker, "topic", topics.CONTROL, "Read"),
@@ -94,3 +94,19 @@ def test_a_worker_writes_only_its_status_its_dead_letters_and_its_state() -> Non
 def test_the_operations_guide_points_at_the_acl_file() -> None:
     guide = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
     assert "deploy/kafka/acls.yaml" in guide
+
+
+def test_each_kubernetes_component_loads_its_own_kafka_principal() -> None:
+    """Every Deployment's credentials come from a Secret named for a principal of the ACL set."""
+    seen = set()
+    for obj in render(K8S / "base"):
+        for container in pod_containers(obj):
+            if not is_crmsync(container["image"]) or obj["kind"] != "Deployment":
+                continue
+            args = container.get("args", [])
+            component = "-".join(args[:2]) if args[0] == "worker" else args[0]
+            secrets = {e["secretRef"]["name"] for e in container["envFrom"] if "secretRef" in e}
+            assert f"crmsync-kafka-{component}" in secrets, (obj["metadata"]["name"], secrets)
+            assert f"crmsync-{component}" in ACLS, component
+            seen.add(component)
+    assert seen == {"control", "source", *(f"worker-{w}" for w in topics.WORKFLOWS)}
