@@ -125,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     kafka_actions = kafka.add_subparsers(dest="action", required=True, metavar="ACTION")
     kafka_run = kafka_actions.add_parser("run", help="run the local broker in the foreground")
     kafka_run.add_argument("--brokers", type=int, choices=(1, 3), default=1)
+    kafka_run.add_argument(
+        "--secure",
+        action="store_true",
+        help="SASL/SCRAM for every client and the ACLs of deploy/kafka/acls.yaml (one principal "
+        "per component; passwords in the data folder's scram-passwords.json)",
+    )
     kafka_actions.add_parser("fetch", help="obtain Kafka's jars into .cache/kafka (once)")
     tool = kafka_actions.add_parser(
         "tool", help="run one of Kafka's own tools, e.g. kafka-consumer-groups --describe ..."
@@ -243,11 +249,13 @@ def _topics(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK if _run_kafka_call(settings, run()) else EXIT_UNREACHABLE
 
 
-def _local_kafka(settings: Settings, brokers: int) -> LocalKafka:
+def _local_kafka(settings: Settings, brokers: int, secure: bool = False) -> LocalKafka:
     from crmsync.deploy.local.kafka import LocalKafka
 
     data = settings.local_dir / ("kafka" if brokers == 1 else "kafka-cluster")
-    return LocalKafka(cache_dir=settings.cache_dir, data_dir=data, nodes=brokers)
+    if secure:
+        data = data.with_name(data.name + "-secure")
+    return LocalKafka(cache_dir=settings.cache_dir, data_dir=data, nodes=brokers, secure=secure)
 
 
 def _kafka(settings: Settings, args: argparse.Namespace) -> int:
@@ -260,8 +268,15 @@ def _kafka(settings: Settings, args: argparse.Namespace) -> int:
         if args.action == "tool":
             print(run_tool(settings.cache_dir, args.name, args.args, timeout=600), end="")
             return EXIT_OK
-        kafka = _local_kafka(settings, args.brokers)
+        kafka = _local_kafka(settings, args.brokers, getattr(args, "secure", False))
         with kafka:
+            if kafka.secure:
+                kafka.apply_acls()
+                print(
+                    "SASL_PLAINTEXT, SCRAM-SHA-256; principals and ACLs of deploy/kafka/acls.yaml; "
+                    f"passwords in {kafka.data_dir / 'scram-passwords.json'}",
+                    flush=True,
+                )
             print(f"Kafka is ready on {kafka.bootstrap_servers} (Ctrl-C stops it)", flush=True)
             _wait_for_signal()
         return EXIT_OK

@@ -36,10 +36,12 @@ def create_app(
     settings: Settings,
     authenticator: Authenticator,
     supervisor_factory: SupervisorFactory = KafkaSupervisor,
+    throttle: FailureThrottle | None = None,
 ) -> Starlette:
     """The app; its lifespan starts the supervisor (and so needs Kafka)."""
     document = openapi.document()
-    throttle = FailureThrottle()  # one count of failures per client for the API and the page
+    # one count of failures per client, for the API and the page
+    throttle = throttle or FailureThrottle()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

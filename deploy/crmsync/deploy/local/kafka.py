@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+from crmsync.deploy.local import secure
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ TOOLS = {
     "kafka-console-consumer": "org.apache.kafka.tools.consumer.ConsoleConsumer",
     "kafka-metadata-quorum": "org.apache.kafka.tools.MetadataQuorumCommand",
     "kafka-storage": "kafka.tools.StorageTool",
+    "kafka-acls": "org.apache.kafka.tools.AclCommand",
 }
 
 
@@ -162,6 +166,8 @@ class LocalKafka:
     controller_base_port: int = 19092
     heap: str = "768m"
     extra_config: dict[str, str] = field(default_factory=dict)
+    #: SASL/SCRAM for every client, crmsync's ACLs (deploy/kafka/acls.yaml) enforced.
+    secure: bool = False
     _procs: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -214,9 +220,43 @@ class LocalKafka:
             "log.segment.bytes": str(64 * 1024 * 1024),
             "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
             "controlled.shutdown.enable": "true",
+            **self._secure_settings(spec),
             **self.extra_config,
         }
         return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+    def _secure_settings(self, spec: NodeSpec) -> dict[str, str]:
+        if not self.secure:
+            return {}
+        superuser = self.passwords()[secure.SUPERUSER]
+        return secure.broker_settings(spec.port, spec.controller_port, superuser)
+
+    def passwords(self) -> dict[str, str]:
+        """The SCRAM password of every principal (secure clusters only)."""
+        return secure.passwords(self.data_dir, list(secure.load_acls()))
+
+    def client_options(self, principal: str = "") -> dict[str, Any]:
+        """aiokafka options for a client of this cluster, as `principal` (default: superuser)."""
+        if not self.secure:
+            return {}
+        principal = principal or secure.SUPERUSER
+        return secure.client_options(principal, self.passwords()[principal])
+
+    def apply_acls(self, principals: Sequence[str] | None = None) -> None:
+        """Adds deploy/kafka/acls.yaml's ACLs (of `principals`, default all) with kafka-acls."""
+        config = secure.command_config(self.data_dir, self.passwords()[secure.SUPERUSER])
+        for args in secure.acl_commands(secure.load_acls(), principals):
+            run_tool(
+                self.cache_dir,
+                "kafka-acls",
+                [
+                    "--bootstrap-server",
+                    self.bootstrap_servers,
+                    "--command-config",
+                    str(config),
+                    *args,
+                ],
+            )
 
     def _format(self, lib: Path) -> None:
         cluster_id_file = self.data_dir / "cluster.id"
@@ -242,6 +282,7 @@ class LocalKafka:
                     "-c",
                     str(properties),
                     "--ignore-formatted",
+                    *(secure.scram_format_args(self.passwords()) if self.secure else ()),
                 ],
                 capture_output=True,
                 text=True,
@@ -338,7 +379,7 @@ class LocalKafka:
                 time.sleep(0.3)
                 continue
             try:
-                brokers = probe_brokers(self.bootstrap_servers)
+                brokers = probe_brokers(self.bootstrap_servers, **self.client_options())
             except Exception as error:  # not up yet: any connection or protocol error
                 last_error = error
             else:
@@ -360,7 +401,7 @@ class LocalKafka:
         self.stop()
 
 
-def probe_brokers(bootstrap_servers: str, timeout: float = 5.0) -> int:
+def probe_brokers(bootstrap_servers: str, timeout: float = 5.0, **options: Any) -> int:
     """How many brokers the cluster's metadata lists; raises when it cannot be reached.
 
     Runs aiokafka on a thread of its own, so it can be called with or without a running loop.
@@ -372,7 +413,7 @@ def probe_brokers(bootstrap_servers: str, timeout: float = 5.0) -> int:
         from aiokafka.admin import AIOKafkaAdminClient
 
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout * 1000)
+            bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout * 1000), **options
         )
         await asyncio.wait_for(admin.start(), timeout)
         try:
