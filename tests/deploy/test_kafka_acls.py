@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from crmsync.streams.config import default_config
+from crmsync.streams import catalog
+from crmsync.streams.catalog import default_config
 from crmsync.streams.kafka import topics
 from tests.deploy.manifests import K8S, is_crmsync, load_documents, pod_containers, render
 
@@ -16,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ACLS: dict[str, list[dict[str, Any]]] = load_documents(ROOT / "deploy" / "kafka" / "acls.yaml")[0][
     "principals"
 ]
-DLQS = [topics.dead_letters(w) for w in topics.WORKFLOWS]
-EVERY_TOPIC = [s.name for s in topics.topic_specs()] + DLQS
+DLQS = [topics.dead_letters(w) for w in catalog.NAMES]
+EVERY_TOPIC = [s.name for s in catalog.topic_specs()] + DLQS
 
 
 def allowed(principal: str, resource: str, name: str, operation: str) -> bool:
@@ -35,7 +36,7 @@ def allowed(principal: str, resource: str, name: str, operation: str) -> bool:
 def _needs() -> list[tuple[str, str, str, str]]:
     """(principal, resource, name, operation) for what each component's code does."""
     needs = []
-    for workflow in topics.WORKFLOWS:
+    for workflow in catalog.NAMES:
         worker = f"crmsync-worker-{workflow}"
         for topic in default_config(workflow).source_topics():
             needs += [(worker, "topic", topic, "Read"), ("crmsync-control", "topic", topic, "Read")]
@@ -84,7 +85,7 @@ def test_only_the_control_plane_writes_control_and_audit(principal: str, topic: 
 
 
 def test_a_worker_writes_only_its_status_its_dead_letters_and_its_state() -> None:
-    for workflow in topics.WORKFLOWS:
+    for workflow in catalog.NAMES:
         worker = f"crmsync-worker-{workflow}"
         written = {t for t in EVERY_TOPIC if allowed(worker, "topic", t, "Write")}
         own = {topics.STATUS, topics.dead_letters(workflow)}
@@ -109,4 +110,4 @@ def test_each_kubernetes_component_loads_its_own_kafka_principal() -> None:
             assert f"crmsync-kafka-{component}" in secrets, (obj["metadata"]["name"], secrets)
             assert f"crmsync-{component}" in ACLS, component
             seen.add(component)
-    assert seen == {"control", "source", *(f"worker-{w}" for w in topics.WORKFLOWS)}
+    assert seen == {"control", "source", *(f"worker-{w}" for w in catalog.NAMES)}

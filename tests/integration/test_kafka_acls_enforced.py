@@ -12,7 +12,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import TopicAuthorizationFailedError
 
 from crmsync.deploy.local.kafka import LocalKafka
+from crmsync.streams import catalog
 from crmsync.streams.kafka import topics
+from crmsync.streams.kafka.clients import KafkaClients
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -54,9 +56,8 @@ async def test_a_workers_principal_is_refused_writing_the_control_topic(
     secure_cluster: LocalKafka,
 ) -> None:
     await topics.ensure_topics(
-        secure_cluster.bootstrap_servers,
-        topics.topic_specs(3),
-        client_options=secure_cluster.client_options(),
+        KafkaClients(secure_cluster.bootstrap_servers, secure_cluster.client_options()),
+        catalog.topic_specs(3),
     )
     await _send(secure_cluster, WORKER, topics.STATUS)  # what a worker may write
     with pytest.raises(TopicAuthorizationFailedError):
