@@ -239,7 +239,7 @@ async def test_a_bind_to_a_missing_contact_or_an_update_of_a_missing_record_is_p
     None
 ):
     def answer(r: BatchRequest) -> tuple[int, str]:
-        if "regardingobjectid_contact@odata.bind" in (r.body or {}):
+        if "regardingobjectid_contact_crmsync_emailopen@odata.bind" in (r.body or {}):
             return missing()
         if r.headers.get("If-Match") == "*":
             return missing()
@@ -252,7 +252,9 @@ async def test_a_bind_to_a_missing_contact_or_an_update_of_a_missing_record_is_p
         SinkRecord(
             "crmsync_emailopens",
             "ev-1",
-            fields={"regardingobjectid_contact@odata.bind": f"/contacts({contact_id})"},
+            fields={
+                "regardingobjectid_contact_crmsync_emailopen@odata.bind": f"/contacts({contact_id})"
+            },
             key_field="crmsync_eventid",
         ),
         SinkRecord("contacts", contact_id, fields={"donotbulkemail": True}, mode="update"),

@@ -2,8 +2,10 @@
 
 Lookups: `GET .../profile/byEmail?email=...`,
 `GET .../profile/byExternalId?externalId_parameter=...` and, for a custom resource with a key,
-`GET .../customResources/<name>/by<Key>?<key>_parameter=...`
-(e.g. `cusPurchase/byPurchaseId?purchaseId_parameter=...`).
+`GET .../<root>/<name>/by<Key>?<key>_parameter=...` (e.g.
+`profileAndServicesExt/cusPurchase/byPurchaseId?purchaseId_parameter=...`). A custom resource
+linked to the profile is served only under `profileAndServicesExt/`, an unlinked one only under
+`customResources/`.
 """
 
 from __future__ import annotations
@@ -283,21 +285,26 @@ class CampaignEmulator:
 
     def _route(self, path: str) -> _Target:
         segments = [s for s in path.split("/") if s]
-        if len(segments) >= 2 and segments[0] in ("profileAndServices", "profileAndServicesExt"):
-            if segments[1] != "profile" or "profile" not in self.resources:
-                raise _not_found(f"Resource '{'/'.join(segments[:2])}'")
-            resource = self.resources["profile"]
-            collection = f"{segments[0]}/profile"
-            extension = segments[0] == "profileAndServicesExt"
-            rest = segments[2:]
-        elif len(segments) >= 2 and segments[0] == "customResources":
-            resource_or_none = self.resources.get(segments[1])
-            if resource_or_none is None or segments[1] == "profile":
-                raise _not_found(f"Resource 'customResources/{segments[1][:100]}'")
-            resource, collection, extension = resource_or_none, "/".join(segments[:2]), True
-            rest = segments[2:]
-        else:
+        roots = ("profileAndServices", "profileAndServicesExt", "customResources")
+        if len(segments) < 2 or segments[0] not in roots:
             raise _not_found(f"Resource '{path[:100]}'")
+        root, name = segments[0], segments[1]
+        resource_or_none = self.resources.get(name)
+        # The profile lives under both profileAndServices roots; a custom resource linked to the
+        # profile only under profileAndServicesExt, an unlinked one only under customResources.
+        if resource_or_none is None:
+            served = False
+        elif name == "profile":
+            served = root != "customResources"
+        elif resource_or_none.linked_to_profile:
+            served = root == "profileAndServicesExt"
+        else:
+            served = root == "customResources"
+        if resource_or_none is None or not served:
+            raise _not_found(f"Resource '{root}/{name[:100]}'")
+        resource, collection = resource_or_none, f"{root}/{name}"
+        extension = root != "profileAndServices"
+        rest = segments[2:]
         if not rest:
             return _Target(resource, collection, extension)
         if len(rest) == 1 and rest[0] in resource.all_filters():
@@ -435,7 +442,10 @@ class CampaignEmulator:
     def _collection_of(self, resource_name: str) -> str:
         if resource_name == "profile":
             return "profileAndServices/profile"
-        return f"customResources/{resource_name}"
+        resource = self.resources.get(resource_name)
+        linked = resource is not None and resource.linked_to_profile
+        root = "profileAndServicesExt" if linked else "customResources"
+        return f"{root}/{resource_name}"
 
     def _list(
         self,

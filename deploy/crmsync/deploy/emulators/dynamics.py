@@ -21,7 +21,6 @@ from crmsync.deploy.emulators.batch import (
     BatchItem,
     ChangeSet,
     PartResponse,
-    count_requests,
     parse_batch,
     render_batch,
 )
@@ -71,6 +70,10 @@ def _to_response(api: ApiResponse, extra: list[tuple[str, str]]) -> Response:
     for name, value in [*api.headers, *extra]:
         response.headers.append(name, value)
     return response
+
+
+def _failed(result: PartResponse | list[PartResponse]) -> bool:
+    return isinstance(result, PartResponse) and result.status >= 400
 
 
 class DynamicsEmulator:
@@ -341,7 +344,9 @@ class DynamicsEmulator:
             self._request_window.add(client, 1)
             api_request = ApiRequest(
                 method=request.method,
-                path=unquote(request.path_params["path"]),
+                # The ASGI server already percent-decoded the path: decoding it again would turn a
+                # key value's "%2541" into "A".
+                path=request.path_params["path"],
                 query=parse_qsl(request.url.query, keep_blank_values=True),
                 headers={k.lower(): v for k, v in request.headers.items()},
                 body=body,
@@ -363,7 +368,8 @@ class DynamicsEmulator:
         except BatchError as e:
             self._request_window.add(client, 1)
             return _to_response(error_response(400, "0x80060888", str(e)), [])
-        self._request_window.add(client, count_requests(items))
+        # Service protection counts a $batch as one request (its execution time counts in full).
+        self._request_window.add(client, 1)
         continue_on_error = "odata.continue-on-error" in request.headers.get("prefer", "").lower()
         results = await self.store.run(
             lambda records: self._run_batch(records, items, service_root, continue_on_error)
@@ -372,9 +378,12 @@ class DynamicsEmulator:
         headers = self._limit_headers(client)
         if continue_on_error:
             headers.append(("Preference-Applied", "odata.continue-on-error"))
+        # Without continue-on-error a batch that stopped at a failure answers 400 as a whole,
+        # its body the multipart answers up to and including the failing one.
+        stopped = not continue_on_error and any(_failed(r) for r in results)
         return _to_response(
             ApiResponse(
-                200,
+                400 if stopped else 200,
                 [
                     ("Content-Type", f"multipart/mixed; boundary={boundary}"),
                     ("OData-Version", "4.0"),

@@ -88,10 +88,14 @@ class DynamicsSink:
                     continue
                 else:
                     try:
-                        requests[index] = self.client.write_request(self._first_write(record))
-                        continue
-                    except RecordRejected as error:
+                        request = await self._request(self._first_write(record))
+                    except SinkError as error:
                         outcomes[index] = error
+                    else:
+                        if request is not None:
+                            requests[index] = request
+                            continue
+                        outcomes[index] = None
                 queues[record.identity].pop(0)
             try:
                 written = await self._write_round(requests)
@@ -107,8 +111,14 @@ class DynamicsSink:
                         record.target, record_key(record), record.fields, record.mode
                     )
                 if then is not None:
-                    updates[index] = self.client.write_request(then)
-                    continue  # the record stays first in its queue for its second step
+                    try:
+                        second = await self._request(then)
+                    except SinkError as error:
+                        outcomes[index] = outcome = error
+                    else:
+                        if second is not None:
+                            updates[index] = second
+                            continue  # the record stays first in its queue for its second step
                 queues[record.identity].pop(0)
                 if blocks_its_key(outcome):
                     assert outcome is not None
@@ -169,6 +179,14 @@ class DynamicsSink:
             attempt += 1
         return outcomes
 
+    async def _request(self, write: Write) -> BatchRequest | None:
+        """The request of a write; a key a URL cannot carry is resolved first (None: nothing
+        to do, a delete of a record already gone)."""
+        resolved = await self.client.addressable(write)
+        if isinstance(resolved, SinkError):
+            raise resolved
+        return None if resolved is None else self.client.write_request(resolved)
+
     def _first_write(self, record: SinkRecord) -> Write:
         fields = None if record.op == "delete" else record.fields
         return self.client.first_write(
@@ -187,7 +205,7 @@ class DynamicsSink:
 
 
 def _mode_of(request: BatchRequest) -> WriteMode:
-    if request.headers.get("If-None-Match") == "*":
+    if request.method == "POST" or request.headers.get("If-None-Match") == "*":
         return "create"
     if request.headers.get("If-Match") == "*":
         return "update"
