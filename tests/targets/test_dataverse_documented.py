@@ -17,6 +17,7 @@ from crmsync.streams.config import CampaignToD365Config, default_config, parse_c
 from crmsync.streams.mapping import email_event_writes
 from crmsync.streams.sinks.base import SinkRecord
 from crmsync.streams.sinks.dynamics import DynamicsSink
+from crmsync.streams.source import TrackedEntity, events_of
 from crmsync.targets._http import RetryPolicy
 from crmsync.targets._multipart import BatchRequest, ChangeSet
 from crmsync.targets.dynamics import DynamicsClient, NotModified, default_authority
@@ -310,3 +311,24 @@ def test_a_sovereign_cloud_org_needs_its_authority_named() -> None:
             default_authority(DynamicsTarget(url=url))
         named = DynamicsTarget(url=url, authority="https://login.microsoftonline.us/t1")
         assert default_authority(named) == "https://login.microsoftonline.us/t1"
+
+
+async def test_activity_tables_are_keyed_by_activityid(client: DynamicsClient) -> None:
+    """MicrosoftDocs/dynamics-365-customer-engagement, progref/webapireference/entitytypes/task.md:
+    ``Base Type: activitypointer EntityType`` / ``Primary Key: activityid`` — activity tables do
+    not name their key ``<logical name>id``. The change-tracking source reads it from
+    EntityDefinitions' ``PrimaryIdAttribute``, so activity rows are published with their ids."""
+    assert await client.primary_id("crmsync_emailsends") == "activityid"
+    assert await client.primary_id("contacts") == "contactid"
+    await client.upsert("contacts", guid(5), {"lastname": "L"})
+    bind = {"regardingobjectid_contact_crmsync_emailsend@odata.bind": f"/contacts({guid(5)})"}
+    await client.upsert("crmsync_emailsends", {"crmsync_eventid": "e-1"}, {"subject": "s", **bind})
+    page = await client.read_changes("crmsync_emailsends")
+    entity = TrackedEntity(
+        "crmsync_emailsend",
+        "d365.entity.crmsync_emailsend.changes",
+        "crmsync_emailsends",
+        primary_key=await client.primary_id("crmsync_emailsends"),
+    )
+    keys = [key for key, event in events_of(entity, page.value, initial=True) if event]
+    assert keys == [page.value[0]["activityid"]]
