@@ -332,3 +332,53 @@ async def test_activity_tables_are_keyed_by_activityid(client: DynamicsClient) -
     )
     keys = [key for key, event in events_of(entity, page.value, initial=True) if event]
     assert keys == [page.value[0]["activityid"]]
+
+
+async def test_upserts_go_through_upsert_multiple_and_fall_back_to_batch(
+    emulators: Any, emulated_dynamics: httpx.AsyncClient, client: DynamicsClient
+) -> None:
+    """MicrosoftDocs/powerapps-docs, powerapps-docs/developer/data-platform/bulk-operations.md
+    ("Use bulk operation messages": CreateMultiple, UpdateMultiple, UpsertMultiple give the best
+    throughput) and microsoft/PowerApps-Samples, BulkOperations/UpsertMultiple: ``POST
+    /<EntitySetName>/Microsoft.Dynamics.CRM.UpsertMultiple`` with ``{"Targets": [{"@odata.type":
+    "Microsoft.Dynamics.CRM.<logical name>", "<key>": ..., ...}]}``, all records or none."""
+
+    async def requests() -> int:
+        async with httpx.AsyncClient(base_url=emulators.dynamics_url) as http:
+            return int((await http.get("/_admin/stats")).json()["requests"])
+
+    sink = DynamicsSink(client)
+    await client.primary_id("contacts")  # metadata read once, up front
+    before = await requests()
+    records = [
+        SinkRecord("contacts", guid(1000 + n), fields={"lastname": f"L{n}"}) for n in range(250)
+    ]
+    assert await sink.write_batch(records) == [None] * 250
+    assert await requests() - before == 1  # one UpsertMultiple call, not 250 PATCHes
+    rows = [r async for r in client.query("contacts", select=["lastname"])]
+    assert len(rows) == 250
+
+    raw = await emulated_dynamics.post(
+        "crmsync_emailsends/Microsoft.Dynamics.CRM.UpsertMultiple",
+        json={
+            "Targets": [
+                {
+                    "@odata.type": "Microsoft.Dynamics.CRM.crmsync_emailsend",
+                    "crmsync_eventid": "k/1",
+                    "subject": "by key in the body",
+                }
+            ]
+        },
+    )
+    assert raw.status_code == 200 and len(raw.json()["Ids"]) == 1
+    unknown = await emulated_dynamics.post("contacts/Microsoft.Dynamics.CRM.NoSuchAction", json={})
+    assert unknown.status_code == 400 and unknown.json()["error"]["code"] != "0x8006088a"
+
+    mixed = [
+        SinkRecord("contacts", guid(2000), fields={"lastname": "ok"}),
+        SinkRecord("contacts", guid(2001), fields={"lastname": "x" * 51}),
+        SinkRecord("contacts", guid(2002), fields={"lastname": "ok too"}),
+    ]
+    outcomes = await sink.write_batch(mixed)
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], RecordRejected)  # found by the $batch fallback, alone

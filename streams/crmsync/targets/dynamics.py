@@ -202,6 +202,24 @@ class Write:
         return "delete" if self.fields is None else "write"
 
 
+class BulkUnsupported(RecordRejected):
+    """The table does not take a bulk message (``UpsertMultiple``...): write through $batch."""
+
+
+def _bulk_unsupported(response: httpx.Response) -> bool:
+    if response.status_code == 501:
+        return True
+    if response.status_code not in (400, 404):
+        return False
+    code, message = error_message(response.text)
+    text = message.lower()
+    return code.lower() in _MISSING_SET_CODES or "not supported" in text
+
+
+def _json_value(value: KeyValue) -> Any:
+    return str(value) if isinstance(value, uuid.UUID) else value
+
+
 class FullSyncRequired(RecordRejected):
     """The delta token expired or is unknown (0x80044352): only a fresh initial load helps."""
 
@@ -393,7 +411,7 @@ class DynamicsClient:
             },
         )
         self._entra = _EntraTokens(target)
-        self._primary_ids: dict[str, str] = {}
+        self._tables: dict[str, tuple[str, str]] = {}
         self._session = Session(
             "dynamics",
             self._http,
@@ -537,9 +555,13 @@ class DynamicsClient:
         return resolved
 
     async def primary_id(self, entity_set: str) -> str:
-        """The primary id column of a table (``activityid`` for activities), from its
+        """The primary id column of a table (``activityid`` for activities)."""
+        return (await self.table(entity_set))[1]
+
+    async def table(self, entity_set: str) -> tuple[str, str]:
+        """``(LogicalName, PrimaryIdAttribute)`` of the table behind an entity set, from its
         ``EntityDefinitions`` (read once per entity set)."""
-        known = self._primary_ids.get(entity_set)
+        known = self._tables.get(entity_set)
         if known is not None:
             return known
         params = {
@@ -553,8 +575,49 @@ class DynamicsClient:
         found = response.json().get("value") or []
         if not found or not found[0].get("PrimaryIdAttribute"):
             raise Fatal(f"{what}: no table has the entity set {entity_set!r}")
-        self._primary_ids[entity_set] = name = str(found[0]["PrimaryIdAttribute"])
-        return name
+        table = (str(found[0]["LogicalName"]), str(found[0]["PrimaryIdAttribute"]))
+        self._tables[entity_set] = table
+        return table
+
+    async def upsert_multiple(
+        self, entity_set: str, items: Sequence[tuple[Key, Mapping[str, Any]]]
+    ) -> None:
+        """Create or update up to 1,000 records in one ``UpsertMultiple`` call (all or none).
+
+        Each record is named by its primary id or its alternate key values, carried in the body
+        (so key values URLs cannot carry are fine here). Raises ``BulkUnsupported`` when the
+        table does not take the message (use ``batch``), else as ``upsert`` does, for the call.
+        """
+        if not items:
+            return
+        if len(items) > self.max_batch_requests:
+            raise ValueError(f"UpsertMultiple takes at most {self.max_batch_requests} records")
+        logical, primary = await self.table(entity_set)
+        targets = []
+        for key, fields in items:
+            if isinstance(key, Mapping):
+                key_fields: dict[str, Any] = {k: _json_value(v) for k, v in key.items()}
+            else:
+                key_segment(key)  # refuses what is not a GUID
+                key_fields = {primary: str(key).lower()}
+            targets.append(
+                {"@odata.type": f"Microsoft.Dynamics.CRM.{logical}", **fields, **key_fields}
+            )
+        what = f"UpsertMultiple {entity_set} of {len(items)}"
+        url = f"{self.url(entity_set)}/Microsoft.Dynamics.CRM.UpsertMultiple"
+        response = await self._request("POST", url, body={"Targets": targets}, what=what)
+        if _bulk_unsupported(response):
+            raise BulkUnsupported(f"{what}: HTTP {response.status_code}: {short(response.text)}")
+        missing = (
+            parent_missing(
+                response.status_code, response.text, targets[0], "upsert", update_missing=False
+            )
+            if any(k.endswith("@odata.bind") for t in targets for k in t)
+            else None
+        )
+        if missing is not None:
+            raise prefixed(missing, what)
+        self._raise_for(response, what, operation="write")
 
     async def _find_id(self, entity_set: str, key: Mapping[str, KeyValue]) -> str | None:
         """The id of the record with these key values, through a ``$filter`` query."""
