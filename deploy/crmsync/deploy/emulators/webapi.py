@@ -685,10 +685,12 @@ class WebApi:
                     404, "0x80040217", f"Could not find an entity with the key {head[17:][:100]}."
                 )
             (definition,) = definitions
-            if tail in ("Attributes", "Keys"):
-                return _json_response(
-                    200, {"@odata.context": f"{root}/{tail}", "value": definition[tail]}
-                )
+            collection, _, cast = tail.partition("/")
+            if collection in ("Attributes", "Keys"):
+                items = definition[collection]
+                if cast:  # a derived-type cast, e.g. Attributes/...PicklistAttributeMetadata
+                    items = [i for i in items if i.get("@odata.type") == f"#{cast}"]
+                return _json_response(200, {"@odata.context": f"{root}/{tail}", "value": items})
             if tail:
                 raise bad_query(f"The segment '{tail[:100]}' is not valid on EntityDefinitions.")
             return _json_response(
@@ -752,9 +754,21 @@ class WebApi:
         target: dict[str, Any],
         request: ApiRequest,
     ) -> str:
-        body = {k: v for k, v in target.items() if k != "@odata.type"}
+        body = {k: v for k, v in target.items() if k not in ("@odata.type", "@odata.id")}
         changes = self._parse_payload(records, entity, body, request)
         found: str | None = None
+        reference = target.get("@odata.id")
+        if reference is not None:  # the record named by URL: `<set>(<key>)`
+            match = _PATH.match(str(reference).removeprefix(request.service_root + "/"))
+            if match is None or match["set"] != entity.name or match["key"] is None:
+                raise _payload_error(
+                    entity, f"The @odata.id '{str(reference)[:200]}' is not valid."
+                )
+            key = parse_key(match["key"])
+            found, url_keys = self._resolve(records, entity, key)
+            changes.update(url_keys)
+            if isinstance(key, str):
+                changes[entity.primary_id] = key
         given_id = changes.get(entity.primary_id)
         if given_id is not None:
             found = given_id if records.get(entity.name, given_id) else None
