@@ -121,6 +121,24 @@ def _parser() -> argparse.ArgumentParser:
         help="also create its change topic",
     )
 
+    targets_cmd = commands.add_parser(
+        "targets", help="what the workflows need in Dynamics and Campaign (preflight)"
+    )
+    targets_actions = targets_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = targets_actions.add_parser(
+        "check",
+        help="every table, column, key, navigation property, resource and custom filter the "
+        "workflows' configs need: present, or missing with what to do (exit 1 if any is missing)",
+    )
+    check.add_argument("--json", action="store_true", help="print the requirements as JSON")
+    check.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="WORKFLOW=FILE",
+        help="check this config (JSON) instead of the workflow's default",
+    )
+
     kafka = commands.add_parser("kafka", help="the local Apache Kafka")
     kafka_actions = kafka.add_subparsers(dest="action", required=True, metavar="ACTION")
     kafka_run = kafka_actions.add_parser("run", help="run the local broker in the foreground")
@@ -156,11 +174,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         "source": _source,
         "demo": _demo,
         "workflows": _workflows,
+        "targets": _targets,
     }[args.command]
     try:
         return handler(settings, args)
     except KeyboardInterrupt:
         return 130
+
+
+def _targets(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from crmsync.streams import preflight
+    from crmsync.streams.config import ConfigError, default_config, parse_config
+    from crmsync.targets.campaign import CampaignClient
+    from crmsync.targets.dynamics import DynamicsClient
+
+    configs: dict[str, Any] = {
+        name: default_config(name)
+        for name in ("d365-to-campaign", "campaign-to-d365", "opt-in-out")
+    }
+    for given in args.config:
+        name, _, file = given.partition("=")
+        if name not in configs or not file:
+            print(f"crmsync targets check: --config {given!r}: WORKFLOW=FILE", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            configs[name] = parse_config(name, json.loads(Path(file).read_text(encoding="utf-8")))
+        except (OSError, ValueError, ConfigError) as error:
+            print(f"crmsync targets check: {file}: {error}", file=sys.stderr)
+            return EXIT_INVALID
+
+    async def run() -> list[preflight.Requirement]:
+        async with (
+            DynamicsClient(settings.dynamics) as dynamics,
+            CampaignClient(settings.campaign) as campaign,
+        ):
+            return await preflight.check(configs, dynamics, campaign)
+
+    requirements = asyncio.run(run())
+    if args.json:
+        print(json.dumps({"requirements": [r.as_dict() for r in requirements]}, indent=2))
+    else:
+        for r in requirements:
+            state = "present" if r.present else "MISSING"
+            fix = f"  → {r.fix}" if r.fix else ""
+            print(f"{state:8} {r.workflow:17} {r.target:9} {r.kind:10} {r.name}{fix}")
+    missing = preflight.missing(requirements)
+    if missing:
+        print(f"{len(missing)} requirement(s) missing", file=sys.stderr)
+    return EXIT_INVALID if missing else EXIT_OK
 
 
 def _publish(settings: Settings, args: argparse.Namespace) -> int:

@@ -305,6 +305,12 @@ class CampaignClient:
             raise prefixed(outcome, what)
         return response
 
+    async def raw_get(self, url: str) -> dict[str, Any]:
+        """A GET of a resource or filter URL; a missing one raises ``Fatal`` (404)."""
+        response = await self._call("GET", url, place="resource", what=f"GET {url}")
+        assert response is not None
+        return dict(response.json())
+
     def lookup_for(self, resource: str, key_field: str | None = None) -> Lookup:
         lookup = self.lookups.get(resource)
         if key_field is None:

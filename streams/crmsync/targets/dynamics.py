@@ -459,6 +459,12 @@ class DynamicsClient:
         full = url if url.startswith("http") else self._origin + url
         return await self._session.request(method, full, body=body, headers=headers, what=what)
 
+    async def raw(
+        self, method: str, url: str, *, what: str, headers: Mapping[str, str] | None = None
+    ) -> httpx.Response:
+        """One request with retries and the token, its answer unclassified (metadata reads)."""
+        return await self._request(method, url, headers=headers, what=what)
+
     @staticmethod
     def _raise_for(response: httpx.Response, what: str, **how: Any) -> None:
         outcome = classify(response.status_code, response.text, response.headers, **how)

@@ -162,6 +162,11 @@ class CampaignEmulator:
                 Route("/ims/token/v3", self._token, methods=["POST"]),
                 *admin_routes(self),
                 Route(
+                    "/_admin/resources/{name}/filters/{filter}",
+                    self._drop_filter,
+                    methods=["DELETE"],
+                ),
+                Route(
                     "/{org}/campaign/{path:path}",
                     self._api,
                     methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
@@ -189,6 +194,20 @@ class CampaignEmulator:
         await self.store.run(lambda records: records.wipe())
         self._window.reset()
         self.requests = 0
+
+    async def _drop_filter(self, request: Request) -> Response:
+        """Drift for tests: a resource loses a custom filter (as if removed in Campaign's UI)."""
+        resource = self.resources.get(request.path_params["name"])
+        name = request.path_params["filter"]
+        if resource is None or name not in resource.all_filters():
+            return JSONResponse({"error": "no such resource or filter"}, status_code=404)
+        filters = {k: v for k, v in resource.filters.items() if k != name}
+        key_filter = resource.key_filter()
+        key = None if key_filter is not None and key_filter[0] == name else resource.key
+        self.resources[resource.name] = Resource.model_validate(
+            {**resource.model_dump(), "filters": filters, "key": key}
+        )
+        return JSONResponse({"resource": resource.name, "filters": sorted(filters)})
 
     def revoke_tokens(self) -> None:
         self.tokens.revoke_all()

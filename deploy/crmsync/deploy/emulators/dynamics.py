@@ -116,6 +116,14 @@ class DynamicsEmulator:
                 Route("/{tenant}/discovery/v2.0/keys", self._keys, methods=["GET"]),
                 *admin_routes(self),
                 Route(
+                    "/_admin/entity-sets/{name}/keys/{columns}", self._drop_key, methods=["DELETE"]
+                ),
+                Route(
+                    "/_admin/entity-sets/{name}/columns/{column}",
+                    self._drop_column,
+                    methods=["DELETE"],
+                ),
+                Route(
                     API_PREFIX + "/{path:path}",
                     self._api,
                     methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
@@ -144,6 +152,36 @@ class DynamicsEmulator:
         self._request_window.reset()
         self._time_window.reset()
         self.requests = 0
+
+    async def _drop_key(self, request: Request) -> Response:
+        """Drift for tests: the table loses an alternate key (``columns`` comma-separated)."""
+        entity = self.webapi.entity_sets.get(request.path_params["name"])
+        columns = tuple(sorted(request.path_params["columns"].split(",")))
+        if entity is None or columns not in {tuple(sorted(k)) for k in entity.alternate_keys}:
+            return JSONResponse({"error": "no such table or key"}, status_code=404)
+        kept = tuple(k for k in entity.alternate_keys if tuple(sorted(k)) != columns)
+        # Rebuilt, not model_copy'd: the copy would keep the old cached lookups.
+        self.webapi.entity_sets[entity.name] = EntitySet.model_validate(
+            {**entity.model_dump(), "alternate_keys": kept}
+        )
+        return JSONResponse({"entity_set": entity.name, "alternate_keys": [list(k) for k in kept]})
+
+    async def _drop_column(self, request: Request) -> Response:
+        """Drift for tests: the table loses a column (and any key using it)."""
+        entity = self.webapi.entity_sets.get(request.path_params["name"])
+        column = request.path_params["column"]
+        if entity is None or column not in entity.by_name or column == entity.primary_id:
+            return JSONResponse({"error": "no such table or column"}, status_code=404)
+        fields = tuple(f for f in entity.fields if f.name != column)
+        keys = tuple(k for k in entity.alternate_keys if column not in k)
+        self.webapi.entity_sets[entity.name] = EntitySet.model_validate(
+            {
+                **entity.model_dump(),
+                "fields": [f.model_dump() for f in fields],
+                "alternate_keys": keys,
+            }
+        )
+        return JSONResponse({"entity_set": entity.name, "columns": [f.name for f in fields]})
 
     def revoke_tokens(self) -> None:
         self.tokens.revoke_all()
