@@ -225,8 +225,8 @@ async def test_top_is_ignored_when_a_page_size_is_asked(
     emulated_dynamics: httpx.AsyncClient, client: DynamicsClient
 ) -> None:
     """MicrosoftDocs/powerapps-docs, powerapps-docs/developer/data-platform/webapi/query/
-    page-results.md: "Don't use the `$top` query option with `Prefer: odata.maxpagesize`" —
-    the service pages by maxpagesize and ignores ``$top``. So the client stops at top itself."""
+    page-results.md: "Don't use `$top` with the `Prefer: odata.maxpagesize` request header. If
+    you include both, `$top` is ignored." So the client stops at top itself."""
     for n in range(5):
         await client.upsert("contacts", guid(100 + n), {"lastname": f"L{n}"})
     page = await emulated_dynamics.get(
@@ -241,10 +241,11 @@ async def test_conditional_delete_and_read_follow_the_etag(
     emulated_dynamics: httpx.AsyncClient, client: DynamicsClient
 ) -> None:
     """MicrosoftDocs/powerapps-docs, powerapps-docs/developer/data-platform/webapi/
-    perform-conditional-operations-using-web-api.md: "Conditional retrievals": ``GET
-    .../accounts(...)?$select=name`` with ``If-None-Match: W/"779200"`` → ``HTTP/1.1 304 Not
-    Modified``; "Apply optimistic concurrency": ``DELETE .../accounts(...)`` with
-    ``If-Match: W/"470867"`` → ``HTTP/1.1 412 Precondition Failed`` when the record changed."""
+    perform-conditional-operations-using-web-api.md, "Conditional retrievals": ``GET
+    .../accounts(00000000-...-000000000001)?$select=...`` with ``If-None-Match: W/"468026"`` →
+    ``HTTP/1.1 304 Not Modified``; "Apply optimistic concurrency on delete": ``DELETE
+    .../accounts(...)`` with ``If-Match: W/"470867"`` → ``HTTP/1.1 412 Precondition Failed``,
+    ``"The version of the existing record doesn't match the RowVersion property provided."``"""
     await client.upsert("contacts", guid(7), {"lastname": "Old"})
     first = await client.get("contacts", guid(7))
     assert first is not None
@@ -268,9 +269,9 @@ async def test_an_alternate_key_upsert_answers_its_url_in_key_form(
     emulated_dynamics: httpx.AsyncClient,
 ) -> None:
     """MicrosoftDocs/powerapps-docs, powerapps-docs/developer/data-platform/
-    use-upsert-insert-update-record.md (Web API): ``PATCH .../sample_bankaccounts(
-    sample_accountname='Record For Create')`` → ``HTTP/1.1 204 No Content`` with
-    ``OData-EntityId: .../sample_bankaccounts(sample_accountname='Record%20For%20Create')``."""
+    use-upsert-insert-update-record.md, "Create with upsert": ``PATCH .../example_records(
+    example_key1=2,example_key2=2)`` → ``HTTP/1.1 204 No Content`` with ``OData-EntityId:
+    .../example_records(example_key1=2,example_key2=2)`` — the URL in key form."""
     response = await emulated_dynamics.patch(
         "crmsync_emailsends(crmsync_eventid='Record For Create')", json={"subject": "s"}
     )
@@ -282,9 +283,10 @@ async def test_an_alternate_key_upsert_answers_its_url_in_key_form(
 
 async def test_a_delta_page_lists_changes_before_deletions(client: DynamicsClient) -> None:
     """MicrosoftDocs/powerapps-docs, powerapps-docs/developer/data-platform/webapi/
-    use-change-tracking-synchronize-data-external-systems.md: the delta response lists the
-    new/changed rows, then ``{"@odata.context": "...$deletedEntity", "id": "...",
-    "reason": "deleted"}`` entries for the deletions."""
+    use-change-tracking-synchronize-data-external-systems.md: "Usually, the caller will get all
+    new or updated records first (sorted by version number) followed by deleted records"; the
+    Web API example's delta page lists the new account, then ``{"@odata.context":
+    "...$metadata#accounts/$deletedEntity", "id": "...", "reason": "deleted"}``."""
     await client.upsert("contacts", guid(1), {"lastname": "A"})
     await client.upsert("contacts", guid(2), {"lastname": "B"})
     initial = await client.read_changes("contacts")
@@ -300,10 +302,12 @@ async def test_a_delta_page_lists_changes_before_deletions(client: DynamicsClien
 
 
 def test_a_sovereign_cloud_org_needs_its_authority_named() -> None:
-    """MicrosoftDocs/powerapps-docs, powerapps-docs/developer/data-platform/
-    authenticate-oauth.md: sovereign clouds sign in elsewhere (e.g. US Government
-    ``https://login.microsoftonline.us``); only the commercial cloud's ``*.dynamics.com`` maps to
-    ``https://login.microsoftonline.com/<tenant>``."""
+    """MicrosoftDocs/power-platform, power-platform/admin/microsoft-dynamics-365-government.md
+    and internet-url-us-government.md: US Government orgs run in separate environments (GCC on
+    ``*.crm9.dynamics.com`` signs in through ``*.microsoftonline.com``; GCC High and DoD, and
+    China's 21Vianet cloud, use their own domains and Entra authorities). So only
+    ``*.dynamics.com`` maps to ``https://login.microsoftonline.com/<tenant>``; any other host must
+    name its authority."""
     commercial = DynamicsTarget(url="https://contoso.crm.dynamics.com", tenant="t1")
     assert default_authority(commercial) == "https://login.microsoftonline.com/t1"
     for url in ("https://contoso.crm.microsoftdynamics.us", "https://contoso.crm.dynamics.cn"):
