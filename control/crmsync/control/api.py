@@ -187,6 +187,44 @@ async def _audit(call: Call) -> Response:
     return _answer(await call.supervisor.audit(limit))
 
 
+class TargetRequirement(BaseModel):
+    """One piece a workflow's active config needs in a target (see docs/targets.md)."""
+
+    workflow: str
+    target: str
+    kind: str
+    name: str
+    present: bool
+    fix: str
+
+
+class TargetsAnswer(BaseModel):
+    requirements: list[TargetRequirement]
+    missing: int
+
+
+async def _targets(call: Call) -> Response:
+    from crmsync.streams import preflight
+    from crmsync.streams.config import parse_config
+    from crmsync.streams.workflows import TITLES
+    from crmsync.targets.campaign import CampaignClient
+    from crmsync.targets.dynamics import DynamicsClient
+
+    configs = {name: parse_config(name, call.supervisor.config(name).active) for name in TITLES}
+    settings = call.supervisor.settings
+    async with (
+        DynamicsClient(settings.dynamics) as dynamics,
+        CampaignClient(settings.campaign) as campaign,
+    ):
+        found = await preflight.check(configs, dynamics, campaign)
+    return _answer(
+        TargetsAnswer(
+            requirements=[TargetRequirement(**r.as_dict()) for r in found],
+            missing=len(preflight.missing(found)),
+        )
+    )
+
+
 async def _healthz(call: Call) -> Response:
     return _answer(models.Health(status="ok"))
 
@@ -237,6 +275,11 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint(
         "GET", "/api/v1/audit", _audit, "The newest audit entries",
         Role.viewer, models.AuditList, query=("limit",), refusals=(400,),
+    ),
+    Endpoint(
+        "GET", "/api/v1/targets", _targets,
+        "What the active configs need in Dynamics and Campaign: present, or missing with a fix",
+        Role.viewer, TargetsAnswer,
     ),
     Endpoint("GET", "/healthz", _healthz, "Liveness", None, models.Health),
     Endpoint(
