@@ -193,7 +193,7 @@ async def _definition(client: DynamicsClient, entity_set: str) -> dict[str, Any]
         "$select": "LogicalName,EntitySetName,PrimaryIdAttribute",
         "$expand": "Attributes($select=LogicalName),Keys($select=KeyAttributes)",
     }
-    url = f"{client.url('EntityDefinitions')}?{urlencode(params, safe='$,()=')}"
+    url = f"{client.api_url}/EntityDefinitions?{urlencode(params, safe='$,()=')}"
     response = await client.raw("GET", url, what=f"EntityDefinitions {entity_set}")
     if response.status_code != 200:
         raise Fatal(f"EntityDefinitions {entity_set}: HTTP {response.status_code}")
@@ -203,7 +203,7 @@ async def _definition(client: DynamicsClient, entity_set: str) -> dict[str, Any]
 
 async def _navigation_properties(client: DynamicsClient) -> dict[str, set[str]]:
     """Entity type → its navigation properties, from the CSDL $metadata document."""
-    response = await client.raw("GET", client.url("$metadata"), what="$metadata")
+    response = await client.raw("GET", f"{client.api_url}/$metadata", what="$metadata")
     if response.status_code != 200:
         raise Fatal(f"$metadata: HTTP {response.status_code}")
     root = ElementTree.fromstring(response.content)
