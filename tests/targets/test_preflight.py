@@ -93,3 +93,39 @@ async def _run(argv: list[str]) -> int:
     import asyncio
 
     return await asyncio.to_thread(main, argv)
+
+
+async def test_setup_creates_the_missing_activity_tables_columns_and_keys_once(
+    emulators: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Any,
+) -> None:
+    """MicrosoftDocs/powerapps-docs, .../webapi/create-update-entity-definitions-using-web-api.md
+    (``POST [Organization URI]/api/data/v9.2/EntityDefinitions`` with an ``EntityMetadata`` body,
+    ``"IsActivity"``, ``"Attributes": [{"@odata.type": "Microsoft.Dynamics.CRM.
+    StringAttributeMetadata", "IsPrimaryName": true, ...}]`` → ``204 No Content``), .../webapi/
+    create-update-column-definitions-using-web-api.md (``POST .../EntityDefinitions(LogicalName=
+    '...')/Attributes``) and define-alternate-keys-entity.md (``EntityKeyMetadata`` with
+    ``KeyAttributes``). A config naming tables the org lacks: check names them, setup creates
+    them (a dry run only prints), and a second setup has nothing left to do."""
+    monkeypatch.setenv("CRMSYNC_DYNAMICS_URL", emulators.dynamics_url)
+    monkeypatch.setenv("CRMSYNC_CAMPAIGN_URL", emulators.campaign_url)
+    config = tmp_path / "c2d.json"
+    config.write_text(
+        '{"events": {"send": {"entity_set": "crmsync_mailsends"},'
+        ' "bounce": {"entity_set": "crmsync_mailbounces"}}}'
+    )
+    given = ["--config", f"campaign-to-d365={config}"]
+    assert await _run(["targets", "check", *given]) == 1
+    capsys.readouterr()
+    assert await _run(["targets", "setup", "d365", "--dry-run", *given]) == 0
+    dry = capsys.readouterr().out
+    assert "POST EntityDefinitions\n" in dry and '"IsActivity": true' in dry
+    assert "POST EntityDefinitions(LogicalName='crmsync_mailbounce')/Keys" in dry
+    assert await _run(["targets", "check", *given]) == 1  # the dry run changed nothing
+    assert await _run(["targets", "setup", "d365", *given]) == 0
+    assert await _run(["targets", "check", *given]) == 0
+    capsys.readouterr()
+    assert await _run(["targets", "setup", "d365", *given]) == 0
+    assert "nothing to create" in capsys.readouterr().out

@@ -130,14 +130,24 @@ def _parser() -> argparse.ArgumentParser:
         help="every table, column, key, navigation property, resource and custom filter the "
         "workflows' configs need: present, or missing with what to do (exit 1 if any is missing)",
     )
-    check.add_argument("--json", action="store_true", help="print the requirements as JSON")
-    check.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        metavar="WORKFLOW=FILE",
-        help="check this config (JSON) instead of the workflow's default",
+    setup = targets_actions.add_parser(
+        "setup",
+        help="create crmsync's activity tables, columns and alternate keys in Dynamics through "
+        "the Web API metadata endpoints (only what is missing)",
     )
+    setup.add_argument("system", choices=("d365",))
+    setup.add_argument(
+        "--dry-run", action="store_true", help="print the requests instead of sending them"
+    )
+    for sub in (check, setup):
+        sub.add_argument(
+            "--config",
+            action="append",
+            default=[],
+            metavar="WORKFLOW=FILE",
+            help="use this config (JSON) instead of the workflow's default",
+        )
+    check.add_argument("--json", action="store_true", help="print the requirements as JSON")
 
     kafka = commands.add_parser("kafka", help="the local Apache Kafka")
     kafka_actions = kafka.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -197,12 +207,12 @@ def _targets(settings: Settings, args: argparse.Namespace) -> int:
     for given in args.config:
         name, _, file = given.partition("=")
         if name not in configs or not file:
-            print(f"crmsync targets check: --config {given!r}: WORKFLOW=FILE", file=sys.stderr)
+            print(f"crmsync targets: --config {given!r}: WORKFLOW=FILE", file=sys.stderr)
             return EXIT_USAGE
         try:
             configs[name] = parse_config(name, json.loads(Path(file).read_text(encoding="utf-8")))
         except (OSError, ValueError, ConfigError) as error:
-            print(f"crmsync targets check: {file}: {error}", file=sys.stderr)
+            print(f"crmsync targets: {file}: {error}", file=sys.stderr)
             return EXIT_INVALID
 
     async def run() -> list[preflight.Requirement]:
@@ -210,9 +220,29 @@ def _targets(settings: Settings, args: argparse.Namespace) -> int:
             DynamicsClient(settings.dynamics) as dynamics,
             CampaignClient(settings.campaign) as campaign,
         ):
-            return await preflight.check(configs, dynamics, campaign)
+            found = await preflight.check(configs, dynamics, campaign)
+            if args.action != "setup":
+                return found
+            plan = preflight.setup_plan(configs, found)
+            for step in plan:
+                print(f"{step.method} {step.path}")
+                print(json.dumps(step.body, indent=2))
+            if not plan:
+                print("nothing to create: every crmsync table, column and key is there")
+            elif not args.dry_run:
+                await preflight.apply(dynamics, plan)
+                print(f"created: {len(plan)} metadata request(s) sent", file=sys.stderr)
+                found = await preflight.check(configs, dynamics, campaign)
+            return found
 
     requirements = asyncio.run(run())
+    if args.action == "setup":
+        left = [r for r in preflight.missing(requirements) if r.target == "d365"]
+        if args.dry_run or not left:
+            return EXIT_OK
+        for r in left:
+            print(f"still missing: {r.kind} {r.name}  → {r.fix}", file=sys.stderr)
+        return EXIT_INVALID
     if args.json:
         print(json.dumps({"requirements": [r.as_dict() for r in requirements]}, indent=2))
     else:

@@ -42,6 +42,7 @@ class _Table:
     """What the workflows need of one Dataverse table."""
 
     workflows: set[str] = field(default_factory=set)
+    logical_name: str | None = None  # known for crmsync's own activity tables
     columns: dict[str, set[str]] = field(default_factory=dict)  # column → workflows
     keys: dict[tuple[str, ...], set[str]] = field(default_factory=dict)
     navigations: dict[str, set[str]] = field(default_factory=dict)
@@ -69,6 +70,7 @@ def needs_of(configs: Mapping[str, WorkflowConfig]) -> _Needs:
                 if not event.enabled:
                     continue
                 table = needs.table(event.entity_set, workflow)
+                table.logical_name = event.table
                 columns = [
                     names.subject,
                     names.campaign_name,
@@ -283,3 +285,118 @@ def missing(requirements: list[Requirement], workflow: str | None = None) -> lis
         for r in requirements
         if not r.present and (workflow is None or r.workflow in (workflow, "*"))
     ]
+
+
+#: Columns of crmsync's activity tables: (AttributeMetadata type, MaxLength).
+_COLUMN_SPECS: dict[str, tuple[str, int | None]] = {
+    "crmsync_eventid": ("StringAttributeMetadata", 100),
+    "crmsync_campaignname": ("StringAttributeMetadata", 200),
+    "crmsync_deliveryname": ("StringAttributeMetadata", 200),
+    "crmsync_mirrorpageurl": ("StringAttributeMetadata", 2000),
+    "crmsync_url": ("StringAttributeMetadata", 2000),
+    "crmsync_bouncetype": ("StringAttributeMetadata", 100),
+    "crmsync_bouncereason": ("StringAttributeMetadata", 2000),
+    "crmsync_eventtime": ("DateTimeAttributeMetadata", None),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataRequest:
+    """One Web API metadata write of ``crmsync targets setup d365``."""
+
+    method: str
+    path: str  # relative to the Web API root
+    body: dict[str, Any]
+
+
+def _label(text: str) -> dict[str, Any]:
+    return {"LocalizedLabels": [{"Label": text, "LanguageCode": 1033}]}
+
+
+def _attribute(column: str) -> dict[str, Any]:
+    kind, length = _COLUMN_SPECS.get(column, ("StringAttributeMetadata", 200))
+    body: dict[str, Any] = {
+        "@odata.type": f"Microsoft.Dynamics.CRM.{kind}",
+        "SchemaName": column,
+        "DisplayName": _label(column.removeprefix("crmsync_")),
+        "RequiredLevel": {"Value": "None"},
+    }
+    if length is not None:
+        body["MaxLength"] = length
+    if kind == "DateTimeAttributeMetadata":
+        body["Format"] = "DateAndTime"
+    return body
+
+
+def setup_plan(
+    configs: Mapping[str, WorkflowConfig], found: list[Requirement]
+) -> list[MetadataRequest]:
+    """The metadata writes that create what is missing of crmsync's own activity tables: the
+    table (``POST EntityDefinitions``, an activity table), its columns (``.../Attributes``) and
+    its alternate keys (``.../Keys``), in that order. Other tables are left to their owners."""
+    needs = needs_of(configs)
+    own = {s: t for s, t in needs.tables.items() if t.logical_name}
+    absent = {(r.kind, r.name) for r in found if not r.present and r.target == "d365"}
+    plan: list[MetadataRequest] = []
+    for entity_set, table in sorted(own.items()):
+        logical = table.logical_name
+        assert logical is not None
+        where = f"EntityDefinitions(LogicalName='{logical}')"
+        if ("table", entity_set) in absent:
+            plan.append(
+                MetadataRequest(
+                    "POST",
+                    "EntityDefinitions",
+                    {
+                        "@odata.type": "Microsoft.Dynamics.CRM.EntityMetadata",
+                        "SchemaName": logical,
+                        "DisplayName": _label(logical.removeprefix("crmsync_")),
+                        "DisplayCollectionName": _label(entity_set.removeprefix("crmsync_")),
+                        "OwnershipType": "UserOwned",
+                        "IsActivity": True,
+                        "HasActivities": False,
+                        "HasNotes": False,
+                        "Attributes": [
+                            {
+                                "@odata.type": "Microsoft.Dynamics.CRM.StringAttributeMetadata",
+                                "SchemaName": "Subject",
+                                "IsPrimaryName": True,
+                                "MaxLength": 400,
+                                "RequiredLevel": {"Value": "None"},
+                                "DisplayName": _label("Subject"),
+                            }
+                        ],
+                    },
+                )
+            )
+        for column in sorted(table.columns):
+            if ("column", f"{entity_set}.{column}") in absent and column != "subject":
+                plan.append(MetadataRequest("POST", f"{where}/Attributes", _attribute(column)))
+        for key in sorted(table.keys):
+            if ("key", f"{entity_set}({','.join(key)})") in absent:
+                name = f"{logical}_{'_'.join(key)}_key"
+                plan.append(
+                    MetadataRequest(
+                        "POST",
+                        f"{where}/Keys",
+                        {
+                            "SchemaName": name,
+                            "DisplayName": _label(name),
+                            "KeyAttributes": list(key),
+                        },
+                    )
+                )
+    return plan
+
+
+async def apply(client: DynamicsClient, plan: list[MetadataRequest]) -> None:
+    """Send the plan's metadata writes in order; a refusal raises ``Fatal`` with the answer."""
+    for step in plan:
+        url = f"{client.api_url}/{step.path}"
+        response = await client.raw(
+            step.method, url, what=f"{step.method} {step.path}", body=step.body
+        )
+        if response.status_code >= 300:
+            raise Fatal(
+                f"{step.method} {step.path}: HTTP {response.status_code}: {response.text[:300]}"
+            )

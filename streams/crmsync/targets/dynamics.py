@@ -460,10 +460,16 @@ class DynamicsClient:
         return await self._session.request(method, full, body=body, headers=headers, what=what)
 
     async def raw(
-        self, method: str, url: str, *, what: str, headers: Mapping[str, str] | None = None
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        headers: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
     ) -> httpx.Response:
-        """One request with retries and the token, its answer unclassified (metadata reads)."""
-        return await self._request(method, url, headers=headers, what=what)
+        """One request with retries and the token, its answer unclassified (metadata)."""
+        return await self._request(method, url, body=body, headers=headers, what=what)
 
     @staticmethod
     def _raise_for(response: httpx.Response, what: str, **how: Any) -> None:

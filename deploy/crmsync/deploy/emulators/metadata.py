@@ -158,3 +158,112 @@ def entity_definition(entity: EntitySet) -> dict[str, Any]:
         "Attributes": [attribute_definition(entity, f) for f in entity.fields],
         "Keys": [key_definition(entity, k) for k in entity.alternate_keys],
     }
+
+
+class MetadataRefused(Exception):
+    """A metadata write the Web API would refuse: status, code, message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _label(body: dict[str, Any], name: str) -> str:
+    label = body.get(name) or {}
+    labels = label.get("LocalizedLabels") if isinstance(label, dict) else None
+    if isinstance(labels, list) and labels and isinstance(labels[0], dict):
+        return str(labels[0].get("Label", ""))
+    return ""
+
+
+def _column(body: dict[str, Any]) -> FieldDef:
+    """A column from an AttributeMetadata body (String, Memo, DateTime, Integer, Decimal,
+    Boolean), as ``POST EntityDefinitions(...)/Attributes`` takes it."""
+    kind = (
+        str(body.get("@odata.type", "")).removeprefix("#").removeprefix("Microsoft.Dynamics.CRM.")
+    )
+    schema = body.get("SchemaName")
+    if not isinstance(schema, str) or not schema:
+        raise MetadataRefused(400, "0x80044363", "SchemaName is required for an attribute.")
+    types = {
+        "StringAttributeMetadata": FieldType.STRING,
+        "MemoAttributeMetadata": FieldType.STRING,
+        "DateTimeAttributeMetadata": FieldType.DATETIME,
+        "IntegerAttributeMetadata": FieldType.INT,
+        "DecimalAttributeMetadata": FieldType.DECIMAL,
+        "BooleanAttributeMetadata": FieldType.BOOL,
+    }
+    if kind not in types:
+        raise MetadataRefused(400, "0x80060888", f"Attribute type '{kind[:100]}' is not supported.")
+    length = body.get("MaxLength")
+    return FieldDef(
+        name=schema.lower(),
+        type=types[kind],
+        max_length=int(length) if isinstance(length, int) and length > 0 else None,
+    )
+
+
+def new_table(body: dict[str, Any], existing: dict[str, EntitySet]) -> EntitySet:
+    """The table a ``POST EntityDefinitions`` body defines (``IsActivity`` → an activity table,
+    keyed by ``activityid``, with its per-table regarding lookup to contacts)."""
+    schema = body.get("SchemaName")
+    if not isinstance(schema, str) or not schema:
+        raise MetadataRefused(400, "0x80044363", "SchemaName is required for an entity.")
+    logical = schema.lower()
+    if any(e.logical_name == logical for e in existing.values()):
+        raise MetadataRefused(
+            400, "0x80044363", f"An entity with the specified name {logical} already exists."
+        )
+    entity_set = logical + ("es" if logical.endswith(("s", "x", "z", "ch", "sh")) else "s")
+    columns = [_column(a) for a in body.get("Attributes") or [] if isinstance(a, dict)]
+    maintained = (
+        FieldDef(name="createdon", type=FieldType.DATETIME, read_only=True),
+        FieldDef(name="modifiedon", type=FieldType.DATETIME, read_only=True),
+        FieldDef(name="_modifiedby_value", type=FieldType.GUID, read_only=True),
+    )
+    if body.get("IsActivity"):
+        primary = "activityid"
+        given = {c.name for c in columns}
+        base = [FieldDef(name="subject", type=FieldType.STRING, max_length=400)]
+        columns = [c for c in base if c.name not in given] + columns
+        columns.append(
+            FieldDef(
+                name="_regardingobjectid_value",
+                type=FieldType.LOOKUP,
+                target="contacts",
+                bind=f"regardingobjectid_contact_{logical}",
+            )
+        )
+    else:
+        primary = f"{logical}id"
+    return EntitySet(
+        name=entity_set,
+        logical_name=logical,
+        primary_id=primary,
+        fields=(FieldDef(name=primary, type=FieldType.GUID), *columns, *maintained),
+    )
+
+
+def with_column(entity: EntitySet, body: dict[str, Any]) -> EntitySet:
+    column = _column(body)
+    if column.name in entity.by_name:
+        raise MetadataRefused(
+            400, "0x80044363", f"An attribute with the specified name {column.name} already exists."
+        )
+    fields = [f.model_dump() for f in entity.fields] + [column.model_dump()]
+    return EntitySet.model_validate({**entity.model_dump(), "fields": fields})
+
+
+def with_key(entity: EntitySet, body: dict[str, Any]) -> EntitySet:
+    columns = body.get("KeyAttributes")
+    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
+        raise MetadataRefused(400, "0x80060888", "KeyAttributes must name the key's columns.")
+    missing = [c for c in columns if c not in entity.by_name]
+    if missing:
+        raise MetadataRefused(
+            400, "0x80060888", f"The key's columns do not exist: {', '.join(missing)[:200]}."
+        )
+    if tuple(sorted(columns)) in {tuple(sorted(k)) for k in entity.alternate_keys}:
+        raise MetadataRefused(400, "0x80044363", "A key on these columns already exists.")
+    keys = [*entity.alternate_keys, tuple(columns)]
+    return EntitySet.model_validate({**entity.model_dump(), "alternate_keys": keys})

@@ -14,9 +14,13 @@ from urllib.parse import quote, urlencode
 
 from crmsync.deploy.emulators.metadata import (
     BULK_ACTIONS,
+    MetadataRefused,
     csdl,
     entity_definition,
+    new_table,
     service_document,
+    with_column,
+    with_key,
 )
 from crmsync.deploy.emulators.model import (
     DYNAMICS_DATETIME,
@@ -670,9 +674,11 @@ class WebApi:
     # --- metadata --------------------------------------------------------------------------
 
     def _entity_definitions(self, path: str, request: ApiRequest) -> ApiResponse:
+        if request.method == "POST":
+            return self._metadata_write(path, request)
         if request.method != "GET":
             raise ODataError(
-                501, "0x80060888", "Metadata changes are not supported by the emulator yet."
+                501, "0x80060888", f"{request.method} of metadata is not supported by the emulator."
             )
         options = self._options(request, allowed={"$select", "$filter", "$expand"})
         root = f"{request.service_root}/$metadata#EntityDefinitions"
@@ -701,6 +707,37 @@ class WebApi:
         return _json_response(
             200, {"@odata.context": root, "value": [_shaped(d, options) for d in definitions]}
         )
+
+    def _metadata_write(self, path: str, request: ApiRequest) -> ApiResponse:
+        """Create a table (``POST EntityDefinitions``), a column (``.../Attributes``) or an
+        alternate key (``.../Keys``), as the metadata API documents them; 204 + OData-EntityId."""
+        try:
+            body = json.loads(request.body or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise bad_query("The request body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise bad_query("A JSON object was expected.")
+        head, _, tail = path.partition("/")
+        try:
+            if path == "EntityDefinitions":
+                entity = new_table(body, self.entity_sets)
+            else:
+                matches = [
+                    e
+                    for e in self.entity_sets.values()
+                    if _definition_matches(entity_definition(e), head)
+                ]
+                if not matches or tail not in ("Attributes", "Keys"):
+                    raise ODataError(404, "0x80040217", f"No entity for '{head[:100]}'.")
+                change = with_column if tail == "Attributes" else with_key
+                entity = change(matches[0], body)
+        except MetadataRefused as refused:
+            raise ODataError(refused.status, refused.code, refused.message) from None
+        self.entity_sets[entity.name] = entity
+        location = (
+            f"{request.service_root}/EntityDefinitions({entity_definition(entity)['MetadataId']})"
+        )
+        return ApiResponse(204, [("OData-EntityId", location), ("OData-Version", "4.0")])
 
     # --- bulk operations -------------------------------------------------------------------
 
