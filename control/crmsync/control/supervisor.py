@@ -363,6 +363,7 @@ class Supervisor:
             status = self.derived(name).status
             if record.desired == "running" and status != "FAILED":
                 raise Conflict(f"{name} is already {'running' if status == 'RUNNING' else status}")
+            await self._preflight(name, record.pending_config or record.active_config)
             update: dict[str, Any] = {
                 "desired": "running",
                 "generation": record.generation + 1,
@@ -384,6 +385,20 @@ class Supervisor:
             await self._write(new)
             await self._audited(who, "start", name, details)
             return self._status_answer(name, new)
+
+    async def _preflight(self, name: str, config: Any) -> None:
+        """Refuse a start (409, with the list) when the targets lack what the config needs."""
+        from crmsync.streams import preflight
+        from crmsync.streams.config import parse_config
+
+        missing = await preflight.missing_for_start(
+            name, parse_config(name, config), self.settings.dynamics, self.settings.campaign
+        )
+        if missing:
+            raise Conflict(
+                f"{name} cannot start: its targets lack {len(missing)} piece(s) its config needs",
+                {"missing": [r.as_dict() for r in missing]},
+            )
 
     async def stop_workflow(self, name: str, who: Principal) -> models.StatusAnswer:
         """A new generation, desired stopped: the workers close the gate and pause."""

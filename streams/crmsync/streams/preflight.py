@@ -14,9 +14,11 @@ from crmsync.streams.config import (
     OptInOutConfig,
     WorkflowConfig,
 )
+from crmsync.targets._http import RetryPolicy
 from crmsync.targets.campaign import CampaignClient
 from crmsync.targets.dynamics import DynamicsClient
-from crmsync.targets.errors import Fatal, RecordRejected, SinkError
+from crmsync.targets.errors import Fatal, RecordRejected, Retryable, SinkError
+from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 
 Kind = Literal["table", "column", "key", "navigation", "resource", "filter"]
 _EDM = "{http://docs.oasis-open.org/odata/ns/edm}"
@@ -400,3 +402,23 @@ async def apply(client: DynamicsClient, plan: list[MetadataRequest]) -> None:
             raise Fatal(
                 f"{step.method} {step.path}: HTTP {response.status_code}: {response.text[:300]}"
             )
+
+
+async def missing_for_start(
+    workflow: str, config: WorkflowConfig, dynamics: DynamicsTarget, campaign: CampaignTarget
+) -> list[Requirement]:
+    """What the workflow's config needs and its targets definitely lack; a target that cannot be
+    reached now blocks nothing (the workers retry it), so a Start is refused only for a
+    missing piece."""
+    once = RetryPolicy(attempts=1, budget_s=0.0)
+    try:
+        async with (
+            DynamicsClient(dynamics, retry=once) as d365,
+            CampaignClient(campaign, retry=once) as acs,
+        ):
+            found = await check({workflow: config}, d365, acs)
+    except Retryable:
+        return []
+    except SinkError as error:  # e.g. no Entra authority known for the org's host
+        return [Requirement(workflow, "d365", "table", "Web API", False, error.reason)]
+    return [r for r in missing(found, workflow) if r.workflow == workflow]

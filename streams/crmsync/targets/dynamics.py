@@ -298,14 +298,16 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def default_authority(target: DynamicsTarget) -> str:
     """Entra ID for a commercial-cloud ``*.dynamics.com`` org, the emulator's own token endpoint
-    for a loopback URL; any other host (sovereign clouds such as ``*.crm.microsoftdynamics.us``,
-    ``*.crm.dynamics.cn``, or a proxy) signs in elsewhere, so it must be configured."""
+    for a loopback or plain-http URL (Dataverse itself is https only); any other https host
+    (sovereign clouds such as ``*.crm.microsoftdynamics.us``, ``*.crm.dynamics.cn``, or a proxy)
+    signs in elsewhere, so its authority must be configured."""
     if target.authority:
         return target.authority.rstrip("/")
-    host = urlsplit(target.url).hostname or ""
+    parts = urlsplit(target.url)
+    host = parts.hostname or ""
     if host.endswith(".dynamics.com"):
         return f"https://login.microsoftonline.com/{target.tenant}"
-    if host in _LOOPBACK:
+    if host in _LOOPBACK or parts.scheme == "http":
         return f"{target.url.rstrip('/')}/{target.tenant}"
     raise Fatal(
         f"no Entra authority known for {host!r}: set the target's authority (sovereign clouds "
