@@ -1,4 +1,5 @@
-"""Sink throughput against the local emulators: contact upserts by `$batch` size, and Campaign.
+"""Sink throughput against the local emulators: contact upserts by UpsertMultiple, by `$batch`
+size and one by one, and Campaign.
 
 Run: .venv/bin/python bench/sinks.py [--records N] [--json bench/results/sinks.json]
 All figures come from one run on one machine, side by side, so their ratios are what matters.
@@ -102,8 +103,19 @@ async def main(records: int) -> list[dict[str, Any]]:
                     "rate": await rate(discard, contacts(records, "d"), 1000),
                 }
             )
-            sink = DynamicsSink(DynamicsClient(dynamics))
-            await rate(sink, contacts(50, "warm"), 50)  # token, connections
+            bulk = DynamicsSink(DynamicsClient(dynamics))  # UpsertMultiple, $batch fallback
+            sink = DynamicsSink(DynamicsClient(dynamics), bulk=False)  # $batch only
+            await rate(bulk, contacts(50, "warm-bulk"), 50)  # token, connections, metadata
+            await rate(sink, contacts(50, "warm"), 50)
+            for size in (100, 1000):
+                rows.append(
+                    {
+                        "case": "Dynamics UpsertMultiple",
+                        "batch": size,
+                        "rate": await rate(bulk, contacts(records, f"u{size}"), size),
+                        "records": records,
+                    }
+                )
             for size in (1, 100, 1000):
                 count = min(records, 500) if size == 1 else records
                 rows.append(
@@ -123,6 +135,7 @@ async def main(records: int) -> list[dict[str, Any]]:
                     "concurrency": sink.client.concurrency,
                 }
             )
+            await bulk.aclose()
             await sink.aclose()
             csink = CampaignSink(CampaignClient(campaign))
             await rate(csink, profiles(20, "warm"), 20)

@@ -18,7 +18,7 @@ from tests.integration.harness import Cluster, Worker, end_offsets, wait_for
 from tests.integration.kafka_io import read_all
 
 PROFILE = "profileAndServicesExt/profile"
-PURCHASES = "customResources/cusPurchase"
+PURCHASES = "profileAndServicesExt/cusPurchase"
 PURCHASE_CHANGES = topics.entity_changes("new_purchase")
 ACTIVITY_SETS = {
     "send": "crmsync_emailsends",

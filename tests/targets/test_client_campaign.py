@@ -19,7 +19,7 @@ from crmsync.targets.settings import CampaignTarget
 
 pytestmark = pytest.mark.timeout(60)
 PROFILE = "profileAndServicesExt/profile"
-PURCHASES = "customResources/cusPurchase"
+PURCHASES = "profileAndServicesExt/cusPurchase"
 
 
 def target(emulators: Any, **overrides: Any) -> CampaignTarget:

@@ -64,13 +64,14 @@ async def test_upsert_create_update_and_delete_round_trip(emulators: Any) -> Non
 
 
 async def test_alternate_keys_bind_to_a_contact_and_queries_filter(emulators: Any) -> None:
+    bind = "regardingobjectid_contact_crmsync_emailsend@odata.bind"
     async with DynamicsClient(target(emulators)) as client:
         await client.upsert("contacts", guid(7), {"lastname": "O'Brien"})
         for event in ("ev/1 o'clock", "ev-2"):
             await client.upsert(
                 "crmsync_emailsends",
                 {"crmsync_eventid": event},
-                {"subject": event, "regardingobjectid_contact@odata.bind": f"/contacts({guid(7)})"},
+                {"subject": event, bind: f"/contacts({guid(7)})"},
                 mode="create",
             )
         found = [r async for r in client.query("contacts", filter="lastname eq 'O''Brien'")]
@@ -92,7 +93,7 @@ async def test_the_same_batch_twice_leaves_the_same_records(emulators: Any) -> N
             f"open-{n}",
             fields={
                 "subject": "s",
-                "regardingobjectid_contact@odata.bind": f"/contacts({guid(100)})",
+                "regardingobjectid_contact_crmsync_emailopen@odata.bind": f"/contacts({guid(100)})",
             },
             key_field="crmsync_eventid",
             mode="create",

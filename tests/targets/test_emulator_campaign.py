@@ -38,12 +38,13 @@ async def test_gateway_errors(emulators: Emulators, emulated_campaign: httpx.Asy
 
 async def test_profile_lifecycle(emulated_campaign: httpx.AsyncClient) -> None:
     c = emulated_campaign
-    created = await c.post("profileAndServices/profile", json={**PROFILE, "denyListEmail": True})
+    created = await c.post("profileAndServices/profile", json={**PROFILE, "blackListEmail": True})
     assert created.status_code == 201
     profile = created.json()
     pkey = profile["PKey"]
     assert profile["href"].endswith(f"/profileAndServices/profile/{pkey}")
     assert profile["blackListEmail"] is True and profile["created"] and profile["lastModified"]
+    assert "denyListEmail" not in profile  # real profile bodies carry blackList* only
     patched = await c.patch(f"profileAndServices/profile/{pkey}", json={"blackListEmail": False})
     assert patched.status_code == 200
     assert set(patched.json()) == {"PKey", "href"}
@@ -117,17 +118,18 @@ async def test_custom_resource_with_key_filter_and_link(
         "purchasedOn": "2024-05-01T10:00:00Z",
         "profile": {"PKey": profile["PKey"]},
     }
-    created = await c.post("customResources/cusPurchase", json=purchase)
+    created = await c.post("profileAndServicesExt/cusPurchase", json=purchase)
     assert created.status_code == 201, created.text
     assert created.json()["profile"]["PKey"] == profile["PKey"]
     assert created.json()["purchasedOn"] == "2024-05-01 10:00:00.000Z"
-    duplicate = await c.post("customResources/cusPurchase", json=purchase)
+    duplicate = await c.post("profileAndServicesExt/cusPurchase", json=purchase)
     assert duplicate.status_code == 500
     found = await c.get(
-        "customResources/cusPurchase/byPurchaseId", params={"purchaseId_parameter": "p-1"}
+        "profileAndServicesExt/cusPurchase/byPurchaseId", params={"purchaseId_parameter": "p-1"}
     )
     assert [p["amount"] for p in found.json()["content"]] == [4.5]
     dangling = await c.post(
-        "customResources/cusPurchase", json={"purchaseId": "P-2", "profile": {"PKey": "@missing"}}
+        "profileAndServicesExt/cusPurchase",
+        json={"purchaseId": "P-2", "profile": {"PKey": "@missing"}},
     )
     assert dangling.status_code == 500

@@ -189,13 +189,22 @@ async def test_alternate_keys_single_and_multi_part(emulated_dynamics: httpx.Asy
 async def test_lookup_binds_need_an_existing_record(emulated_dynamics: httpx.AsyncClient) -> None:
     c = emulated_dynamics
     contact_id = await _create(c, "contacts", CONTACT)
-    event = {"subject": "sent", "regardingobjectid_contact@odata.bind": f"/contacts({contact_id})"}
+    event = {
+        "subject": "sent",
+        "regardingobjectid_contact_crmsync_emailsend@odata.bind": f"/contacts({contact_id})",
+    }
     event_id = await _create(c, "crmsync_emailsends", event)
     got = (await c.get(f"crmsync_emailsends({event_id})")).json()
     assert got["_regardingobjectid_value"] == contact_id
-    dangling = {**event, "regardingobjectid_contact@odata.bind": f"/contacts({uuid.uuid4()})"}
+    dangling = {
+        **event,
+        "regardingobjectid_contact_crmsync_emailsend@odata.bind": f"/contacts({uuid.uuid4()})",
+    }
     assert (await c.post("crmsync_emailsends", json=dangling)).status_code == 404
-    wrong_set = {**event, "regardingobjectid_contact@odata.bind": f"/accounts({contact_id})"}
+    wrong_set = {
+        **event,
+        "regardingobjectid_contact_crmsync_emailsend@odata.bind": f"/accounts({contact_id})",
+    }
     assert (await c.post("crmsync_emailsends", json=wrong_set)).status_code == 400
 
 

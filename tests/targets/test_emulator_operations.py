@@ -131,7 +131,11 @@ async def test_invalid_fault_bodies_are_422(emulators: Emulators) -> None:
         assert broken.status_code == 422
 
 
-async def test_request_limit_counts_batch_requests(tmp_path: Path) -> None:
+async def test_request_limit_counts_a_batch_as_one_request(tmp_path: Path) -> None:
+    """MicrosoftDocs/powerapps-docs, powerapps-docs/developer/data-platform/api-limits.md:
+    "Combine the selected operations into a batch. A batch can contain up to 1000 operations and
+    will avoid the number of requests limit. However, you will need to be prepared for the
+    execution time limit." So a $batch of 5 counts 1 against the request limit."""
     async with (
         running_emulators(
             tmp_path,
@@ -161,6 +165,10 @@ async def test_request_limit_counts_batch_requests(tmp_path: Path) -> None:
             },
         )
         assert batch.status_code == 200 and batch.headers["x-ms-dop-hint"]
+        # The batch counted 1 of the 5: four more requests pass, the fifth is throttled.
+        for _ in range(4):
+            ok = await client.get(f"{emu.dynamics_api_url}/contacts", headers=headers)
+            assert ok.status_code == 200
         throttled = await client.get(f"{emu.dynamics_api_url}/contacts", headers=headers)
         assert throttled.status_code == 429
         assert throttled.json()["error"]["code"] == "0x80072322"

@@ -26,7 +26,7 @@ from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 
 pytestmark = pytest.mark.timeout(60)
 PROFILE = "profileAndServicesExt/profile"
-PURCHASES = "customResources/cusPurchase"
+PURCHASES = "profileAndServicesExt/cusPurchase"
 CONTACTS_TOPIC = "d365.contact.changes"
 PURCHASES_TOPIC = "d365.entity.new_purchase.changes"
 FAST = RetryPolicy(attempts=2, budget_s=2, backoff_base_s=0.05, backoff_cap_s=0.1)

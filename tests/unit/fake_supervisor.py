@@ -13,6 +13,7 @@ from crmsync.control.server import SupervisorFactory
 from crmsync.control.supervisor_protocol import Figures, Supervisor
 from crmsync.streams import catalog
 from crmsync.streams import config as configs
+from crmsync.streams.preflight import Requirement
 from crmsync.streams.settings import Settings
 
 
@@ -67,6 +68,10 @@ class FakeSupervisor:
     async def audit(self, limit: int) -> models.AuditList:
         self._check()
         return models.AuditList(audit=[])
+
+    async def targets(self) -> list[Requirement]:
+        self._check()
+        return []
 
     async def ready(self) -> None:
         self._check()

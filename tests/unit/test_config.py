@@ -59,7 +59,10 @@ def test_defaults_match_the_design() -> None:
     assert d2c.propagate_deletes and not d2c.delete_when_filtered_out
     assert d2c.source_topics() == ["d365.contact.changes", "d365.entity.new_purchase.changes"]
     (purchase,) = d2c.custom_entities
-    assert (purchase.target, purchase.key_field) == ("customResources/cusPurchase", "purchaseId")
+    assert (purchase.target, purchase.key_field) == (
+        "profileAndServicesExt/cusPurchase",
+        "purchaseId",
+    )
     assert purchase.link is not None and purchase.link.source_field == "_new_contactid_value"
 
     assert {t: (e.enabled, e.entity_set) for t, e in c2d.events.items()} == {

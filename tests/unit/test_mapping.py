@@ -234,7 +234,7 @@ def test_a_custom_entity_row_is_upserted_by_its_key_field_and_linked_to_its_prof
 
     assert write.system == "campaign"
     assert (write.record.target, write.record.key, write.record.key_field) == (
-        "customResources/cusPurchase",
+        "profileAndServicesExt/cusPurchase",
         PURCHASE,
         "purchaseId",
     )
@@ -329,7 +329,7 @@ def test_an_email_event_becomes_an_activity_upserted_by_event_id_and_linked() ->
         "crmsync_deliveryname": "Spring, wave 1",
         "crmsync_eventtime": "2024-05-01T12:00:00.250Z",
         "crmsync_mirrorpageurl": "https://m.example.org/7",
-        "regardingobjectid_contact@odata.bind": f"/contacts({CONTACT})",
+        "regardingobjectid_contact_crmsync_emailopen@odata.bind": f"/contacts({CONTACT})",
     }
 
 

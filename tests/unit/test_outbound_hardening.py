@@ -29,7 +29,7 @@ class _PagedDynamics(DynamicsClient):
     """Answers the first page itself, with a nextLink to `elsewhere`; records the URLs asked."""
 
     def __init__(self, elsewhere: str) -> None:
-        super().__init__(DynamicsTarget(url="https://org.example.com"))
+        super().__init__(DynamicsTarget(url="https://org.crm.dynamics.com"))
         self.asked: list[str] = []
         self.elsewhere = elsewhere
 
@@ -49,7 +49,7 @@ async def test_dynamics_follows_a_paging_link_to_another_host_never() -> None:
 
 
 async def test_dynamics_follows_its_own_paging_links() -> None:
-    client = _PagedDynamics("https://org.example.com/api/data/v9.2/contacts?$skiptoken=2")
+    client = _PagedDynamics("https://org.crm.dynamics.com/api/data/v9.2/contacts?$skiptoken=2")
     assert [r async for r in client.query("contacts")] == [{"n": 1}]
     assert client.asked[1].endswith("/api/data/v9.2/contacts?$skiptoken=2")
     await client.aclose()

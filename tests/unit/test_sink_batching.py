@@ -13,7 +13,7 @@ from crmsync.streams.sinks.campaign import CampaignSink
 from crmsync.streams.sinks.dynamics import DynamicsSink
 from crmsync.targets._http import RetryPolicy
 from crmsync.targets._multipart import BatchRequest, BatchResponse, ChangeSet
-from crmsync.targets.dynamics import DynamicsClient
+from crmsync.targets.dynamics import BulkUnsupported, DynamicsClient, Key
 from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
 from crmsync.targets.settings import DynamicsTarget
 
@@ -36,6 +36,11 @@ class ScriptedDynamics(DynamicsClient):
         super().__init__(DynamicsTarget(url="http://127.0.0.1:9"), retry=FAST)
         self.answer = answer
         self.batches: list[list[BatchRequest | ChangeSet]] = []
+
+    async def upsert_multiple(
+        self, entity_set: str, items: Sequence[tuple[Key, Mapping[str, Any]]]
+    ) -> None:
+        raise BulkUnsupported("scripted: the $batch path only")  # the sink falls back
 
     async def batch(
         self, items: Sequence[BatchRequest | ChangeSet], *, continue_on_error: bool = True
@@ -239,7 +244,7 @@ async def test_a_bind_to_a_missing_contact_or_an_update_of_a_missing_record_is_p
     None
 ):
     def answer(r: BatchRequest) -> tuple[int, str]:
-        if "regardingobjectid_contact@odata.bind" in (r.body or {}):
+        if "regardingobjectid_contact_crmsync_emailopen@odata.bind" in (r.body or {}):
             return missing()
         if r.headers.get("If-Match") == "*":
             return missing()
@@ -252,7 +257,9 @@ async def test_a_bind_to_a_missing_contact_or_an_update_of_a_missing_record_is_p
         SinkRecord(
             "crmsync_emailopens",
             "ev-1",
-            fields={"regardingobjectid_contact@odata.bind": f"/contacts({contact_id})"},
+            fields={
+                "regardingobjectid_contact_crmsync_emailopen@odata.bind": f"/contacts({contact_id})"
+            },
             key_field="crmsync_eventid",
         ),
         SinkRecord("contacts", contact_id, fields={"donotbulkemail": True}, mode="update"),

@@ -177,6 +177,34 @@ async def _audit(call: Call) -> Response:
     return _answer(await call.supervisor.audit(limit))
 
 
+class TargetRequirement(BaseModel):
+    """One piece a workflow's active config needs in a target (see docs/targets.md)."""
+
+    workflow: str
+    target: str
+    kind: str
+    name: str
+    present: bool
+    fix: str
+
+
+class TargetsAnswer(BaseModel):
+    requirements: list[TargetRequirement]
+    missing: int
+
+
+async def _targets(call: Call) -> Response:
+    from crmsync.streams import preflight
+
+    found = await call.supervisor.targets()
+    return _answer(
+        TargetsAnswer(
+            requirements=[TargetRequirement(**r.as_dict()) for r in found],
+            missing=len(preflight.missing(found)),
+        )
+    )
+
+
 async def _healthz(call: Call) -> Response:
     return _answer(models.Health(status="ok"))
 
@@ -229,6 +257,11 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint(
         "GET", "/api/v1/audit", _audit, "The newest audit entries",
         Role.viewer, models.AuditList, query=("limit",), refusals=(400,),
+    ),
+    Endpoint(
+        "GET", "/api/v1/targets", _targets,
+        "What the active configs need in Dynamics and Campaign: present, or missing with a fix",
+        Role.viewer, TargetsAnswer,
     ),
     Endpoint("GET", "/healthz", _healthz, "Liveness", None, models.Health),
     Endpoint(

@@ -121,6 +121,34 @@ def _parser() -> argparse.ArgumentParser:
         help="also create its change topic",
     )
 
+    targets_cmd = commands.add_parser(
+        "targets", help="what the workflows need in Dynamics and Campaign (preflight)"
+    )
+    targets_actions = targets_cmd.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = targets_actions.add_parser(
+        "check",
+        help="every table, column, key, navigation property, resource and custom filter the "
+        "workflows' configs need: present, or missing with what to do (exit 1 if any is missing)",
+    )
+    setup = targets_actions.add_parser(
+        "setup",
+        help="create crmsync's activity tables, columns and alternate keys in Dynamics through "
+        "the Web API metadata endpoints (only what is missing)",
+    )
+    setup.add_argument("system", choices=("d365",))
+    setup.add_argument(
+        "--dry-run", action="store_true", help="print the requests instead of sending them"
+    )
+    for sub in (check, setup):
+        sub.add_argument(
+            "--config",
+            action="append",
+            default=[],
+            metavar="WORKFLOW=FILE",
+            help="use this config (JSON) instead of the workflow's default",
+        )
+    check.add_argument("--json", action="store_true", help="print the requirements as JSON")
+
     kafka = commands.add_parser("kafka", help="the local Apache Kafka")
     kafka_actions = kafka.add_subparsers(dest="action", required=True, metavar="ACTION")
     kafka_run = kafka_actions.add_parser("run", help="run the local broker in the foreground")
@@ -162,11 +190,77 @@ def main(argv: Sequence[str] | None = None) -> int:
         "source": _source,
         "demo": _demo,
         "workflows": _workflows,
+        "targets": _targets,
     }[args.command]
     try:
         return handler(settings, args)
     except KeyboardInterrupt:
         return 130
+
+
+def _targets(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from crmsync.streams import preflight
+    from crmsync.streams.catalog import default_config, parse_config
+    from crmsync.streams.config import ConfigError
+    from crmsync.targets.campaign import CampaignClient
+    from crmsync.targets.dynamics import DynamicsClient
+
+    configs: dict[str, Any] = {
+        name: default_config(name)
+        for name in ("d365-to-campaign", "campaign-to-d365", "opt-in-out")
+    }
+    for given in args.config:
+        name, _, file = given.partition("=")
+        if name not in configs or not file:
+            print(f"crmsync targets: --config {given!r}: WORKFLOW=FILE", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            configs[name] = parse_config(name, json.loads(Path(file).read_text(encoding="utf-8")))
+        except (OSError, ValueError, ConfigError) as error:
+            print(f"crmsync targets: {file}: {error}", file=sys.stderr)
+            return EXIT_INVALID
+
+    async def run() -> list[preflight.Requirement]:
+        async with (
+            DynamicsClient(settings.dynamics) as dynamics,
+            CampaignClient(settings.campaign) as campaign,
+        ):
+            found = await preflight.check(configs, dynamics, campaign)
+            if args.action != "setup":
+                return found
+            plan = preflight.setup_plan(configs, found)
+            for step in plan:
+                print(f"{step.method} {step.path}")
+                print(json.dumps(step.body, indent=2))
+            if not plan:
+                print("nothing to create: every crmsync table, column and key is there")
+            elif not args.dry_run:
+                await preflight.apply(dynamics, plan)
+                print(f"created: {len(plan)} metadata request(s) sent", file=sys.stderr)
+                found = await preflight.check(configs, dynamics, campaign)
+            return found
+
+    requirements = asyncio.run(run())
+    if args.action == "setup":
+        left = [r for r in preflight.missing(requirements) if r.target == "d365"]
+        if args.dry_run or not left:
+            return EXIT_OK
+        for r in left:
+            print(f"still missing: {r.kind} {r.name}  → {r.fix}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps({"requirements": [r.as_dict() for r in requirements]}, indent=2))
+    else:
+        for r in requirements:
+            state = "present" if r.present else "MISSING"
+            fix = f"  → {r.fix}" if r.fix else ""
+            print(f"{state:8} {r.workflow:17} {r.target:9} {r.kind:10} {r.name}{fix}")
+    missing = preflight.missing(requirements)
+    if missing:
+        print(f"{len(missing)} requirement(s) missing", file=sys.stderr)
+    return EXIT_INVALID if missing else EXIT_OK
 
 
 def _publish(settings: Settings, args: argparse.Namespace) -> int:

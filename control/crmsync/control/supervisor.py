@@ -29,7 +29,7 @@ from crmsync.control.errors import Conflict, Invalid, Unavailable, UnknownWorkfl
 from crmsync.control.status import Derived, derive, live_workers
 from crmsync.control.supervisor_protocol import Figures
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, DecodeError
-from crmsync.streams import catalog
+from crmsync.streams import catalog, preflight
 from crmsync.streams import config as configs
 from crmsync.streams.catalog import NAMES, WORKFLOWS
 from crmsync.streams.control_protocol import (
@@ -41,6 +41,8 @@ from crmsync.streams.kafka import topics
 from crmsync.streams.kafka.follower import CompactedTopicFollower
 from crmsync.streams.kafka.offsets import Backlog, OffsetReader, TopicTail
 from crmsync.streams.settings import Settings
+from crmsync.targets.campaign import CampaignClient
+from crmsync.targets.dynamics import DynamicsClient
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +327,14 @@ class KafkaSupervisor:
         letters = [_dead_letter(r) for r in records]
         return models.DeadLetterList(workflow=name, dead_letters=letters, complete=complete)
 
+    async def targets(self) -> list[preflight.Requirement]:
+        configs = {name: catalog.parse_config(name, self.config(name).active) for name in NAMES}
+        async with (
+            DynamicsClient(self.settings.dynamics) as dynamics,
+            CampaignClient(self.settings.campaign) as campaign,
+        ):
+            return await preflight.check(configs, dynamics, campaign)
+
     async def audit(self, limit: int) -> models.AuditList:
         try:
             entries = await self._audit.newest(limit)
@@ -351,6 +361,7 @@ class KafkaSupervisor:
             status = self.derived(name).status
             if record.desired == "running" and status != "FAILED":
                 raise Conflict(f"{name} is already {'running' if status == 'RUNNING' else status}")
+            await self._preflight(name, record.pending_config or record.active_config)
             update: dict[str, Any] = {
                 "desired": "running",
                 "generation": record.generation + 1,
@@ -372,6 +383,17 @@ class KafkaSupervisor:
             await self._write(new)
             await self._audited(who, "start", name, details)
             return self._status_answer(name, new)
+
+    async def _preflight(self, name: str, config: Any) -> None:
+        """Refuse a start (409, with the list) when the targets lack what the config needs."""
+        missing = await preflight.missing_for_start(
+            name, catalog.parse_config(name, config), self.settings.dynamics, self.settings.campaign
+        )
+        if missing:
+            raise Conflict(
+                f"{name} cannot start: its targets lack {len(missing)} piece(s) its config needs",
+                {"missing": [r.as_dict() for r in missing]},
+            )
 
     async def stop_workflow(self, name: str, who: Principal) -> models.StatusAnswer:
         """A new generation, desired stopped: the workers close the gate and pause."""

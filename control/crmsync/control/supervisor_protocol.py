@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from crmsync.control import models
 from crmsync.control.auth import Principal
+from crmsync.streams.preflight import Requirement
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class Supervisor(Protocol):
     async def dead_letters(self, name: str, limit: int) -> models.DeadLetterList: ...
 
     async def audit(self, limit: int) -> models.AuditList: ...
+
+    async def targets(self) -> list[Requirement]:
+        """What each workflow's active config needs in the targets: present, or missing."""
 
     async def ready(self) -> None:
         """Returns when Kafka answers and the control topics are read; else `Unavailable`."""

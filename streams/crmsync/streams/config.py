@@ -263,8 +263,12 @@ class CustomEntity(_Model):
 
     @property
     def target(self) -> str:
-        """The resource path: ``customResources/<resource>`` unless a path was given."""
-        return self.resource if "/" in self.resource else f"customResources/{self.resource}"
+        """The resource path, unless a path was given: a resource linked to the profile is served
+        under ``profileAndServicesExt/<resource>`` (``customResources/`` holds unlinked ones)."""
+        if "/" in self.resource:
+            return self.resource
+        root = "customResources" if self.link is None else "profileAndServicesExt"
+        return f"{root}/{self.resource}"
 
     @field_validator("mappings")
     @classmethod
@@ -421,6 +425,28 @@ SUBJECT_PLACEHOLDERS = frozenset(
 class EventTypeConfig(_Model):
     enabled: bool = True
     entity_set: FieldName = Field(description="the activity's entity set, e.g. crmsync_emailsends")
+    logical_name: FieldName | None = Field(
+        default=None,
+        description="the activity table's logical name; None → the entity set without its "
+        "plural 's' (crmsync_emailsends → crmsync_emailsend)",
+    )
+    regarding: FieldName | None = Field(
+        default=None,
+        description="the activity's regarding navigation property to the contact; None → "
+        "fields.regarding, else regardingobjectid_contact_<logical name> (Dataverse names it "
+        "per activity table: regardingobjectid_contact_task, ..._email)",
+    )
+
+    @property
+    def table(self) -> str:
+        """The activity table's logical name."""
+        if self.logical_name:
+            return self.logical_name
+        return self.entity_set[:-1] if self.entity_set.endswith("s") else self.entity_set
+
+    def regarding_property(self, shared: str | None) -> str:
+        """The navigation property an activity of this type binds its contact through."""
+        return self.regarding or shared or f"regardingobjectid_contact_{self.table}"
 
 
 class ActivityFields(_Model):
@@ -434,8 +460,10 @@ class ActivityFields(_Model):
     url: FieldName = Field(default="crmsync_url", description="click events only")
     bounce_type: FieldName = Field(default="crmsync_bouncetype", description="bounces only")
     bounce_reason: FieldName = Field(default="crmsync_bouncereason", description="bounces only")
-    regarding: FieldName = Field(
-        default="regardingobjectid_contact", description="navigation property to the contact"
+    regarding: FieldName | None = Field(
+        default=None,
+        description="navigation property to the contact for every event type; None → per "
+        "table, regardingobjectid_contact_<logical name> (see events.<type>.regarding)",
     )
 
 

@@ -262,7 +262,8 @@ def email_event_writes(event: Mapping[str, Any], config: CampaignToD365Config) -
         values[names.bounce_type] = event.get("bounce_type")
         values[names.bounce_reason] = event.get("bounce_reason")
     fields = {name: value for name, value in values.items() if value is not None}
-    fields[f"{names.regarding}@odata.bind"] = f"/{config.contact_entity_set}({contact_id.lower()})"
+    regarding = settings.regarding_property(names.regarding)
+    fields[f"{regarding}@odata.bind"] = f"/{config.contact_entity_set}({contact_id.lower()})"
     record = SinkRecord(
         settings.entity_set, event_id, fields=fields, key_field=config.event_id_field
     )

@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -49,10 +49,12 @@ class TrackedEntity:
     logical_name: str
     topic: str
     entity_set: str | None = None  # None → resolved from EntityDefinitions on first use
+    primary_key: str | None = None  # None → <logical name>id, until EntityDefinitions says
 
     @property
     def primary_id(self) -> str:
-        return f"{self.logical_name}id"  # Dataverse names every primary key this way
+        # Most tables name their key <logical name>id; activity tables name it activityid.
+        return self.primary_key or f"{self.logical_name}id"
 
 
 def tracked_entities(config: D365ToCampaignConfig) -> list[TrackedEntity]:
@@ -496,6 +498,14 @@ class D365Source:
         entity = progress.entity
         entity_set = await self._entity_set(entity)
         progress.entity_set = entity_set
+        if entity.primary_key is None:
+            try:
+                primary = await self.client.primary_id(entity_set)
+            except (Fatal, RecordRejected) as error:
+                primary = None
+                log.info("event=primary_id_assumed entity=%s reason=%s", entity.logical_name, error)
+            if primary:
+                entity = progress.entity = replace(entity, primary_key=primary)
         page_size = self.settings.source_page_size
         stored = self._links.get(entity.logical_name)
         if stored is not None and stored.entity_set != entity_set:

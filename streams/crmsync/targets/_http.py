@@ -292,7 +292,7 @@ class Session:
             token = await self.tokens.refresh(token)
         transient = self._transient(response)
         if transient is not None:
-            raise Retryable(f"{what}: {transient.reason}", transient.retry_after)
+            raise prefixed(transient, what)  # keeps the subclass (a Campaign server fault)
         return response
 
     async def _observe(self, response: httpx.Response) -> None:

@@ -45,13 +45,28 @@ PROFILE = "profileAndServicesExt/profile"
 PROFILE_RESOURCES = ("profileAndServices/profile", "profileAndServicesExt/profile")
 Place = Literal["record", "resource"]
 
-# Campaign answers 500 for an invalid or read-only property, with an application error code
-# (RST-xxxxxx) in the text: such a record will never be accepted. A 500 without one (a gateway or
-# platform fault) is worth another try.
+# Campaign answers 500 for many things, and its codes do not tell them apart: `RST-360011 An error
+# has occurred` is also the generic answer to an unexpected failure, a duplicate key carries no RST
+# code, and after the move to Campaign v8 no message carries a code. So a 500 is classified by what
+# its text says (custom-resources/troubleshooting pages of the API docs, notes/target-apis.md).
 VALIDATION_MARKERS = re.compile(
-    r"RST-\d+|not valid|read[- ]only|invalid|too long|exceeds|unknown (?:property|field)",
+    r"not valid|isn't valid|read[- ]only|invalid|too long|exceeds|unknown (?:property|field)|"
+    r"is unknown|isn't defined|is not defined|must be a link|references no existing",
     re.IGNORECASE,
 )
+DUPLICATE_MARKERS = re.compile(r"duplicate key|already exists|unique constraint", re.IGNORECASE)
+#: Adobe I/O's answer for an org or path it does not know: `{"code":500, "message":"Oops.
+#: Something went wrong. Check your URI and try again."}` (API troubleshooting page).
+WRONG_URI_MARKER = re.compile(r"check your uri", re.IGNORECASE)
+
+
+class ServerFault(Retryable):
+    """A 500 whose text names no cause: worth a few more tries, then the record is dead-lettered
+    with the server's text (a fault that never clears must not block its key forever)."""
+
+
+class DuplicateKey(RecordRejected):
+    """A create refused because a record with its key exists (a concurrent writer won)."""
 
 
 def error_text(body: str) -> str:
@@ -89,12 +104,16 @@ def classify(
         return None
     message = error_text(body)
     reason = f"HTTP {status}: {message}" if message else f"HTTP {status}"
+    if status >= 500 and WRONG_URI_MARKER.search(message):
+        return Fatal(f"wrong org or URI ({status}): {message}")
     if status in TRANSIENT_STATUSES:
         return Retryable(reason, parse_retry_after(headers.get("retry-after")))
     if status == 500:
+        if DUPLICATE_MARKERS.search(message):
+            return DuplicateKey(reason)
         if VALIDATION_MARKERS.search(message):
             return RecordRejected(reason)
-        return Retryable(reason, parse_retry_after(headers.get("retry-after")))
+        return ServerFault(reason, parse_retry_after(headers.get("retry-after")))
     if status >= 500:
         return Retryable(reason, parse_retry_after(headers.get("retry-after")))
     if status in (401, 403):
@@ -267,8 +286,16 @@ class CampaignClient:
         delete: bool = False,
         what: str,
     ) -> httpx.Response | None:
-        """A request; its answer when it succeeded, None for an absent record (place="record")."""
-        response = await self._session.request(method, url, body=body, what=what)
+        """A request; its answer when it succeeded, None for an absent record (place="record").
+
+        A 500 that names no cause is tried again within the retry policy; one still there after
+        it is ``RecordRejected`` (dead-lettered) with the server's text."""
+        try:
+            response = await self._session.request(method, url, body=body, what=what)
+        except ServerFault as fault:
+            raise RecordRejected(
+                f"{fault.reason} (still failing after {self.retry.attempts} tries)"
+            ) from fault
         outcome = classify(
             response.status_code, response.text, response.headers, place=place, delete=delete
         )
@@ -277,6 +304,12 @@ class CampaignClient:
         if outcome is not None:
             raise prefixed(outcome, what)
         return response
+
+    async def raw_get(self, url: str) -> dict[str, Any]:
+        """A GET of a resource or filter URL; a missing one raises ``Fatal`` (404)."""
+        response = await self._call("GET", url, place="resource", what=f"GET {url}")
+        assert response is not None
+        return dict(response.json())
 
     def lookup_for(self, resource: str, key_field: str | None = None) -> Lookup:
         lookup = self.lookups.get(resource)
@@ -385,13 +418,18 @@ class CampaignClient:
                         "(update only: not created)"
                     )
                 body = {**when_created(fields, create_fields), lookup.field: value}
-                response = await self._call(
-                    "POST",
-                    self.url(resource),
-                    body=body,
-                    place="resource",
-                    what=f"create {resource}",
-                )
+                try:
+                    response = await self._call(
+                        "POST",
+                        self.url(resource),
+                        body=body,
+                        place="resource",
+                        what=f"create {resource}",
+                    )
+                except DuplicateKey:
+                    # Created meanwhile by someone else: look it up again, then update it.
+                    log.info("campaign duplicate key, looking up again resource=%s", resource)
+                    continue
                 assert response is not None
                 created = str(response.json()["PKey"])
                 self._pkeys.put(cache_key, created)
@@ -443,9 +481,11 @@ class CampaignClient:
         self, resource: str, *, page_size: int | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         """Every record of a resource (or of a filter path), following ``next.href``."""
-        url: str | None = self.url(resource)
+        # Lists of tables above 100,000 rows (XtkBigTableThreshold) have no `next` unless asked.
+        params: dict[str, Any] = {"_forcePagination": "true"}
         if page_size:
-            url = f"{url}?{urlencode({'_lineCount': page_size})}"
+            params["_lineCount"] = page_size
+        url: str | None = f"{self.url(resource)}?{urlencode(params)}"
         while url:
             response = await self._call("GET", url, place="resource", what=f"list {resource}")
             assert response is not None
@@ -454,3 +494,20 @@ class CampaignClient:
                 yield record
             href = (page.get("next") or {}).get("href")
             url = self._own_link(urljoin(self.api_url, href)) if href else None
+
+    async def count(self, resource: str) -> int:
+        """How many records a resource (or filter path) holds, through its list's ``count``."""
+        url = f"{self.url(resource)}?{urlencode({'_lineCount': 1})}"
+        response = await self._call("GET", url, place="resource", what=f"count {resource}")
+        assert response is not None
+        href = (response.json().get("count") or {}).get("href")
+        if not href:
+            raise Fatal(f"count {resource}: the list carries no count link")
+        counted = await self._call(
+            "GET",
+            self._own_link(urljoin(self.api_url, href)),
+            place="resource",
+            what=f"count {resource}",
+        )
+        assert counted is not None
+        return int(counted.json()["count"])

@@ -56,6 +56,26 @@ _MISSING_SET_TEXTS = ("resource not found for the segment", "no http resource wa
 _EXPIRED_CODE = "0x80044352"
 
 
+#: Characters Dataverse cannot take in an alternate key value in a URL: GET and PATCH by such a key
+#: do not work ("Work with alternate keys", define-alternate-keys-entity.md). The client then
+#: finds the record's id with a $filter query and writes by id, or creates it with a POST.
+URL_REFUSED_KEY_CHARACTERS = frozenset("/<>*%&:\\?+")
+
+
+def unsafe_key(key: Key | None) -> bool:
+    """Whether an alternate key holds a value a URL cannot carry to Dataverse."""
+    if not isinstance(key, Mapping):
+        return False
+    return any(isinstance(v, str) and URL_REFUSED_KEY_CHARACTERS & set(v) for v in key.values())
+
+
+class NotModified(dict[str, Any]):
+    """What ``get`` answers when the record is still the version of the ``etag`` given (304)."""
+
+
+NOT_MODIFIED = NotModified()
+
+
 def odata_literal(value: KeyValue) -> str:
     """A key value as an OData URL literal: strings quoted with ``'`` doubled, then URL-encoded."""
     if isinstance(value, bool):
@@ -67,6 +87,13 @@ def odata_literal(value: KeyValue) -> str:
     # Quotes are doubled (the OData escape); everything that would end the path segment or the
     # query (/, ?, #, %, spaces, non-ASCII…) is percent-encoded.
     return "'" + quote(value.replace("'", "''"), safe="'") + "'"
+
+
+def _filter_literal(value: KeyValue) -> str:
+    """A value in a ``$filter`` expression (the query string is encoded as a whole later)."""
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return odata_literal(value)
 
 
 def key_segment(key: Key) -> str:
@@ -166,13 +193,31 @@ class Write:
     """One record write as a `$batch` request: an upsert/create/update (PATCH) or a DELETE."""
 
     entity_set: str
-    key: Key
+    key: Key | None  # None → a create (POST to the entity set) with the key in the body
     fields: Mapping[str, Any] | None = None  # None → delete
     mode: WriteMode = "upsert"
 
     @property
     def operation(self) -> Operation:
         return "delete" if self.fields is None else "write"
+
+
+class BulkUnsupported(RecordRejected):
+    """The table does not take a bulk message (``UpsertMultiple``...): write through $batch."""
+
+
+def _bulk_unsupported(response: httpx.Response) -> bool:
+    if response.status_code == 501:
+        return True
+    if response.status_code not in (400, 404):
+        return False
+    code, message = error_message(response.text)
+    text = message.lower()
+    return code.lower() in _MISSING_SET_CODES or "not supported" in text
+
+
+def _json_value(value: KeyValue) -> Any:
+    return str(value) if isinstance(value, uuid.UUID) else value
 
 
 class FullSyncRequired(RecordRejected):
@@ -248,14 +293,26 @@ class _MsalHttp:
         self._client.close()
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def default_authority(target: DynamicsTarget) -> str:
-    """Entra ID for a real ``*.dynamics.com`` org, else the emulator's own token endpoint."""
+    """Entra ID for a commercial-cloud ``*.dynamics.com`` org, the emulator's own token endpoint
+    for a loopback or plain-http URL (Dataverse itself is https only); any other https host
+    (sovereign clouds such as ``*.crm.microsoftdynamics.us``, ``*.crm.dynamics.cn``, or a proxy)
+    signs in elsewhere, so its authority must be configured."""
     if target.authority:
         return target.authority.rstrip("/")
-    host = urlsplit(target.url).hostname or ""
+    parts = urlsplit(target.url)
+    host = parts.hostname or ""
     if host.endswith(".dynamics.com"):
         return f"https://login.microsoftonline.com/{target.tenant}"
-    return f"{target.url.rstrip('/')}/{target.tenant}"
+    if host in _LOOPBACK or parts.scheme == "http":
+        return f"{target.url.rstrip('/')}/{target.tenant}"
+    raise Fatal(
+        f"no Entra authority known for {host!r}: set the target's authority (sovereign clouds "
+        "use their own, e.g. https://login.microsoftonline.us/<tenant>)"
+    )
 
 
 class _EntraTokens:
@@ -356,6 +413,7 @@ class DynamicsClient:
             },
         )
         self._entra = _EntraTokens(target)
+        self._tables: dict[str, tuple[str, str]] = {}
         self._session = Session(
             "dynamics",
             self._http,
@@ -403,6 +461,18 @@ class DynamicsClient:
         full = url if url.startswith("http") else self._origin + url
         return await self._session.request(method, full, body=body, headers=headers, what=what)
 
+    async def raw(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        headers: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+    ) -> httpx.Response:
+        """One request with retries and the token, its answer unclassified (metadata)."""
+        return await self._request(method, url, body=body, headers=headers, what=what)
+
     @staticmethod
     def _raise_for(response: httpx.Response, what: str, **how: Any) -> None:
         outcome = classify(response.status_code, response.text, response.headers, **how)
@@ -413,6 +483,11 @@ class DynamicsClient:
 
     def write_request(self, write: Write, content_id: str | None = None) -> BatchRequest:
         """The request performing ``write``: PATCH with the mode's condition, or DELETE."""
+        if write.key is None:
+            assert write.fields is not None, "a create needs fields"
+            return BatchRequest("POST", self.url(write.entity_set), {}, write.fields, content_id)
+        if unsafe_key(write.key):
+            raise ValueError("resolve a key URLs cannot carry first (DynamicsClient.addressable)")
         url = self.url(write.entity_set, write.key)
         if write.fields is None:
             return BatchRequest("DELETE", url, content_id=content_id)
@@ -459,15 +534,118 @@ class DynamicsClient:
         record ``RecordRejected`` (the sink reports it ``ParentMissing``).
         """
         first = self.first_write(entity_set, key, fields, mode=mode, create_fields=create_fields)
-        assert first.fields is not None
-        if await self._patch(first):
+        resolved = await self.addressable(first)
+        if isinstance(resolved, SinkError):
+            raise resolved
+        if resolved is None or await self._patch(resolved):
             return
-        then = self.then_write(entity_set, key, fields, mode)
+        then = await self.addressable(self.then_write(entity_set, key, fields, mode))
+        if isinstance(then, SinkError):
+            raise then
         if then is not None:
             await self._patch(then)
 
+    async def addressable(self, write: Write | None) -> Write | SinkError | None:
+        """``write`` as Dataverse can take it: a key whose values a URL cannot carry is replaced
+        by the record's id (found with a ``$filter`` query), or the write becomes a create (POST
+        with the key in the body) when there is no such record. None: nothing to write (a
+        delete of a record already gone); ``ParentMissing``: an update of a missing record."""
+        if write is None or not unsafe_key(write.key):
+            return write
+        assert isinstance(write.key, Mapping)
+        found = await self._find_id(write.entity_set, write.key)
+        if found is not None:
+            return Write(write.entity_set, found, write.fields, write.mode)
+        if write.fields is None:
+            return None
+        if write.mode == "update":
+            return ParentMissing(f"the record to update does not exist yet: {write.entity_set}")
+        return Write(write.entity_set, None, {**write.fields, **write.key}, "create")
+
+    async def _addressable(self, write: Write) -> Write | None:
+        resolved = await self.addressable(write)
+        if isinstance(resolved, SinkError):
+            raise resolved
+        return resolved
+
+    async def primary_id(self, entity_set: str) -> str:
+        """The primary id column of a table (``activityid`` for activities)."""
+        return (await self.table(entity_set))[1]
+
+    async def table(self, entity_set: str) -> tuple[str, str]:
+        """``(LogicalName, PrimaryIdAttribute)`` of the table behind an entity set, from its
+        ``EntityDefinitions`` (read once per entity set)."""
+        known = self._tables.get(entity_set)
+        if known is not None:
+            return known
+        params = {
+            "$filter": f"EntitySetName eq {_filter_literal(entity_set)}",
+            "$select": "LogicalName,EntitySetName,PrimaryIdAttribute",
+        }
+        url = f"{self._api_path}/EntityDefinitions?" + urlencode(params, safe="$,'")
+        what = f"GET EntityDefinitions {entity_set}"
+        response = await self._request("GET", url, what=what)
+        self._raise_for(response, what, operation="read")
+        found = response.json().get("value") or []
+        if not found or not found[0].get("PrimaryIdAttribute"):
+            raise Fatal(f"{what}: no table has the entity set {entity_set!r}")
+        table = (str(found[0]["LogicalName"]), str(found[0]["PrimaryIdAttribute"]))
+        self._tables[entity_set] = table
+        return table
+
+    async def upsert_multiple(
+        self, entity_set: str, items: Sequence[tuple[Key, Mapping[str, Any]]]
+    ) -> None:
+        """Create or update up to 1,000 records in one ``UpsertMultiple`` call (all or none).
+
+        Each record is named by its primary id or its alternate key values, carried in the body
+        (so key values URLs cannot carry are fine here). Raises ``BulkUnsupported`` when the
+        table does not take the message (use ``batch``), else as ``upsert`` does, for the call.
+        """
+        if not items:
+            return
+        if len(items) > self.max_batch_requests:
+            raise ValueError(f"UpsertMultiple takes at most {self.max_batch_requests} records")
+        logical, primary = await self.table(entity_set)
+        targets = []
+        for key, fields in items:
+            if isinstance(key, Mapping):
+                key_fields: dict[str, Any] = {k: _json_value(v) for k, v in key.items()}
+            else:
+                key_segment(key)  # refuses what is not a GUID
+                key_fields = {primary: str(key).lower()}
+            targets.append(
+                {"@odata.type": f"Microsoft.Dynamics.CRM.{logical}", **fields, **key_fields}
+            )
+        what = f"UpsertMultiple {entity_set} of {len(items)}"
+        url = f"{self.url(entity_set)}/Microsoft.Dynamics.CRM.UpsertMultiple"
+        response = await self._request("POST", url, body={"Targets": targets}, what=what)
+        if _bulk_unsupported(response):
+            raise BulkUnsupported(f"{what}: HTTP {response.status_code}: {short(response.text)}")
+        missing = (
+            parent_missing(
+                response.status_code, response.text, targets[0], "upsert", update_missing=False
+            )
+            if any(k.endswith("@odata.bind") for t in targets for k in t)
+            else None
+        )
+        if missing is not None:
+            raise prefixed(missing, what)
+        self._raise_for(response, what, operation="write")
+
+    async def _find_id(self, entity_set: str, key: Mapping[str, KeyValue]) -> str | None:
+        """The id of the record with these key values, through a ``$filter`` query."""
+        primary = await self.primary_id(entity_set)
+        condition = " and ".join(
+            f"{name} eq {_filter_literal(value)}" for name, value in key.items()
+        )
+        async for record in self.query(entity_set, filter=condition, select=[primary], page_size=2):
+            return str(record[primary])
+        return None
+
     async def _patch(self, write: Write) -> bool:
-        """One PATCH; False when a create-only PATCH found the record already there."""
+        """One PATCH (a POST for a create with the key in the body); False when a create-only
+        write found the record already there."""
         assert write.fields is not None
         request = self.write_request(write)
         what = f"{request.method} {write.entity_set}"
@@ -482,21 +660,43 @@ class DynamicsClient:
         self._raise_for(response, what, operation="write", mode=write.mode)
         return response.status_code != 412
 
-    async def delete(self, entity_set: str, key: Key) -> None:
-        """Delete a record; one already gone counts as deleted."""
+    async def delete(self, entity_set: str, key: Key, *, etag: str | None = None) -> None:
+        """Delete a record; one already gone counts as deleted. With ``etag`` (the
+        ``@odata.etag`` read), only that version: a record changed since raises
+        ``RecordRejected`` (412)."""
         what = f"DELETE {entity_set}"
-        response = await self._request("DELETE", self.url(entity_set, key), what=what)
+        resolved = await self._addressable(Write(entity_set, key, None))
+        if resolved is None:
+            return
+        headers = {"If-Match": etag} if etag else None
+        response = await self._request(
+            "DELETE", self.url(entity_set, resolved.key), headers=headers, what=what
+        )
         self._raise_for(response, what, operation="delete")
 
     async def get(
-        self, entity_set: str, key: Key, *, select: Sequence[str] | None = None
+        self,
+        entity_set: str,
+        key: Key,
+        *,
+        select: Sequence[str] | None = None,
+        etag: str | None = None,
     ) -> dict[str, Any] | None:
-        """One record, or None when there is none with that key."""
+        """One record, or None when there is none with that key. With ``etag`` (an
+        ``@odata.etag`` read before), ``NOT_MODIFIED`` when the record is still that version."""
+        if unsafe_key(key):
+            resolved = await self._find_id(entity_set, key)  # type: ignore[arg-type]
+            if resolved is None:
+                return None
+            key = resolved
         url = self.url(entity_set, key)
         if select:
             url += "?" + urlencode({"$select": ",".join(select)}, safe="$,")
         what = f"GET {entity_set}"
-        response = await self._request("GET", url, what=what)
+        headers = {"If-None-Match": etag} if etag else None
+        response = await self._request("GET", url, headers=headers, what=what)
+        if response.status_code == 304:
+            return NOT_MODIFIED
         outcome = classify(response.status_code, response.text, response.headers, operation="read")
         if isinstance(outcome, RecordRejected) and response.status_code == 404:
             return None
@@ -527,12 +727,20 @@ class DynamicsClient:
         headers = {"Prefer": f"odata.maxpagesize={page_size}"} if page_size else {}
         url: str | None = self.url(entity_set) + ("?" + urlencode(params) if params else "")
         what = f"GET {entity_set}"
+        # The service ignores $top when odata.maxpagesize is sent: the client stops at top itself.
+        remaining = top
         while url:
             response = await self._request("GET", url, headers=headers, what=what)
             self._raise_for(response, what, operation="read")
             page = response.json()
             for record in page.get("value", []):
+                if remaining is not None:
+                    if remaining <= 0:
+                        return
+                    remaining -= 1
                 yield record
+            if remaining is not None and remaining <= 0:
+                return
             next_link = page.get("@odata.nextLink")
             url = self._own_link(next_link) if next_link else None  # never our token elsewhere
 
@@ -639,18 +847,33 @@ class DynamicsClient:
         response = await self._session.request(
             "POST", f"{self.api_url}/$batch", content=body, headers=headers, what=what
         )
-        if response.status_code in (400, 413) and len(requests) > 1:
+        content_type = response.headers.get("content-type", "")
+        if response.status_code == 400 and content_type.startswith("multipart/"):
+            # Without continue-on-error the batch stopped at a failure and says so with an outer
+            # 400 whose body holds the answers up to it; the rest were not run (424). A change
+            # set in it is never split: it was not committed, so it is sent again as it is.
+            answers = decode_batch(content_type, response.content)
+            return _match(requests, answers)
+        if response.status_code in (400, 413) and len(items) > 1:
             # The whole batch was refused (one unparsable request, or too large): isolate the
-            # culprit by sending each request on its own instead of rejecting all of them.
+            # culprit by sending each item on its own (a change set stays whole, so atomic).
             log.warning(
-                "dynamics batch refused, sending requests one by one status=%d",
+                "dynamics batch refused, sending its items one by one status=%d",
                 response.status_code,
                 extra={"status": response.status_code},
             )
-            return [await self._single(r) for r in requests]
+            answers_by_item = [await self._item_alone(item, continue_on_error) for item in items]
+            return [answer for answered in answers_by_item for answer in answered]
         self._raise_for(response, what, operation="write")
-        answers = decode_batch(response.headers.get("content-type", ""), response.content)
+        answers = decode_batch(content_type, response.content)
         return _match(requests, answers)
+
+    async def _item_alone(
+        self, item: BatchRequest | ChangeSet, continue_on_error: bool
+    ) -> list[BatchResponse]:
+        if isinstance(item, ChangeSet):
+            return await self._batch_once([item], continue_on_error)
+        return [await self._single(item)]
 
     async def _single(self, request: BatchRequest) -> BatchResponse:
         """A batch request sent on its own, its answer in batch form."""

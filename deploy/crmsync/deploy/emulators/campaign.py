@@ -2,8 +2,10 @@
 
 Lookups: `GET .../profile/byEmail?email=...`,
 `GET .../profile/byExternalId?externalId_parameter=...` and, for a custom resource with a key,
-`GET .../customResources/<name>/by<Key>?<key>_parameter=...`
-(e.g. `cusPurchase/byPurchaseId?purchaseId_parameter=...`).
+`GET .../<root>/<name>/by<Key>?<key>_parameter=...` (e.g.
+`profileAndServicesExt/cusPurchase/byPurchaseId?purchaseId_parameter=...`). A custom resource
+linked to the profile is served only under `profileAndServicesExt/`, an unlinked one only under
+`customResources/`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from crmsync.deploy.emulators.store import (
 )
 from crmsync.deploy.emulators.tokens import Grant, TokenIssuer
 
+_WRONG_URI = "Oops. Something went wrong. Check your URI and try again."
 _DEFAULT_LINES = 25
 _MAX_LINES = 1000
 
@@ -54,6 +57,9 @@ class CampaignOptions:
     token_lifetime_s: float = 86_399
     requests_per_window: int = 60_000
     window_s: float = 60
+    #: Campaign's XtkBigTableThreshold: lists of larger tables have no `next` without
+    #: `_forcePagination=true` (pagination docs).
+    big_table_threshold: int = 100_000
     model: Path | None = None
     extra_resources: tuple[Resource, ...] = ()
 
@@ -121,6 +127,7 @@ class _Target:
     extension: bool
     pkey: str | None = None
     filter_name: str | None = None
+    counting: bool = False  # `.../_count`: the number of records of the list
 
 
 class CampaignEmulator:
@@ -155,6 +162,11 @@ class CampaignEmulator:
                 Route("/ims/token/v3", self._token, methods=["POST"]),
                 *admin_routes(self),
                 Route(
+                    "/_admin/resources/{name}/filters/{filter}",
+                    self._drop_filter,
+                    methods=["DELETE"],
+                ),
+                Route(
                     "/{org}/campaign/{path:path}",
                     self._api,
                     methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
@@ -182,6 +194,20 @@ class CampaignEmulator:
         await self.store.run(lambda records: records.wipe())
         self._window.reset()
         self.requests = 0
+
+    async def _drop_filter(self, request: Request) -> Response:
+        """Drift for tests: a resource loses a custom filter (as if removed in Campaign's UI)."""
+        resource = self.resources.get(request.path_params["name"])
+        name = request.path_params["filter"]
+        if resource is None or name not in resource.all_filters():
+            return JSONResponse({"error": "no such resource or filter"}, status_code=404)
+        filters = {k: v for k, v in resource.filters.items() if k != name}
+        key_filter = resource.key_filter()
+        key = None if key_filter is not None and key_filter[0] == name else resource.key
+        self.resources[resource.name] = Resource.model_validate(
+            {**resource.model_dump(), "filters": filters, "key": key}
+        )
+        return JSONResponse({"resource": resource.name, "filters": sorted(filters)})
 
     def revoke_tokens(self) -> None:
         self.tokens.revoke_all()
@@ -236,7 +262,18 @@ class CampaignEmulator:
             return JSONResponse(
                 {"error_code": "429050", "message": "Too many requests"}, 429, headers
             )
-        # Injected server errors carry no RST code: they are faults, not rejected records.
+        if injected.status == 500:
+            # Campaign's generic answer to an unexpected failure carries an RST code and no cause.
+            return JSONResponse(
+                {
+                    "code": 500,
+                    "error_code": "RST-360011",
+                    "message": "RST-360011 An error has occurred - please contact your "
+                    f"administrator. ({injected.reason})",
+                },
+                500,
+                headers,
+            )
         return JSONResponse(
             {"code": injected.status, "message": f"Service error ({injected.reason})"},
             injected.status,
@@ -265,7 +302,14 @@ class CampaignEmulator:
             )
         self._window.add(grant.client_id, 1)
         if request.path_params["org"] != self.org:
-            return _gateway(404, "404031", "Organization not found")
+            # What Adobe I/O answers for an org it does not route (API troubleshooting page).
+            return JSONResponse(
+                {
+                    "code": 500,
+                    "message": "Oops. Something went wrong. Check your URI and try again.",
+                },
+                500,
+            )
         await self.faults.delay()
         body = await request.body()
         base = f"{request.url.scheme}://{request.url.netloc}/{self.org}/campaign"
@@ -283,25 +327,33 @@ class CampaignEmulator:
 
     def _route(self, path: str) -> _Target:
         segments = [s for s in path.split("/") if s]
-        if len(segments) >= 2 and segments[0] in ("profileAndServices", "profileAndServicesExt"):
-            if segments[1] != "profile" or "profile" not in self.resources:
-                raise _not_found(f"Resource '{'/'.join(segments[:2])}'")
-            resource = self.resources["profile"]
-            collection = f"{segments[0]}/profile"
-            extension = segments[0] == "profileAndServicesExt"
-            rest = segments[2:]
-        elif len(segments) >= 2 and segments[0] == "customResources":
-            resource_or_none = self.resources.get(segments[1])
-            if resource_or_none is None or segments[1] == "profile":
-                raise _not_found(f"Resource 'customResources/{segments[1][:100]}'")
-            resource, collection, extension = resource_or_none, "/".join(segments[:2]), True
-            rest = segments[2:]
-        else:
+        roots = ("profileAndServices", "profileAndServicesExt", "customResources")
+        if len(segments) < 2 or segments[0] not in roots:
             raise _not_found(f"Resource '{path[:100]}'")
+        root, name = segments[0], segments[1]
+        resource_or_none = self.resources.get(name)
+        # The profile lives under both profileAndServices roots; a custom resource linked to the
+        # profile only under profileAndServicesExt, an unlinked one only under customResources.
+        if resource_or_none is None:
+            served = False
+        elif name == "profile":
+            served = root != "customResources"
+        elif resource_or_none.linked_to_profile:
+            served = root == "profileAndServicesExt"
+        else:
+            served = root == "customResources"
+        if resource_or_none is None or not served:
+            raise _not_found(f"Resource '{root}/{name[:100]}'")
+        resource, collection = resource_or_none, f"{root}/{name}"
+        extension = root != "profileAndServices"
+        rest = segments[2:]
+        counting = bool(rest) and rest[-1] == "_count"
+        if counting:
+            rest = rest[:-1]
         if not rest:
-            return _Target(resource, collection, extension)
+            return _Target(resource, collection, extension, counting=counting)
         if len(rest) == 1 and rest[0] in resource.all_filters():
-            return _Target(resource, collection, extension, filter_name=rest[0])
+            return _Target(resource, collection, extension, filter_name=rest[0], counting=counting)
         if len(rest) == 1 and rest[0].startswith("@"):
             return _Target(resource, collection, extension, pkey=rest[0])
         raise _not_found(f"Resource '{path[:100]}'")
@@ -407,9 +459,14 @@ class CampaignEmulator:
         try:
             return records.save(resource.name, pkey, doc, keys)
         except DuplicateKey:
-            raise _rejected(
-                f"PGS-220000 PostgreSQL error: ERROR: duplicate key value violates unique "
-                f"constraint on '{resource.key}'."
+            # A duplicate key is a 500 without any RST code.
+            raise CampaignError(
+                500,
+                {
+                    "code": 500,
+                    "message": "PGS-220000 PostgreSQL error: ERROR:  duplicate key value violates "
+                    f'unique constraint "{resource.name.lower()}_{resource.key}"',
+                },
             ) from None
 
     def _render(self, records: Records, target: _Target, row: Row, base: str) -> dict[str, Any]:
@@ -435,7 +492,10 @@ class CampaignEmulator:
     def _collection_of(self, resource_name: str) -> str:
         if resource_name == "profile":
             return "profileAndServices/profile"
-        return f"customResources/{resource_name}"
+        resource = self.resources.get(resource_name)
+        linked = resource is not None and resource.linked_to_profile
+        root = "profileAndServicesExt" if linked else "customResources"
+        return f"{root}/{resource_name}"
 
     def _list(
         self,
@@ -447,6 +507,8 @@ class CampaignEmulator:
         params: list[Any],
     ) -> dict[str, Any]:
         options = dict(query)
+        if target.counting:
+            return {"count": records.count(target.resource.name, where, params)}
         count_text = options.get("_lineCount", str(_DEFAULT_LINES))
         if not count_text.isdigit() or not 1 <= int(count_text) <= _MAX_LINES:
             raise _rst(400, "RST-360012", f"Invalid _lineCount value '{count_text[:50]}'.")
@@ -458,13 +520,21 @@ class CampaignEmulator:
         page: dict[str, Any] = {
             "content": [self._render(records, target, r, base) for r in rows[:count]]
         }
-        if len(rows) > count:
-            path = target.collection_path
-            if target.filter_name:
-                path = f"{path}/{target.filter_name}"
+        path = target.collection_path
+        if target.filter_name:
+            path = f"{path}/{target.filter_name}"
+        big = records.count(target.resource.name) > self.options.big_table_threshold
+        forced = options.get("_forcePagination", "").lower() == "true"
+        if len(rows) > count and (forced or not big):
             next_query = [(k, v) for k, v in query if k not in ("_lineCount", "_lineStart")]
             next_query += [("_lineCount", str(count)), ("_lineStart", _page_token(rows[count].rid))]
             page["next"] = {
                 "href": f"{base}/{path}?{urlencode(next_query, quote_via=quote, safe='@')}"
             }
+        count_query = [(k, v) for k, v in query if k not in ("_lineCount", "_forcePagination")]
+        count_href = f"{base}/{path}/_count"
+        if count_query:
+            count_href += "?" + urlencode(count_query, quote_via=quote, safe="@")
+        page["count"] = {"href": count_href}
+        page["serverSidePagination"] = True
         return page

@@ -21,7 +21,6 @@ from crmsync.deploy.emulators.batch import (
     BatchItem,
     ChangeSet,
     PartResponse,
-    count_requests,
     parse_batch,
     render_batch,
 )
@@ -73,6 +72,10 @@ def _to_response(api: ApiResponse, extra: list[tuple[str, str]]) -> Response:
     return response
 
 
+def _failed(result: PartResponse | list[PartResponse]) -> bool:
+    return isinstance(result, PartResponse) and result.status >= 400
+
+
 class DynamicsEmulator:
     """One Dataverse org: its store, tokens, limits and faults, served by `app`."""
 
@@ -113,6 +116,14 @@ class DynamicsEmulator:
                 Route("/{tenant}/discovery/v2.0/keys", self._keys, methods=["GET"]),
                 *admin_routes(self),
                 Route(
+                    "/_admin/entity-sets/{name}/keys/{columns}", self._drop_key, methods=["DELETE"]
+                ),
+                Route(
+                    "/_admin/entity-sets/{name}/columns/{column}",
+                    self._drop_column,
+                    methods=["DELETE"],
+                ),
+                Route(
                     API_PREFIX + "/{path:path}",
                     self._api,
                     methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
@@ -141,6 +152,36 @@ class DynamicsEmulator:
         self._request_window.reset()
         self._time_window.reset()
         self.requests = 0
+
+    async def _drop_key(self, request: Request) -> Response:
+        """Drift for tests: the table loses an alternate key (``columns`` comma-separated)."""
+        entity = self.webapi.entity_sets.get(request.path_params["name"])
+        columns = tuple(sorted(request.path_params["columns"].split(",")))
+        if entity is None or columns not in {tuple(sorted(k)) for k in entity.alternate_keys}:
+            return JSONResponse({"error": "no such table or key"}, status_code=404)
+        kept = tuple(k for k in entity.alternate_keys if tuple(sorted(k)) != columns)
+        # Rebuilt, not model_copy'd: the copy would keep the old cached lookups.
+        self.webapi.entity_sets[entity.name] = EntitySet.model_validate(
+            {**entity.model_dump(), "alternate_keys": kept}
+        )
+        return JSONResponse({"entity_set": entity.name, "alternate_keys": [list(k) for k in kept]})
+
+    async def _drop_column(self, request: Request) -> Response:
+        """Drift for tests: the table loses a column (and any key using it)."""
+        entity = self.webapi.entity_sets.get(request.path_params["name"])
+        column = request.path_params["column"]
+        if entity is None or column not in entity.by_name or column == entity.primary_id:
+            return JSONResponse({"error": "no such table or column"}, status_code=404)
+        fields = tuple(f for f in entity.fields if f.name != column)
+        keys = tuple(k for k in entity.alternate_keys if column not in k)
+        self.webapi.entity_sets[entity.name] = EntitySet.model_validate(
+            {
+                **entity.model_dump(),
+                "fields": [f.model_dump() for f in fields],
+                "alternate_keys": keys,
+            }
+        )
+        return JSONResponse({"entity_set": entity.name, "columns": [f.name for f in fields]})
 
     def revoke_tokens(self) -> None:
         self.tokens.revoke_all()
@@ -341,7 +382,9 @@ class DynamicsEmulator:
             self._request_window.add(client, 1)
             api_request = ApiRequest(
                 method=request.method,
-                path=unquote(request.path_params["path"]),
+                # The ASGI server already percent-decoded the path: decoding it again would turn a
+                # key value's "%2541" into "A".
+                path=request.path_params["path"],
                 query=parse_qsl(request.url.query, keep_blank_values=True),
                 headers={k.lower(): v for k, v in request.headers.items()},
                 body=body,
@@ -363,7 +406,8 @@ class DynamicsEmulator:
         except BatchError as e:
             self._request_window.add(client, 1)
             return _to_response(error_response(400, "0x80060888", str(e)), [])
-        self._request_window.add(client, count_requests(items))
+        # Service protection counts a $batch as one request (its execution time counts in full).
+        self._request_window.add(client, 1)
         continue_on_error = "odata.continue-on-error" in request.headers.get("prefer", "").lower()
         results = await self.store.run(
             lambda records: self._run_batch(records, items, service_root, continue_on_error)
@@ -372,9 +416,12 @@ class DynamicsEmulator:
         headers = self._limit_headers(client)
         if continue_on_error:
             headers.append(("Preference-Applied", "odata.continue-on-error"))
+        # Without continue-on-error a batch that stopped at a failure answers 400 as a whole,
+        # its body the multipart answers up to and including the failing one.
+        stopped = not continue_on_error and any(_failed(r) for r in results)
         return _to_response(
             ApiResponse(
-                200,
+                400 if stopped else 200,
                 [
                     ("Content-Type", f"multipart/mixed; boundary={boundary}"),
                     ("OData-Version", "4.0"),

@@ -190,7 +190,8 @@ def email_event_entity_set(name: str, logical_name: str, *extra: FieldDef) -> En
                 name="_regardingobjectid_value",
                 type=FieldType.LOOKUP,
                 target="contacts",
-                bind="regardingobjectid_contact",
+                # Dataverse names the regarding lookup's navigation property per activity table.
+                bind=f"regardingobjectid_contact_{logical_name}",
             ),
             *_maintained_dynamics_fields(),
         ),
@@ -278,6 +279,11 @@ class Resource(BaseModel):
             names.update(dict.fromkeys(f.aliases, f))
         return names
 
+    @property
+    def linked_to_profile(self) -> bool:
+        """Served under ``profileAndServicesExt/<name>`` (else under ``customResources/``)."""
+        return any(f.type is FieldType.LINK and f.target == "profile" for f in self.fields)
+
     def key_filter(self) -> tuple[str, tuple[str, str]] | None:
         if self.key is None:
             return None
@@ -312,8 +318,8 @@ def default_resources() -> list[Resource]:
             FieldDef(name="externalId", type=FieldType.STRING, max_length=100),
             FieldDef(name="phone", type=FieldType.STRING, max_length=32),
             FieldDef(name="mobilePhone", type=FieldType.STRING, max_length=32),
-            FieldDef(name="blackList", type=FieldType.BOOL, aliases=("denyList",)),
-            FieldDef(name="blackListEmail", type=FieldType.BOOL, aliases=("denyListEmail",)),
+            FieldDef(name="blackList", type=FieldType.BOOL),
+            FieldDef(name="blackListEmail", type=FieldType.BOOL),
             FieldDef(name="cusCrmId", type=FieldType.STRING, max_length=36, extension=True),
             *_maintained_campaign_fields(),
         ),

@@ -71,11 +71,15 @@ def _split_options(options: dict[str, Any]) -> tuple[DynamicsOptions, CampaignOp
     return DynamicsOptions(**picked["dynamics"]), CampaignOptions(**picked["campaign"])
 
 
-async def _start(app: Any, host: str, port: int) -> tuple[_Server, asyncio.Task[None], int]:
+async def _start(
+    app: Any, host: str, port: int, tls: tuple[Path, Path] | None = None
+) -> tuple[_Server, asyncio.Task[None], int]:
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        ssl_certfile=None if tls is None else str(tls[0]),
+        ssl_keyfile=None if tls is None else str(tls[1]),
         log_level="warning",
         access_log=False,
         lifespan="off",
@@ -111,9 +115,13 @@ async def running_emulators(
     org: str = "local",
     client_id: str = "crmsync-local",
     client_secret: str = "crmsync-local",
+    tls: tuple[Path, Path] | None = None,
     **options: Any,
 ) -> AsyncIterator[Emulators]:
     """Starts both emulators with uvicorn on the running loop; port 0 = pick a free port.
+
+    ``tls`` (certificate file, key file) serves both over https, as the real services are (the
+    vendors' SDKs refuse anything else); the default is plain http on loopback.
 
     Extra options are `dynamics_<field>` / `campaign_<field>` of DynamicsOptions / CampaignOptions,
     e.g. `dynamics_token_lifetime_s=2` or `campaign_requests_per_window=10`.
@@ -141,13 +149,14 @@ async def running_emulators(
         stack.push_async_callback(dynamics.close)
         await campaign.open()
         stack.push_async_callback(campaign.close)
-        d_server, d_task, d_port = await _start(dynamics.app, host, dynamics_port)
+        d_server, d_task, d_port = await _start(dynamics.app, host, dynamics_port, tls)
         stack.push_async_callback(_stop, d_server, d_task)
-        c_server, c_task, c_port = await _start(campaign.app, host, campaign_port)
+        c_server, c_task, c_port = await _start(campaign.app, host, campaign_port, tls)
         stack.push_async_callback(_stop, c_server, c_task)
+        scheme = "http" if tls is None else "https"
         yield Emulators(
-            dynamics_url=f"http://{host}:{d_port}",
-            campaign_url=f"http://{host}:{c_port}",
+            dynamics_url=f"{scheme}://{host}:{d_port}",
+            campaign_url=f"{scheme}://{host}:{c_port}",
             tenant=tenant,
             org=org,
             client_id=client_id,

@@ -12,6 +12,16 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from crmsync.deploy.emulators.metadata import (
+    BULK_ACTIONS,
+    MetadataRefused,
+    csdl,
+    entity_definition,
+    new_table,
+    service_document,
+    with_column,
+    with_key,
+)
 from crmsync.deploy.emulators.model import (
     DYNAMICS_DATETIME,
     EntitySet,
@@ -34,8 +44,12 @@ from crmsync.deploy.emulators.odata import (
 )
 from crmsync.deploy.emulators.store import DuplicateKey, Records, Row, folded, key_value
 
+#: Dataverse operations a client may send that the emulator does not implement (answered 501).
+_KNOWN_UNSUPPORTED = frozenset({"$ref", "$count", "Merge", "Associate", "Disassociate"})
+_MAX_BULK_TARGETS = 1000
 EMULATOR_USER_ID = "9f3a2b1c-0000-4000-8000-00000000e5e5"
 _MAX_PAGE = 5000
+_GUID_TEXT = re.compile(r"^[0-9a-f]{8}-(?:[0-9a-f]{4}-){3}[0-9a-f]{12}\Z")
 _PATH = re.compile(r"^(?P<set>[A-Za-z_][A-Za-z0-9_]*)(?:\((?P<key>.*)\))?\Z", re.DOTALL)
 
 
@@ -116,6 +130,73 @@ def _invalid_key(entity: EntitySet) -> ODataError:
     )
 
 
+#: Characters an alternate key value may hold but a URL may not carry: GET and PATCH by such a key
+#: do not work on the real service ("Work with alternate keys", define-alternate-keys-entity.md).
+URL_REFUSED_KEY_CHARACTERS = frozenset("/<>*%&:\\?+")
+
+
+def _refused_key_value(entity: EntitySet, value: Any) -> ODataError:
+    return bad_query(
+        f"The key value '{str(value)[:100]}' of '{entity.logical_name}' contains a character "
+        "that is not supported in an alternate key value in a URL (/ < > * % & : \\ ? +)."
+    )
+
+
+def _url_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and not _GUID_TEXT.match(value):
+        return "'" + quote(value.replace("'", "''"), safe="'@") + "'"
+    return str(value)
+
+
+_DEFINITION_KEY = re.compile(
+    r"^EntityDefinitions\((?:LogicalName='(?P<logical>[^']*)'|(?P<id>[0-9a-fA-F-]{36}))\)$"
+)
+_DEFINITION_TERM = re.compile(r"^\s*(LogicalName|EntitySetName|SchemaName)\s+eq\s+'([^']*)'\s*$")
+
+
+def _definition_matches(definition: dict[str, Any], segment: str) -> bool:
+    match = _DEFINITION_KEY.match(segment)
+    if match is None:
+        raise bad_query(f"The key in '{segment[:100]}' is not valid for EntityDefinitions.")
+    if match["logical"] is not None:
+        return bool(definition["LogicalName"] == match["logical"])
+    return bool(definition["MetadataId"] == match["id"].lower())
+
+
+def _filter_definition(definition: dict[str, Any], text: str) -> bool:
+    """``$filter`` on EntityDefinitions: ``Name eq 'x'`` terms joined by ``or`` / ``and``."""
+    for alternative in re.split(r"\s+or\s+", text.strip()):
+        terms = re.split(r"\s+and\s+", alternative)
+        matched = True
+        for term in terms:
+            found = _DEFINITION_TERM.match(term.strip("() "))
+            if found is None:
+                raise bad_query(
+                    f"The $filter '{text[:200]}' is not supported on EntityDefinitions."
+                )
+            matched &= str(definition.get(found[1])) == found[2]
+        if matched:
+            return True
+    return False
+
+
+def _shaped(definition: dict[str, Any], options: dict[str, str]) -> dict[str, Any]:
+    """A definition with only the $select'ed properties and the $expand'ed collections."""
+    expanded = {part.split("(")[0].strip() for part in options.get("$expand", "").split(",")}
+    collections = {"Attributes", "Keys"}
+    if "$select" in options:
+        names = {n.strip() for n in options["$select"].split(",")} | {"MetadataId"}
+    else:
+        names = set(definition) - collections
+    return {
+        k: v
+        for k, v in definition.items()
+        if (k in names and k not in collections) or (k in collections and k in expanded)
+    }
+
+
 def delta_token(seq: int, issued: float) -> str:
     stamp = datetime.fromtimestamp(issued, UTC).strftime("%m/%d/%Y %H:%M:%S")
     return f"{seq}!{stamp}"
@@ -168,15 +249,42 @@ class WebApi:
                     "OrganizationId": "9f3a2b1c-0000-4000-8000-0000000000o1".replace("o", "0"),
                 },
             )
+        if path == "" and request.method == "GET":
+            return _json_response(200, service_document(request.service_root, self.entity_sets))
+        if path == "$metadata" and request.method == "GET":
+            return ApiResponse(
+                200,
+                [("Content-Type", "application/xml"), ("OData-Version", "4.0")],
+                csdl(self.entity_sets).encode(),
+            )
+        if path == "EntityDefinitions" or path.startswith(
+            ("EntityDefinitions(", "EntityDefinitions/")
+        ):
+            return self._entity_definitions(path, request)
+        set_name, slash, operation = path.partition("/")
+        if slash and _PATH.match(set_name) and set_name.split("(")[0] in self.entity_sets:
+            action = operation.removeprefix(f"{ENTITY_TYPE}.")
+            if "(" not in set_name and action in BULK_ACTIONS and request.method == "POST":
+                return self._bulk(records, self.entity_sets[set_name], action, request)
+            # A known table with an operation the emulator lacks: never the "table missing" 404.
+            raise ODataError(
+                501 if action in _KNOWN_UNSUPPORTED else 400,
+                "0x80060888",
+                f"The operation '{operation[:100]}' on '{set_name[:100]}' is not "
+                + ("supported by the emulator." if action in _KNOWN_UNSUPPORTED else "valid."),
+            )
         match = _PATH.match(path)
         if match is None:
             segment = path.split("(")[0].split("/")[0]
+            if segment in self.entity_sets:  # a known table, a malformed key: 400, not 404
+                raise bad_query(f"Bad Request - Error in query syntax: '{path[:200]}'.")
             raise ODataError(404, "0x8006088a", f"Resource not found for the segment '{segment}'.")
-        entity = self.entity_sets.get(match["set"])
-        if entity is None:
+        found_set = self.entity_sets.get(match["set"])
+        if found_set is None:
             raise ODataError(
                 404, "0x8006088a", f"Resource not found for the segment '{match['set']}'."
             )
+        entity = found_set
         if match["key"] is None:
             if request.method == "GET":
                 return self._query(records, entity, request)
@@ -189,7 +297,7 @@ class WebApi:
             if request.method == "PATCH":
                 return self._upsert(records, entity, key, request)
             if request.method == "DELETE":
-                return self._delete(records, entity, key)
+                return self._delete(records, entity, key, request)
         raise ODataError(
             405, "0x80060888", f"The HTTP method '{request.method}' is not allowed on '{path}'."
         )
@@ -214,6 +322,8 @@ class WebApi:
             value = literal_for(entity.by_name[name], key[name])
             if value is None:
                 raise _invalid_key(entity)
+            if isinstance(value, str) and URL_REFUSED_KEY_CHARACTERS & set(value):
+                raise _refused_key_value(entity, value)
             values[name] = value
         found = records.find_by_key(
             entity.name, ",".join(declared), key_value([values[n] for n in declared])
@@ -240,6 +350,11 @@ class WebApi:
             ) from None
         if not isinstance(payload, dict):
             raise _payload_error(entity, "A JSON object was expected for the entity.")
+        return self._parse_payload(records, entity, payload, request)
+
+    def _parse_payload(
+        self, records: Records, entity: EntitySet, payload: dict[str, Any], request: ApiRequest
+    ) -> dict[str, Any]:
         changes: dict[str, Any] = {}
         for name, value in payload.items():
             if name == "@odata.type" or name == "@odata.etag":
@@ -331,9 +446,15 @@ class WebApi:
             ) from None
 
     def _written(
-        self, entity: EntitySet, row: Row, request: ApiRequest, created: bool
+        self,
+        entity: EntitySet,
+        row: Row,
+        request: ApiRequest,
+        created: bool,
+        key_text: str | None = None,
     ) -> ApiResponse:
-        location = f"{request.service_root}/{entity.name}({row.id})"
+        # A write addressed by an alternate key is answered with the record's URL in key form.
+        location = f"{request.service_root}/{entity.name}({key_text or row.id})"
         headers = [("OData-EntityId", location), ("ETag", self._etag(row))]
         if request.prefers().get("return") == "representation":
             select = self._select(entity, request)
@@ -385,12 +506,27 @@ class WebApi:
             raise bad_query(f"The '{entity.primary_id}' in the body does not match the URL.")
         doc = {**(existing.doc if existing else {}), **changes, **url_keys}
         row = self._save(records, entity, id_, doc, existing is None)
-        return self._written(entity, row, request, existing is None)
+        key_text = None
+        if url_keys:
+            key_text = ",".join(f"{n}={_url_literal(v)}" for n, v in url_keys.items())
+        return self._written(entity, row, request, existing is None, key_text)
 
-    def _delete(self, records: Records, entity: EntitySet, key: KeyPredicate) -> ApiResponse:
+    def _delete(
+        self, records: Records, entity: EntitySet, key: KeyPredicate, request: ApiRequest
+    ) -> ApiResponse:
         found, _ = self._resolve(records, entity, key)
-        if found is None or not records.delete(entity.name, found):
+        existing = records.get(entity.name, found) if found else None
+        if existing is None:
             raise _not_found(entity, key)
+        if_match = request.headers.get("if-match")
+        if if_match is not None and if_match != "*" and if_match != self._etag(existing):
+            raise ODataError(
+                412,
+                "0x80060882",
+                "The version of the existing record doesn't match the RowVersion property "
+                "provided.",
+            )
+        records.delete(entity.name, existing.id)
         return ApiResponse(204, [("OData-Version", "4.0")])
 
     def _get(
@@ -403,6 +539,8 @@ class WebApi:
         row = records.get(entity.name, found) if found else None
         if row is None:
             raise _not_found(entity, key)
+        if request.headers.get("if-none-match") == self._etag(row):
+            return ApiResponse(304, [("ETag", self._etag(row)), ("OData-Version", "4.0")])
         select = self._select(entity, request)
         body = {
             "@odata.context": f"{request.service_root}/$metadata#{entity.name}"
@@ -455,7 +593,8 @@ class WebApi:
         if "$top" in options:
             if not options["$top"].isdigit():
                 raise bad_query(f"Invalid value '{options['$top'][:50]}' for $top query option.")
-            top = int(options["$top"])
+            # With odata.maxpagesize the service pages and ignores $top.
+            top = None if "odata.maxpagesize" in prefers else int(options["$top"])
         offset, snapshot = 0, None
         if "$skiptoken" in options:
             offset, snapshot = _read_skiptoken(options["$skiptoken"])
@@ -491,9 +630,10 @@ class WebApi:
         since = self._read_delta_token(records, options["$deltatoken"])
         changes = records.changes(entity.name, since, page_size + 1)
         values: list[dict[str, Any]] = []
+        deleted: list[dict[str, Any]] = []
         for change in changes[:page_size]:
             if change.row is None:
-                values.append(
+                deleted.append(
                     {
                         "@odata.context": f"{request.service_root}/$metadata#{entity.name}"
                         "/$deletedEntity",
@@ -503,7 +643,8 @@ class WebApi:
                 )
             else:
                 values.append(self._render(entity, change.row, select))
-        body: dict[str, Any] = {"@odata.context": f"{context}/$delta", "value": values}
+        # A delta page lists new and changed rows first, then the deletions.
+        body: dict[str, Any] = {"@odata.context": f"{context}/$delta", "value": values + deleted}
         if len(changes) > page_size:
             # Changes are ordered by version, so the next page starts right after this one.
             next_query = [(k, v) for k, v in request.query if k != "$deltatoken"]
@@ -529,6 +670,165 @@ class WebApi:
                 "Version stamp associated with the client has expired. Please perform a full sync.",
             )
         return seq
+
+    # --- metadata --------------------------------------------------------------------------
+
+    def _entity_definitions(self, path: str, request: ApiRequest) -> ApiResponse:
+        if request.method == "POST":
+            return self._metadata_write(path, request)
+        if request.method != "GET":
+            raise ODataError(
+                501, "0x80060888", f"{request.method} of metadata is not supported by the emulator."
+            )
+        options = self._options(request, allowed={"$select", "$filter", "$expand"})
+        root = f"{request.service_root}/$metadata#EntityDefinitions"
+        head, _, tail = path.partition("/")
+        definitions = [entity_definition(e) for e in self.entity_sets.values()]
+        if head != "EntityDefinitions":
+            definitions = [d for d in definitions if _definition_matches(d, head)]
+            if not definitions:
+                raise ODataError(
+                    404, "0x80040217", f"Could not find an entity with the key {head[17:][:100]}."
+                )
+            (definition,) = definitions
+            collection, _, cast = tail.partition("/")
+            if collection in ("Attributes", "Keys"):
+                items = definition[collection]
+                if cast:  # a derived-type cast, e.g. Attributes/...PicklistAttributeMetadata
+                    items = [i for i in items if i.get("@odata.type") == f"#{cast}"]
+                return _json_response(200, {"@odata.context": f"{root}/{tail}", "value": items})
+            if tail:
+                raise bad_query(f"The segment '{tail[:100]}' is not valid on EntityDefinitions.")
+            return _json_response(
+                200, {"@odata.context": f"{root}/$entity", **_shaped(definition, options)}
+            )
+        if "$filter" in options:
+            definitions = [d for d in definitions if _filter_definition(d, options["$filter"])]
+        return _json_response(
+            200, {"@odata.context": root, "value": [_shaped(d, options) for d in definitions]}
+        )
+
+    def _metadata_write(self, path: str, request: ApiRequest) -> ApiResponse:
+        """Create a table (``POST EntityDefinitions``), a column (``.../Attributes``) or an
+        alternate key (``.../Keys``), as the metadata API documents them; 204 + OData-EntityId."""
+        try:
+            body = json.loads(request.body or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise bad_query("The request body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise bad_query("A JSON object was expected.")
+        head, _, tail = path.partition("/")
+        try:
+            if path == "EntityDefinitions":
+                entity = new_table(body, self.entity_sets)
+            else:
+                matches = [
+                    e
+                    for e in self.entity_sets.values()
+                    if _definition_matches(entity_definition(e), head)
+                ]
+                if not matches or tail not in ("Attributes", "Keys"):
+                    raise ODataError(404, "0x80040217", f"No entity for '{head[:100]}'.")
+                change = with_column if tail == "Attributes" else with_key
+                entity = change(matches[0], body)
+        except MetadataRefused as refused:
+            raise ODataError(refused.status, refused.code, refused.message) from None
+        self.entity_sets[entity.name] = entity
+        location = (
+            f"{request.service_root}/EntityDefinitions({entity_definition(entity)['MetadataId']})"
+        )
+        return ApiResponse(204, [("OData-EntityId", location), ("OData-Version", "4.0")])
+
+    # --- bulk operations -------------------------------------------------------------------
+
+    def _bulk(
+        self, records: Records, entity: EntitySet, action: str, request: ApiRequest
+    ) -> ApiResponse:
+        """CreateMultiple / UpdateMultiple / UpsertMultiple: all targets or none (one
+        transaction), as for standard tables."""
+        try:
+            payload = json.loads(request.body or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise _payload_error(
+                entity, "Invalid JSON. The request body is not valid JSON."
+            ) from None
+        targets = payload.get("Targets") if isinstance(payload, dict) else None
+        if not isinstance(targets, list) or not targets:
+            raise bad_query(f"{action} needs a non-empty 'Targets' collection.")
+        if len(targets) > _MAX_BULK_TARGETS:
+            raise bad_query(f"{action} takes at most {_MAX_BULK_TARGETS} targets.")
+        ids: list[str] = []
+        for target in targets:
+            if not isinstance(target, dict):
+                raise _payload_error(entity, "A JSON object was expected for each target.")
+            kind = target.get("@odata.type")
+            if kind not in (
+                f"Microsoft.Dynamics.CRM.{entity.logical_name}",
+                f"#Microsoft.Dynamics.CRM.{entity.logical_name}",
+            ):
+                raise _payload_error(
+                    entity,
+                    f'Each target needs "@odata.type": "Microsoft.Dynamics.CRM.'
+                    f'{entity.logical_name}".',
+                )
+            ids.append(self._bulk_one(records, entity, action, target, request))
+        if action == "UpdateMultiple":
+            return ApiResponse(204, [("OData-Version", "4.0")])
+        return _json_response(
+            200,
+            {
+                "@odata.context": f"{request.service_root}/$metadata#{ENTITY_TYPE}."
+                f"{action}Response",
+                "Ids": ids,
+            },
+        )
+
+    def _bulk_one(
+        self,
+        records: Records,
+        entity: EntitySet,
+        action: str,
+        target: dict[str, Any],
+        request: ApiRequest,
+    ) -> str:
+        body = {k: v for k, v in target.items() if k not in ("@odata.type", "@odata.id")}
+        changes = self._parse_payload(records, entity, body, request)
+        found: str | None = None
+        reference = target.get("@odata.id")
+        if reference is not None:  # the record named by URL: `<set>(<key>)`
+            match = _PATH.match(str(reference).removeprefix(request.service_root + "/"))
+            if match is None or match["set"] != entity.name or match["key"] is None:
+                raise _payload_error(
+                    entity, f"The @odata.id '{str(reference)[:200]}' is not valid."
+                )
+            key = parse_key(match["key"])
+            found, url_keys = self._resolve(records, entity, key)
+            changes.update(url_keys)
+            if isinstance(key, str):
+                changes[entity.primary_id] = key
+        given_id = changes.get(entity.primary_id)
+        if given_id is not None:
+            found = given_id if records.get(entity.name, given_id) else None
+        else:
+            for declared in entity.alternate_keys:
+                values = [changes.get(n) for n in declared]
+                if all(v is not None for v in values):
+                    found = records.find_by_key(entity.name, ",".join(declared), key_value(values))
+                    break
+            else:
+                if action != "CreateMultiple":
+                    raise bad_query(
+                        f"Each target of {action} needs '{entity.primary_id}' or the values of "
+                        "an alternate key."
+                    )
+        existing = records.get(entity.name, found) if found else None
+        if action == "CreateMultiple" and existing is not None:
+            raise ODataError(412, "0x80040237", "A record with matching key values already exists.")
+        if action == "UpdateMultiple" and existing is None:
+            raise _not_found(entity, given_id or {})
+        id_ = found or given_id or str(uuid.uuid4())
+        doc = {**(existing.doc if existing else {}), **changes}
+        return self._save(records, entity, id_, doc, existing is None).id
 
     # --- rendering -------------------------------------------------------------------------
 
