@@ -115,6 +115,9 @@ async def test_partition_leader_killed_in_a_three_broker_cluster(
         tmp_path,
         CRMSYNC_TOPIC_REPLICATION="3",
     )
+    # Every broker registered again (a loaded machine can fence one for a moment): the topics
+    # get replication min(3, brokers the cluster lists now).
+    three_brokers.wait_ready()
     await recreate_topics(cluster.bootstrap)  # replication 3, min.insync.replicas 2
     settings = await _topic_settings(cluster.bootstrap, topics.CONTACT_CHANGES)
     assert settings == (3, "2"), settings
