@@ -404,6 +404,19 @@ async def apply(client: DynamicsClient, plan: list[MetadataRequest]) -> None:
             )
 
 
+async def setup_dynamics(
+    configs: Mapping[str, WorkflowConfig], client: DynamicsClient, *, dry_run: bool = False
+) -> list[MetadataRequest]:
+    """``crmsync targets setup d365``: reads what the configs need of Dynamics, and creates what
+    is missing of crmsync's activity tables (unless ``dry_run``); returns the plan. Idempotent:
+    a second call finds everything and sends nothing."""
+    found = await check_dynamics(client, needs_of(configs))
+    plan = setup_plan(configs, found)
+    if not dry_run:
+        await apply(client, plan)
+    return plan
+
+
 async def missing_for_start(
     workflow: str, config: WorkflowConfig, dynamics: DynamicsTarget, campaign: CampaignTarget
 ) -> list[Requirement]:

@@ -133,6 +133,7 @@ class DynamicsEmulator:
 
     async def open(self) -> None:
         await self.store.open()
+        await self.store.run(self.webapi.load_model)
         key = await self.store.run(lambda records: signing_key(records, TokenIssuer.new_key))
         self.tokens = TokenIssuer(
             key.encode(), f"emulator/{self.tenant}", "dynamics", self.options.token_lifetime_s
@@ -160,10 +161,16 @@ class DynamicsEmulator:
         if entity is None or columns not in {tuple(sorted(k)) for k in entity.alternate_keys}:
             return JSONResponse({"error": "no such table or key"}, status_code=404)
         kept = tuple(k for k in entity.alternate_keys if tuple(sorted(k)) != columns)
+        dropped = [k for k in entity.alternate_keys if tuple(sorted(k)) == columns]
         # Rebuilt, not model_copy'd: the copy would keep the old cached lookups.
-        self.webapi.entity_sets[entity.name] = EntitySet.model_validate(
-            {**entity.model_dump(), "alternate_keys": kept}
-        )
+        changed = EntitySet.model_validate({**entity.model_dump(), "alternate_keys": kept})
+
+        def drop(records: Records) -> None:
+            for key in dropped:
+                records.drop_key(entity.name, ",".join(key))
+            self.webapi.define(records, changed)
+
+        await self.store.run(drop)
         return JSONResponse({"entity_set": entity.name, "alternate_keys": [list(k) for k in kept]})
 
     async def _drop_column(self, request: Request) -> Response:
@@ -174,13 +181,21 @@ class DynamicsEmulator:
             return JSONResponse({"error": "no such table or column"}, status_code=404)
         fields = tuple(f for f in entity.fields if f.name != column)
         keys = tuple(k for k in entity.alternate_keys if column not in k)
-        self.webapi.entity_sets[entity.name] = EntitySet.model_validate(
+        changed = EntitySet.model_validate(
             {
                 **entity.model_dump(),
                 "fields": [f.model_dump() for f in fields],
                 "alternate_keys": keys,
             }
         )
+
+        def drop(records: Records) -> None:
+            for key in entity.alternate_keys:
+                if column in key:
+                    records.drop_key(entity.name, ",".join(key))
+            self.webapi.define(records, changed)
+
+        await self.store.run(drop)
         return JSONResponse({"entity_set": entity.name, "columns": [f.name for f in fields]})
 
     def revoke_tokens(self) -> None:

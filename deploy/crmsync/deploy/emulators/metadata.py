@@ -224,7 +224,12 @@ def new_table(body: dict[str, Any], existing: dict[str, EntitySet]) -> EntitySet
     if body.get("IsActivity"):
         primary = "activityid"
         given = {c.name for c in columns}
-        base = [FieldDef(name="subject", type=FieldType.STRING, max_length=400)]
+        # Every activity table has the activity columns of activitypointer, subject and
+        # description among them (the SchemaName "Subject" of the primary name is one of them).
+        base = [
+            FieldDef(name="subject", type=FieldType.STRING, max_length=400),
+            FieldDef(name="description", type=FieldType.STRING, max_length=2000),
+        ]
         columns = [c for c in base if c.name not in given] + columns
         columns.append(
             FieldDef(
