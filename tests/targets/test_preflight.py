@@ -188,3 +188,24 @@ async def _requirements_of(emulators: Any, configs: dict[str, Any]) -> list[pref
     )
     async with DynamicsClient(dynamics) as d, CampaignClient(campaign) as c:
         return await preflight.check(configs, d, c)
+
+
+async def test_a_key_whose_index_is_still_being_built_is_not_ready(tmp_path: Any) -> None:
+    """MicrosoftDocs/powerapps-docs, define-alternate-keys-entity.md, "Monitor index creation for
+    alternate keys": Dataverse builds a new key's index in a background job, and
+    ``EntityKeyIndexStatus`` is Pending, In Progress, Active or Failed. Until it is Active the
+    preflight names the key as missing (wait, don't create it again), and the setup does not
+    send the key a second time."""
+    from crmsync.deploy.emulators.server import running_emulators
+    from tests.integration.harness import set_up_d365
+
+    async with running_emulators(
+        tmp_path, dynamics_port=0, campaign_port=0, dynamics_key_index_delay_s=600
+    ) as emu:
+        assert await set_up_d365(emu.dynamics_url) > 0
+        missing = preflight.missing(await requirements(emu))
+        assert {r.name for r in missing} == {
+            f"crmsync_email{t}s(crmsync_eventid)" for t in ("send", "open", "click", "bounce")
+        }
+        assert all("Pending" in r.fix and "background" in r.fix for r in missing)
+        assert await set_up_d365(emu.dynamics_url) == 0

@@ -154,7 +154,8 @@ async def check_dynamics(client: DynamicsClient, needs: _Needs) -> list[Requirem
             )
         attributes = {a.get("LogicalName") for a in (definition or {}).get("Attributes", [])}
         keys = {
-            tuple(sorted(k.get("KeyAttributes", []))) for k in (definition or {}).get("Keys", [])
+            tuple(sorted(k.get("KeyAttributes", []))): k.get("EntityKeyIndexStatus") or "Active"
+            for k in (definition or {}).get("Keys", [])
         }
         logical = (definition or {}).get("LogicalName", "")
         for column, workflows in sorted(table.columns.items()):
@@ -171,7 +172,8 @@ async def check_dynamics(client: DynamicsClient, needs: _Needs) -> list[Requirem
                     )
                 )
         for key, workflows in sorted(table.keys.items()):
-            present = tuple(sorted(key)) in keys
+            status = keys.get(tuple(sorted(key)))
+            present = status == "Active"
             for workflow in _each(workflows):
                 found.append(
                     Requirement(
@@ -180,10 +182,7 @@ async def check_dynamics(client: DynamicsClient, needs: _Needs) -> list[Requirem
                         "key",
                         f"{entity_set}({','.join(key)})",
                         present,
-                        ""
-                        if present
-                        else f"create an alternate key on {', '.join(key)} "
-                        "(crmsync targets setup d365)",
+                        "" if present else _key_fix(key, status),
                     )
                 )
         for navigation, workflows in sorted(table.navigations.items()):
@@ -205,11 +204,26 @@ async def check_dynamics(client: DynamicsClient, needs: _Needs) -> list[Requirem
     return found
 
 
+_CREATE_KEY = "create an alternate key on"
+
+
+def _key_fix(key: tuple[str, ...], status: str | None) -> str:
+    if status is None:
+        return f"{_CREATE_KEY} {', '.join(key)} (crmsync targets setup d365)"
+    if status == "Failed":
+        return (
+            "the key's index job failed (duplicate values?): correct the rows, then reactivate "
+            "the key (ReactivateEntityKey)"
+        )
+    return f"the key's index is {status}: Dataverse builds it in the background; check again"
+
+
 async def _definition(client: DynamicsClient, entity_set: str) -> dict[str, Any] | None:
     params = {
         "$filter": f"EntitySetName eq '{entity_set}'",
         "$select": "LogicalName,EntitySetName,PrimaryIdAttribute",
-        "$expand": "Attributes($select=LogicalName),Keys($select=KeyAttributes)",
+        "$expand": "Attributes($select=LogicalName),"
+        "Keys($select=KeyAttributes,EntityKeyIndexStatus)",
     }
     url = f"{client.api_url}/EntityDefinitions?{urlencode(params, safe='$,()=')}"
     response = await client.raw("GET", url, what=f"EntityDefinitions {entity_set}")
@@ -402,7 +416,14 @@ def setup_plan(
     its alternate keys (``.../Keys``), in that order. Other tables are left to their owners."""
     needs = needs_of(configs)
     own = {s: t for s, t in needs.tables.items() if t.logical_name}
-    absent = {(r.kind, r.name) for r in found if not r.present and r.target == "d365"}
+    absent = {
+        (r.kind, r.name)
+        for r in found
+        if not r.present
+        and r.target == "d365"
+        # a key whose index is still being built (or failed) exists: creating it again fails
+        and (r.kind != "key" or r.fix.startswith(_CREATE_KEY))
+    }
     plan: list[MetadataRequest] = []
     for entity_set, table in sorted(own.items()):
         logical = table.logical_name

@@ -45,6 +45,7 @@ class DynamicsOptions:
     max_concurrent: int = 52
     dop_hint: int = 8
     delta_token_ttl_s: float = 7 * 86_400
+    key_index_delay_s: float = 0.0
     model: Path | None = None
     extra_entity_sets: tuple[EntitySet, ...] = ()
 
@@ -93,7 +94,9 @@ class DynamicsEmulator:
         self.client_id = client_id
         self.client_secret = client_secret
         entity_sets = dynamics_model(self.options.model, list(self.options.extra_entity_sets))
-        self.webapi = WebApi(entity_sets, self.options.delta_token_ttl_s)
+        self.webapi = WebApi(
+            entity_sets, self.options.delta_token_ttl_s, self.options.key_index_delay_s
+        )
         self.store = Store(db_path, self.webapi.index_statements())
         self.faults = Faults()
         self.requests = 0

@@ -225,9 +225,17 @@ def _read_skiptoken(text: str) -> tuple[int, int | None]:
 class WebApi:
     """Answers Web API requests against the records of a store."""
 
-    def __init__(self, entity_sets: dict[str, EntitySet], delta_token_ttl_s: float) -> None:
+    def __init__(
+        self,
+        entity_sets: dict[str, EntitySet],
+        delta_token_ttl_s: float,
+        key_index_delay_s: float = 0.0,
+    ) -> None:
         self.entity_sets = entity_sets
         self.delta_token_ttl_s = delta_token_ttl_s
+        #: A new alternate key reports "Pending" this long, as while Dataverse's index job runs.
+        self.key_index_delay_s = key_index_delay_s
+        self._key_active_at: dict[tuple[str, tuple[str, ...]], float] = {}
         self._defined: set[str] = set()  # tables created or changed since the fresh org
 
     # --- the model, kept in the store like the data ----------------------------------------
@@ -249,6 +257,10 @@ class WebApi:
             if n in self.entity_sets
         }
         records.set_meta(MODEL_META, json.dumps(kept, separators=(",", ":")))
+
+    def key_status(self, entity_set: str, columns: tuple[str, ...]) -> str:
+        active_at = self._key_active_at.get((entity_set, tuple(columns)), 0.0)
+        return "Active" if time.monotonic() >= active_at else "Pending"
 
     def index_new_key(self, records: Records, entity: EntitySet, columns: tuple[str, ...]) -> None:
         """Indexes the existing records under a new alternate key (refused on duplicates)."""
@@ -723,7 +735,7 @@ class WebApi:
         options = self._options(request, allowed={"$select", "$filter", "$expand"})
         root = f"{request.service_root}/$metadata#EntityDefinitions"
         head, _, tail = path.partition("/")
-        definitions = [entity_definition(e) for e in self.entity_sets.values()]
+        definitions = [entity_definition(e, self.key_status) for e in self.entity_sets.values()]
         if head != "EntityDefinitions":
             definitions = [d for d in definitions if _definition_matches(d, head)]
             if not definitions:
@@ -775,6 +787,9 @@ class WebApi:
             raise ODataError(refused.status, refused.code, refused.message) from None
         if tail == "Keys":
             self.index_new_key(records, entity, entity.alternate_keys[-1])
+            self._key_active_at[(entity.name, entity.alternate_keys[-1])] = (
+                time.monotonic() + self.key_index_delay_s
+            )
         self.define(records, entity)
         location = (
             f"{request.service_root}/EntityDefinitions({entity_definition(entity)['MetadataId']})"
