@@ -26,6 +26,7 @@ from cryptography.x509.oid import NameOID
 from PowerPlatform.Dataverse.client import DataverseClient
 
 from crmsync.deploy.emulators.server import Emulators, running_emulators
+from tests.integration.harness import set_up_d365
 
 
 def _loopback_certificate(directory: Path) -> tuple[Path, Path]:
@@ -71,10 +72,18 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 async def tls_emulators(
     tmp_path: Path, tls_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Emulators]:
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_files[0]))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_files[0]))  # the SDK's requests
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files[0]))  # crmsync's httpx
     async with running_emulators(
         tmp_path / "emulators", dynamics_port=0, campaign_port=0, tls=tls_files
     ) as running:
+        # crmsync's activity tables, created as a user creates them on a real org.
+        await set_up_d365(
+            running.dynamics_url,
+            tenant=running.tenant,
+            client_id=running.client_id,
+            client_secret=running.client_secret,
+        )
         yield running
         # The SDK closed its connections from a worker thread; let the server see them go
         # (TLS closes take a few loop turns) before it stops.

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.integration.harness import Cluster, EmulatorProcess, recreate_topics, start_emulators
+from tests.integration.harness import (
+    Cluster,
+    EmulatorProcess,
+    recreate_topics,
+    set_up_d365,
+    start_emulators,
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -34,6 +40,8 @@ async def cluster(
     """Fresh topics (and so no committed offsets), empty emulators, no workers yet."""
     await recreate_topics(bootstrap)
     emulator_process.reset()
+    # The set-up a user runs on a real org; idempotent, so it also undoes a test's drift.
+    await set_up_d365(emulator_process.dynamics_url)
     cluster = Cluster(bootstrap, emulator_process, tmp_path)
     yield cluster
     cluster.stop_all()

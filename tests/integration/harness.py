@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from pydantic import SecretStr
 
 from crmsync.streams import catalog
 from crmsync.streams.control_protocol import (
@@ -98,6 +99,34 @@ def start_emulators(data_dir: Path, dynamics_port: int, campaign_port: int) -> E
         except httpx.HTTPError:
             time.sleep(0.2)
     raise RuntimeError("emulators did not start")
+
+
+async def set_up_d365(
+    dynamics_url: str,
+    *,
+    tenant: str = "local",
+    client_id: str = "crmsync-local",
+    client_secret: str = "crmsync-local",
+) -> int:
+    """What a user does first on a real org, and `crmsync up` on every start: `crmsync targets
+    setup d365` (its Python function) for the default configs, then `/_admin/reset` so a test
+    starts with no records and zeroed counters (the tables stay). Returns the writes sent."""
+    from crmsync.streams import preflight
+    from crmsync.streams.catalog import NAMES, default_config
+
+    target = DynamicsTarget(
+        url=dynamics_url,
+        tenant=tenant,
+        client_id=client_id,
+        client_secret=SecretStr(client_secret),
+    )
+    async with DynamicsClient(target) as client:
+        plan = await preflight.setup_dynamics(
+            {name: default_config(name) for name in NAMES}, client
+        )
+    async with httpx.AsyncClient() as admin:
+        (await admin.post(f"{dynamics_url}/_admin/reset", json={})).raise_for_status()
+    return len(plan)
 
 
 @dataclass

@@ -9,11 +9,13 @@ import httpx
 import pytest
 
 from crmsync.deploy.emulators.server import Emulators, running_emulators
+from tests.integration.harness import set_up_d365
 
 
 @pytest.fixture
 async def emulators(tmp_path: Path) -> AsyncIterator[Emulators]:
-    """Both emulators on free loopback ports over a fresh data dir.
+    """Both emulators on free loopback ports over a fresh data dir, crmsync's activity tables
+    created the way a user creates them (``crmsync targets setup d365``'s function).
 
     Attributes: dynamics_url, campaign_url (bases), tenant, org, client_id, client_secret,
     data_dir; plus dynamics_api_url, dynamics_token_url, campaign_api_url, campaign_token_url.
@@ -21,6 +23,12 @@ async def emulators(tmp_path: Path) -> AsyncIterator[Emulators]:
     async with running_emulators(
         tmp_path / "emulators", dynamics_port=0, campaign_port=0
     ) as running:
+        await set_up_d365(
+            running.dynamics_url,
+            tenant=running.tenant,
+            client_id=running.client_id,
+            client_secret=running.client_secret,
+        )
         yield running
 
 

@@ -195,3 +195,41 @@ async def test_profile_bodies_carry_black_list_fields_only(
         "profileAndServices/profile", json={"email": "b@x.org", "denyListEmail": True}
     )
     assert alias.status_code == 500 and "denyListEmail" in alias.text
+
+
+async def test_the_metadata_mechanism_describes_each_resources_fields(
+    emulated_campaign: httpx.AsyncClient,
+) -> None:
+    """AdobeDocs/campaign-standard.en, help/api/using/metadata-mechanism.md: "You can retrieve
+    the resources metadata using resourceType in a GET request: ``GET /profileAndServices/
+    resourceType/<resourceName>``"; "The Content node returns the resource's fields", each with
+    ``"apiName"``, ``"type"``, ``"category"``, ``"resType"`` (and ``resTarget`` for a link); the
+    sample answer carries ``"data": "/profileAndServices/profile/"``, ``"name": "profile"``,
+    ``"type": "item"``. The profile's extension fields (custom-resources.md: extended fields are
+    exposed through ``profileAndServicesExt``) appear only under that root."""
+    plain = await emulated_campaign.get("profileAndServices/resourceType/profile")
+    assert plain.status_code == 200, plain.text
+    body = plain.json()
+    assert (body["name"], body["type"], body["data"]) == (
+        "profile",
+        "item",
+        "/profileAndServices/profile/",
+    )
+    email = body["content"]["email"]
+    assert email["apiName"] == "email" and email["type"] == "string" and "resType" in email
+    assert "cusCrmId" not in body["content"]
+    extended = (await emulated_campaign.get("profileAndServicesExt/resourceType/profile")).json()
+    assert extended["content"]["cusCrmId"]["apiName"] == "cusCrmId"
+    purchase = await emulated_campaign.get("profileAndServicesExt/resourceType/cusPurchase")
+    link = purchase.json()["content"]["profile"]
+    assert (link["type"], link["resTarget"]) == ("link", "profile")
+    # Served where the resource is: a profile-linked resource is not under customResources.
+    assert (
+        await emulated_campaign.get("customResources/resourceType/cusPurchase")
+    ).status_code == 404
+    assert (
+        await emulated_campaign.get("profileAndServicesExt/resourceType/cusNothing")
+    ).status_code == 404
+    assert (
+        await emulated_campaign.post("profileAndServicesExt/resourceType/profile", json={})
+    ).status_code == 405

@@ -9,7 +9,7 @@ import pytest
 
 from crmsync.control.cli import main
 from crmsync.streams import preflight
-from crmsync.streams.catalog import default_config
+from crmsync.streams.catalog import default_config, parse_config
 from crmsync.targets.campaign import CampaignClient
 from crmsync.targets.dynamics import DynamicsClient
 from crmsync.targets.settings import CampaignTarget, DynamicsTarget
@@ -41,7 +41,7 @@ async def test_every_requirement_is_present_then_a_dropped_key_and_filter_are_na
 ) -> None:
     found = await requirements(emulators)
     kinds = {r.kind for r in found}
-    assert kinds == {"table", "column", "key", "navigation", "resource", "filter"}
+    assert kinds == {"table", "column", "key", "navigation", "resource", "field", "filter"}
     assert preflight.missing(found) == []
     names = {r.name for r in found}
     assert "crmsync_emailsends(crmsync_eventid)" in names
@@ -129,3 +129,83 @@ async def test_setup_creates_the_missing_activity_tables_columns_and_keys_once(
     capsys.readouterr()
     assert await _run(["targets", "setup", "d365", *given]) == 0
     assert "nothing to create" in capsys.readouterr().out
+
+
+async def test_campaign_fields_the_mappings_write_are_read_from_the_metadata_mechanism(
+    emulators: Any,
+) -> None:
+    """AdobeDocs/campaign-standard.en, help/api/using/metadata-mechanism.md (``GET
+    /profileAndServices/resourceType/<resourceName>``, fields under ``content`` by ``apiName``):
+    the preflight reads each resource's fields there, so a profile extension field a mapping
+    writes (``cusCrmId``) or a custom resource's field (``cusPurchase.product``) that is not in
+    the org is named, with the Campaign UI steps to add it (extensions are made only there)."""
+    mapped = {
+        "mappings": [
+            {"source": "contactid", "target": "externalId"},
+            {"source": "contactid", "target": "cusCrmId"},
+            {"source": "lastname", "target": "lastName"},
+        ]
+    }
+    configs = {name: default_config(name) for name in WORKFLOWS}
+    configs["d365-to-campaign"] = parse_config("d365-to-campaign", mapped)
+    found = await _requirements_of(emulators, configs)
+    fields = {r.name for r in found if r.kind == "field"}
+    assert {
+        "profileAndServicesExt/profile.cusCrmId",
+        "profileAndServicesExt/profile.externalId",
+        "profileAndServicesExt/profile.blackListEmail",
+        "profileAndServicesExt/cusPurchase.product",
+        "profileAndServicesExt/cusPurchase.profile",
+    } <= fields
+    assert preflight.missing(found) == []
+    async with httpx.AsyncClient(base_url=emulators.campaign_url) as admin:
+        for resource, field in (("profile", "cusCrmId"), ("cusPurchase", "product")):
+            dropped = await admin.delete(f"/_admin/resources/{resource}/fields/{field}")
+            assert dropped.status_code == 200
+    missing = preflight.missing(await _requirements_of(emulators, configs))
+    assert {(r.workflow, r.kind, r.name) for r in missing} == {
+        ("d365-to-campaign", "field", "profileAndServicesExt/profile.cusCrmId"),
+        ("d365-to-campaign", "field", "profileAndServicesExt/cusPurchase.product"),
+    }
+    fixes = {r.name: r.fix for r in missing}
+    assert "profile's extension" in fixes["profileAndServicesExt/profile.cusCrmId"]
+    assert "Profiles & Services Ext API" in fixes["profileAndServicesExt/profile.cusCrmId"]
+    assert "custom resource cusPurchase" in fixes["profileAndServicesExt/cusPurchase.product"]
+
+
+async def _requirements_of(emulators: Any, configs: dict[str, Any]) -> list[preflight.Requirement]:
+    dynamics = DynamicsTarget(
+        url=emulators.dynamics_url,
+        tenant=emulators.tenant,
+        client_id=emulators.client_id,
+        client_secret=emulators.client_secret,
+    )
+    campaign = CampaignTarget(
+        url=emulators.campaign_url,
+        org=emulators.org,
+        client_id=emulators.client_id,
+        client_secret=emulators.client_secret,
+    )
+    async with DynamicsClient(dynamics) as d, CampaignClient(campaign) as c:
+        return await preflight.check(configs, d, c)
+
+
+async def test_a_key_whose_index_is_still_being_built_is_not_ready(tmp_path: Any) -> None:
+    """MicrosoftDocs/powerapps-docs, define-alternate-keys-entity.md, "Monitor index creation for
+    alternate keys": Dataverse builds a new key's index in a background job, and
+    ``EntityKeyIndexStatus`` is Pending, In Progress, Active or Failed. Until it is Active the
+    preflight names the key as missing (wait, don't create it again), and the setup does not
+    send the key a second time."""
+    from crmsync.deploy.emulators.server import running_emulators
+    from tests.integration.harness import set_up_d365
+
+    async with running_emulators(
+        tmp_path, dynamics_port=0, campaign_port=0, dynamics_key_index_delay_s=600
+    ) as emu:
+        assert await set_up_d365(emu.dynamics_url) > 0
+        missing = preflight.missing(await requirements(emu))
+        assert {r.name for r in missing} == {
+            f"crmsync_email{t}s(crmsync_eventid)" for t in ("send", "open", "click", "bounce")
+        }
+        assert all("Pending" in r.fix and "background" in r.fix for r in missing)
+        assert await set_up_d365(emu.dynamics_url) == 0

@@ -206,6 +206,7 @@ def _targets(settings: Settings, args: argparse.Namespace) -> int:
     from crmsync.streams.config import ConfigError
     from crmsync.targets.campaign import CampaignClient
     from crmsync.targets.dynamics import DynamicsClient
+    from crmsync.targets.errors import Retryable, SinkError
 
     configs: dict[str, Any] = {
         name: default_config(name)
@@ -227,10 +228,9 @@ def _targets(settings: Settings, args: argparse.Namespace) -> int:
             DynamicsClient(settings.dynamics) as dynamics,
             CampaignClient(settings.campaign) as campaign,
         ):
-            found = await preflight.check(configs, dynamics, campaign)
             if args.action != "setup":
-                return found
-            plan = preflight.setup_plan(configs, found)
+                return await preflight.check(configs, dynamics, campaign)
+            plan = await preflight.setup_dynamics(configs, dynamics, dry_run=True)
             for step in plan:
                 print(f"{step.method} {step.path}")
                 print(json.dumps(step.body, indent=2))
@@ -239,10 +239,15 @@ def _targets(settings: Settings, args: argparse.Namespace) -> int:
             elif not args.dry_run:
                 await preflight.apply(dynamics, plan)
                 print(f"created: {len(plan)} metadata request(s) sent", file=sys.stderr)
-                found = await preflight.check(configs, dynamics, campaign)
-            return found
+            if args.dry_run:
+                return []
+            return await preflight.check_dynamics(dynamics, preflight.needs_of(configs))
 
-    requirements = asyncio.run(run())
+    try:
+        requirements = asyncio.run(run())
+    except SinkError as error:  # setup reads Dynamics itself: it cannot work around an outage
+        print(f"crmsync targets setup: {error.reason}", file=sys.stderr)
+        return EXIT_UNREACHABLE if isinstance(error, Retryable) else EXIT_INVALID
     if args.action == "setup":
         left = [r for r in preflight.missing(requirements) if r.target == "d365"]
         if args.dry_run or not left:

@@ -138,6 +138,14 @@ class LocalStack:
             process.start(self.logs)
             self.processes.append(process)
             process.wait_ready(60, self.logs)
+        # What a user runs on a real org first, run on every start (idempotent): crmsync's
+        # activity tables, columns and keys, created through the Web API metadata endpoints.
+        setup = Process("targets-setup", self._crmsync("targets", "setup", "d365"), bool, env)
+        setup.start(self.logs)
+        if setup.popen is None or setup.popen.wait(120) != 0:
+            raise StackError(
+                f"crmsync targets setup d365 failed; see {self.logs}/targets-setup.log"
+            )
         # The Dynamics source: change tracking of the emulator → the change topics.
         source = Process("source-d365", self._crmsync("source", "d365"), lambda: True, env)
         source.start(self.logs)

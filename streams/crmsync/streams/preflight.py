@@ -9,6 +9,7 @@ from typing import Any, Literal
 from urllib.parse import urlencode
 
 from crmsync.streams.config import (
+    PROFILE_KEY,
     CampaignToD365Config,
     D365ToCampaignConfig,
     OptInOutConfig,
@@ -20,7 +21,7 @@ from crmsync.targets.dynamics import DynamicsClient
 from crmsync.targets.errors import Fatal, RecordRejected, Retryable, SinkError
 from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 
-Kind = Literal["table", "column", "key", "navigation", "resource", "filter"]
+Kind = Literal["table", "column", "key", "navigation", "resource", "field", "filter"]
 _EDM = "{http://docs.oasis-open.org/odata/ns/edm}"
 
 
@@ -54,12 +55,16 @@ class _Table:
 class _Needs:
     tables: dict[str, _Table] = field(default_factory=dict)  # entity set → needs
     resources: dict[str, set[str]] = field(default_factory=dict)  # resource path → workflows
+    fields: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (path, field)
     filters: dict[tuple[str, str, str], set[str]] = field(default_factory=dict)
 
     def table(self, entity_set: str, workflow: str) -> _Table:
         table = self.tables.setdefault(entity_set, _Table())
         table.workflows.add(workflow)
         return table
+
+    def field(self, resource: str, name: str, workflow: str) -> None:
+        self.fields.setdefault((resource, name), set()).add(workflow)
 
 
 def needs_of(configs: Mapping[str, WorkflowConfig]) -> _Needs:
@@ -96,11 +101,19 @@ def needs_of(configs: Mapping[str, WorkflowConfig]) -> _Needs:
             for mapping in config.mappings:
                 contacts.columns.setdefault(mapping.source, set()).add(workflow)
             needs.resources.setdefault(config.profile_resource, set()).add(workflow)
+            needs.field(config.profile_resource, PROFILE_KEY, workflow)
+            for mapping in config.mappings:
+                needs.field(config.profile_resource, mapping.target, workflow)
             needs.filters.setdefault(
                 ("profileAndServicesExt/profile", "byExternalId", "externalId_parameter"), set()
             ).add(workflow)
             for entity in config.custom_entities:
                 needs.resources.setdefault(entity.target, set()).add(workflow)
+                needs.field(entity.target, entity.key_field, workflow)
+                for mapping in entity.mappings:
+                    needs.field(entity.target, mapping.target, workflow)
+                if entity.link is not None:
+                    needs.field(entity.target, entity.link.target_field, workflow)
                 filter_name = f"by{entity.key_field[:1].upper()}{entity.key_field[1:]}"
                 needs.filters.setdefault(
                     (entity.target, filter_name, f"{entity.key_field}_parameter"), set()
@@ -111,6 +124,7 @@ def needs_of(configs: Mapping[str, WorkflowConfig]) -> _Needs:
             contacts = needs.table(config.contact_entity_set, workflow)
             contacts.columns.setdefault(config.d365_field, set()).add(workflow)
             needs.resources.setdefault(config.profile_resource, set()).add(workflow)
+            needs.field(config.profile_resource, config.campaign_field, workflow)
             needs.filters.setdefault(
                 ("profileAndServicesExt/profile", "byExternalId", "externalId_parameter"), set()
             ).add(workflow)
@@ -140,7 +154,8 @@ async def check_dynamics(client: DynamicsClient, needs: _Needs) -> list[Requirem
             )
         attributes = {a.get("LogicalName") for a in (definition or {}).get("Attributes", [])}
         keys = {
-            tuple(sorted(k.get("KeyAttributes", []))) for k in (definition or {}).get("Keys", [])
+            tuple(sorted(k.get("KeyAttributes", []))): k.get("EntityKeyIndexStatus") or "Active"
+            for k in (definition or {}).get("Keys", [])
         }
         logical = (definition or {}).get("LogicalName", "")
         for column, workflows in sorted(table.columns.items()):
@@ -157,7 +172,8 @@ async def check_dynamics(client: DynamicsClient, needs: _Needs) -> list[Requirem
                     )
                 )
         for key, workflows in sorted(table.keys.items()):
-            present = tuple(sorted(key)) in keys
+            status = keys.get(tuple(sorted(key)))
+            present = status == "Active"
             for workflow in _each(workflows):
                 found.append(
                     Requirement(
@@ -166,10 +182,7 @@ async def check_dynamics(client: DynamicsClient, needs: _Needs) -> list[Requirem
                         "key",
                         f"{entity_set}({','.join(key)})",
                         present,
-                        ""
-                        if present
-                        else f"create an alternate key on {', '.join(key)} "
-                        "(crmsync targets setup d365)",
+                        "" if present else _key_fix(key, status),
                     )
                 )
         for navigation, workflows in sorted(table.navigations.items()):
@@ -191,11 +204,26 @@ async def check_dynamics(client: DynamicsClient, needs: _Needs) -> list[Requirem
     return found
 
 
+_CREATE_KEY = "create an alternate key on"
+
+
+def _key_fix(key: tuple[str, ...], status: str | None) -> str:
+    if status is None:
+        return f"{_CREATE_KEY} {', '.join(key)} (crmsync targets setup d365)"
+    if status == "Failed":
+        return (
+            "the key's index job failed (duplicate values?): correct the rows, then reactivate "
+            "the key (ReactivateEntityKey)"
+        )
+    return f"the key's index is {status}: Dataverse builds it in the background; check again"
+
+
 async def _definition(client: DynamicsClient, entity_set: str) -> dict[str, Any] | None:
     params = {
         "$filter": f"EntitySetName eq '{entity_set}'",
         "$select": "LogicalName,EntitySetName,PrimaryIdAttribute",
-        "$expand": "Attributes($select=LogicalName),Keys($select=KeyAttributes)",
+        "$expand": "Attributes($select=LogicalName),"
+        "Keys($select=KeyAttributes,EntityKeyIndexStatus)",
     }
     url = f"{client.api_url}/EntityDefinitions?{urlencode(params, safe='$,()=')}"
     response = await client.raw("GET", url, what=f"EntityDefinitions {entity_set}")
@@ -237,6 +265,23 @@ async def check_campaign(client: CampaignClient, needs: _Needs) -> list[Requirem
                     "resources), link it to the profile, publish; see docs/targets.md",
                 )
             )
+    described: dict[str, set[str] | None] = {}
+    for (resource, name), workflows in sorted(needs.fields.items()):
+        if resource not in described:
+            described[resource] = await _resource_fields(client, resource)
+        fields = described[resource]
+        present = fields is not None and name in fields
+        fix = (
+            ""
+            if present
+            else "create the resource first (see the resource line)"
+            if fields is None
+            else _field_fix(resource, name)
+        )
+        for workflow in _each(workflows):
+            found.append(
+                Requirement(workflow, "campaign", "field", f"{resource}.{name}", present, fix)
+            )
     for (resource, name, parameter), workflows in sorted(needs.filters.items()):
         url = f"{client.url(resource, name)}?{urlencode({parameter: '__crmsync_preflight__'})}"
         present = await _answers(client, url)
@@ -255,6 +300,39 @@ async def check_campaign(client: CampaignClient, needs: _Needs) -> list[Requirem
                 )
             )
     return found
+
+
+def _field_fix(resource: str, name: str) -> str:
+    resource_name = resource.rpartition("/")[2]
+    if resource_name == "profile":
+        return (
+            f"add the field {name} to the profile's extension in Campaign's UI (Administration > "
+            "Development > Custom resources > Profile (profile), Data structure), then "
+            "Administration > Development > Publication > Prepare publication with 'Create the "
+            "Profiles & Services Ext API' checked > Publish; see docs/targets.md"
+        )
+    return (
+        f"add the field {name} to the custom resource {resource_name} in Campaign's UI "
+        "(Administration > Development > Custom resources, Data structure), then publish "
+        "(Publication > Prepare publication > Publish); see docs/targets.md"
+    )
+
+
+async def _resource_fields(client: CampaignClient, resource: str) -> set[str] | None:
+    """The fields' API names from the metadata mechanism, ``GET <root>/resourceType/<name>``;
+    None when the resource is not there."""
+    root, _, name = resource.rpartition("/")
+    try:
+        described = await client.raw_get(client.url(f"{root}/resourceType/{name}"))
+    except (Fatal, RecordRejected):
+        return None
+    content = described.get("content")
+    if not isinstance(content, dict):
+        return set()
+    return {
+        str(f.get("apiName", key)) if isinstance(f, dict) else str(key)
+        for key, f in content.items()
+    }
 
 
 async def _answers(client: CampaignClient, url: str) -> bool:
@@ -338,7 +416,14 @@ def setup_plan(
     its alternate keys (``.../Keys``), in that order. Other tables are left to their owners."""
     needs = needs_of(configs)
     own = {s: t for s, t in needs.tables.items() if t.logical_name}
-    absent = {(r.kind, r.name) for r in found if not r.present and r.target == "d365"}
+    absent = {
+        (r.kind, r.name)
+        for r in found
+        if not r.present
+        and r.target == "d365"
+        # a key whose index is still being built (or failed) exists: creating it again fails
+        and (r.kind != "key" or r.fix.startswith(_CREATE_KEY))
+    }
     plan: list[MetadataRequest] = []
     for entity_set, table in sorted(own.items()):
         logical = table.logical_name
@@ -402,6 +487,19 @@ async def apply(client: DynamicsClient, plan: list[MetadataRequest]) -> None:
             raise Fatal(
                 f"{step.method} {step.path}: HTTP {response.status_code}: {response.text[:300]}"
             )
+
+
+async def setup_dynamics(
+    configs: Mapping[str, WorkflowConfig], client: DynamicsClient, *, dry_run: bool = False
+) -> list[MetadataRequest]:
+    """``crmsync targets setup d365``: reads what the configs need of Dynamics, and creates what
+    is missing of crmsync's activity tables (unless ``dry_run``); returns the plan. Idempotent:
+    a second call finds everything and sends nothing."""
+    found = await check_dynamics(client, needs_of(configs))
+    plan = setup_plan(configs, found)
+    if not dry_run:
+        await apply(client, plan)
+    return plan
 
 
 async def missing_for_start(

@@ -11,6 +11,7 @@ linked to the profile is served only under `profileAndServicesExt/`, an unlinked
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import secrets
 from dataclasses import dataclass
@@ -45,6 +46,17 @@ from crmsync.deploy.emulators.store import (
 )
 from crmsync.deploy.emulators.tokens import Grant, TokenIssuer
 
+#: The metadata mechanism's high-level "type" and technical "resType" of each field type.
+_RESOURCE_TYPES = {
+    FieldType.STRING: ("string", "string"),
+    FieldType.BOOL: ("boolean", "boolean"),
+    FieldType.INT: ("long", "int32"),
+    FieldType.DECIMAL: ("double", "double"),
+    FieldType.DATETIME: ("datetime", "datetime"),
+    FieldType.GUID: ("string", "uuid"),
+    FieldType.LOOKUP: ("link", "link"),
+    FieldType.LINK: ("link", "link"),
+}
 _WRONG_URI = "Oops. Something went wrong. Check your URI and try again."
 _DEFAULT_LINES = 25
 _MAX_LINES = 1000
@@ -128,6 +140,7 @@ class _Target:
     pkey: str | None = None
     filter_name: str | None = None
     counting: bool = False  # `.../_count`: the number of records of the list
+    metadata: bool = False  # `<root>/resourceType/<name>`: the resource's description
 
 
 class CampaignEmulator:
@@ -164,6 +177,11 @@ class CampaignEmulator:
                 Route(
                     "/_admin/resources/{name}/filters/{filter}",
                     self._drop_filter,
+                    methods=["DELETE"],
+                ),
+                Route(
+                    "/_admin/resources/{name}/fields/{field}",
+                    self._drop_field,
                     methods=["DELETE"],
                 ),
                 Route(
@@ -328,6 +346,9 @@ class CampaignEmulator:
     def _route(self, path: str) -> _Target:
         segments = [s for s in path.split("/") if s]
         roots = ("profileAndServices", "profileAndServicesExt", "customResources")
+        if len(segments) == 3 and segments[0] in roots and segments[1] == "resourceType":
+            # The metadata mechanism: served where the resource itself is served.
+            return dataclasses.replace(self._route(f"{segments[0]}/{segments[2]}"), metadata=True)
         if len(segments) < 2 or segments[0] not in roots:
             raise _not_found(f"Resource '{path[:100]}'")
         root, name = segments[0], segments[1]
@@ -368,7 +389,10 @@ class CampaignEmulator:
         base: str,
     ) -> tuple[int, Any]:
         resource = target.resource
-        if target.pkey is None and target.filter_name is None:
+        if target.metadata:
+            if method == "GET":
+                return 200, self._resource_type(target, base)
+        elif target.pkey is None and target.filter_name is None:
             if method == "GET":
                 return 200, self._list(records, target, query, base, "1", [])
             if method == "POST":
@@ -488,6 +512,55 @@ class CampaignEmulator:
             for alias in field.aliases:
                 out[alias] = value
         return out
+
+    def _resource_type(self, target: _Target, base: str) -> dict[str, Any]:
+        """``GET <root>/resourceType/<name>``: the resource's fields under ``content`` (each with
+        its ``apiName``, ``type``, ``resType``, ``category``; ``resTarget`` for a link), as the
+        metadata mechanism documents it. The profile's extension fields are in it only under
+        ``profileAndServicesExt``, like in the records."""
+        resource = target.resource
+        content: dict[str, Any] = {}
+        for field in resource.fields:
+            if field.extension and not target.extension:
+                continue
+            kind, res_type = _RESOURCE_TYPES[field.type]
+            described: dict[str, Any] = {
+                "apiName": field.name,
+                "label": field.name,
+                "type": kind,
+                "resType": res_type,
+                "category": "Extension" if field.extension else "General",
+                "readOnly": field.read_only,
+            }
+            if field.max_length is not None:
+                described["length"] = field.max_length
+            if field.type is FieldType.LINK:
+                described["resTarget"] = field.target
+            content[field.name] = described
+        return {
+            "content": content,
+            "data": f"/{target.collection_path}/",
+            "href": f"{base}/{target.collection_path}/metadata",
+            "label": resource.name,
+            "mandatory": False,
+            "name": resource.name,
+            "readOnly": False,
+            "type": "item",
+        }
+
+    async def _drop_field(self, request: Request) -> Response:
+        """Drift for tests: a resource loses a field (as if removed from its extension)."""
+        resource = self.resources.get(request.path_params["name"])
+        name = request.path_params["field"]
+        if resource is None or name not in {f.name for f in resource.fields}:
+            return JSONResponse({"error": "no such resource or field"}, status_code=404)
+        fields = [f.model_dump() for f in resource.fields if f.name != name]
+        key = None if resource.key == name else resource.key
+        filters = {k: v for k, v in resource.filters.items() if v[0] != name}
+        self.resources[resource.name] = Resource.model_validate(
+            {**resource.model_dump(), "fields": fields, "key": key, "filters": filters}
+        )
+        return JSONResponse({"resource": resource.name, "fields": [f["name"] for f in fields]})
 
     def _collection_of(self, resource_name: str) -> str:
         if resource_name == "profile":

@@ -45,6 +45,7 @@ class DynamicsOptions:
     max_concurrent: int = 52
     dop_hint: int = 8
     delta_token_ttl_s: float = 7 * 86_400
+    key_index_delay_s: float = 0.0
     model: Path | None = None
     extra_entity_sets: tuple[EntitySet, ...] = ()
 
@@ -93,7 +94,9 @@ class DynamicsEmulator:
         self.client_id = client_id
         self.client_secret = client_secret
         entity_sets = dynamics_model(self.options.model, list(self.options.extra_entity_sets))
-        self.webapi = WebApi(entity_sets, self.options.delta_token_ttl_s)
+        self.webapi = WebApi(
+            entity_sets, self.options.delta_token_ttl_s, self.options.key_index_delay_s
+        )
         self.store = Store(db_path, self.webapi.index_statements())
         self.faults = Faults()
         self.requests = 0
@@ -133,6 +136,7 @@ class DynamicsEmulator:
 
     async def open(self) -> None:
         await self.store.open()
+        await self.store.run(self.webapi.load_model)
         key = await self.store.run(lambda records: signing_key(records, TokenIssuer.new_key))
         self.tokens = TokenIssuer(
             key.encode(), f"emulator/{self.tenant}", "dynamics", self.options.token_lifetime_s
@@ -160,10 +164,16 @@ class DynamicsEmulator:
         if entity is None or columns not in {tuple(sorted(k)) for k in entity.alternate_keys}:
             return JSONResponse({"error": "no such table or key"}, status_code=404)
         kept = tuple(k for k in entity.alternate_keys if tuple(sorted(k)) != columns)
+        dropped = [k for k in entity.alternate_keys if tuple(sorted(k)) == columns]
         # Rebuilt, not model_copy'd: the copy would keep the old cached lookups.
-        self.webapi.entity_sets[entity.name] = EntitySet.model_validate(
-            {**entity.model_dump(), "alternate_keys": kept}
-        )
+        changed = EntitySet.model_validate({**entity.model_dump(), "alternate_keys": kept})
+
+        def drop(records: Records) -> None:
+            for key in dropped:
+                records.drop_key(entity.name, ",".join(key))
+            self.webapi.define(records, changed)
+
+        await self.store.run(drop)
         return JSONResponse({"entity_set": entity.name, "alternate_keys": [list(k) for k in kept]})
 
     async def _drop_column(self, request: Request) -> Response:
@@ -174,13 +184,21 @@ class DynamicsEmulator:
             return JSONResponse({"error": "no such table or column"}, status_code=404)
         fields = tuple(f for f in entity.fields if f.name != column)
         keys = tuple(k for k in entity.alternate_keys if column not in k)
-        self.webapi.entity_sets[entity.name] = EntitySet.model_validate(
+        changed = EntitySet.model_validate(
             {
                 **entity.model_dump(),
                 "fields": [f.model_dump() for f in fields],
                 "alternate_keys": keys,
             }
         )
+
+        def drop(records: Records) -> None:
+            for key in entity.alternate_keys:
+                if column in key:
+                    records.drop_key(entity.name, ",".join(key))
+            self.webapi.define(records, changed)
+
+        await self.store.run(drop)
         return JSONResponse({"entity_set": entity.name, "columns": [f.name for f in fields]})
 
     def revoke_tokens(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
@@ -130,7 +131,9 @@ def attribute_definition(entity: EntitySet, field: FieldDef) -> dict[str, Any]:
     return definition
 
 
-def key_definition(entity: EntitySet, columns: tuple[str, ...]) -> dict[str, Any]:
+def key_definition(
+    entity: EntitySet, columns: tuple[str, ...], status: str = "Active"
+) -> dict[str, Any]:
     logical = f"{entity.logical_name}_{'_'.join(columns)}_key"
     return {
         "MetadataId": metadata_id(entity.logical_name, "key", *columns),
@@ -138,11 +141,14 @@ def key_definition(entity: EntitySet, columns: tuple[str, ...]) -> dict[str, Any
         "SchemaName": schema_name(logical),
         "EntityLogicalName": entity.logical_name,
         "KeyAttributes": list(columns),
-        "EntityKeyIndexStatus": "Active",
+        # Pending, InProgress, Active or Failed: the index is built by a background job.
+        "EntityKeyIndexStatus": status,
     }
 
 
-def entity_definition(entity: EntitySet) -> dict[str, Any]:
+def entity_definition(
+    entity: EntitySet, key_status: Callable[[str, tuple[str, ...]], str] | None = None
+) -> dict[str, Any]:
     """One table's EntityMetadata, with its Attributes and Keys."""
     return {
         "@odata.type": "#Microsoft.Dynamics.CRM.EntityMetadata",
@@ -156,7 +162,10 @@ def entity_definition(entity: EntitySet) -> dict[str, Any]:
         "IsActivity": entity.primary_id == "activityid",
         "ChangeTrackingEnabled": entity.change_tracking,
         "Attributes": [attribute_definition(entity, f) for f in entity.fields],
-        "Keys": [key_definition(entity, k) for k in entity.alternate_keys],
+        "Keys": [
+            key_definition(entity, k, key_status(entity.name, k) if key_status else "Active")
+            for k in entity.alternate_keys
+        ],
     }
 
 
@@ -224,7 +233,12 @@ def new_table(body: dict[str, Any], existing: dict[str, EntitySet]) -> EntitySet
     if body.get("IsActivity"):
         primary = "activityid"
         given = {c.name for c in columns}
-        base = [FieldDef(name="subject", type=FieldType.STRING, max_length=400)]
+        # Every activity table has the activity columns of activitypointer, subject and
+        # description among them (the SchemaName "Subject" of the primary name is one of them).
+        base = [
+            FieldDef(name="subject", type=FieldType.STRING, max_length=400),
+            FieldDef(name="description", type=FieldType.STRING, max_length=2000),
+        ]
         columns = [c for c in base if c.name not in given] + columns
         columns.append(
             FieldDef(

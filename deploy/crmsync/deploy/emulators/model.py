@@ -170,36 +170,8 @@ def _s(name: str, max_length: int) -> FieldDef:
     return FieldDef(name=name, type=FieldType.STRING, max_length=max_length)
 
 
-def email_event_entity_set(name: str, logical_name: str, *extra: FieldDef) -> EntitySet:
-    """A timeline custom activity for Campaign email events (send, open, click, bounce)."""
-    return EntitySet(
-        name=name,
-        logical_name=logical_name,
-        primary_id="activityid",
-        fields=(
-            FieldDef(name="activityid", type=FieldType.GUID),
-            _s("subject", 400),
-            _s("description", 2000),
-            _s("crmsync_eventid", 100),
-            _s("crmsync_campaignname", 200),
-            _s("crmsync_deliveryname", 200),
-            FieldDef(name="crmsync_eventtime", type=FieldType.DATETIME),
-            _s("crmsync_mirrorpageurl", 2000),
-            *extra,
-            FieldDef(
-                name="_regardingobjectid_value",
-                type=FieldType.LOOKUP,
-                target="contacts",
-                # Dataverse names the regarding lookup's navigation property per activity table.
-                bind=f"regardingobjectid_contact_{logical_name}",
-            ),
-            *_maintained_dynamics_fields(),
-        ),
-        alternate_keys=(("crmsync_eventid",),),
-    )
-
-
 def default_entity_sets() -> list[EntitySet]:
+    """The tables of a fresh Dataverse org as the emulator starts them."""
     contacts = EntitySet(
         name="contacts",
         logical_name="contact",
@@ -242,21 +214,10 @@ def default_entity_sets() -> list[EntitySet]:
         ),
         alternate_keys=(("new_name",), ("new_ordernumber", "new_product")),
     )
-    return [
-        contacts,
-        purchases,
-        email_event_entity_set("crmsync_emailsends", "crmsync_emailsend"),
-        email_event_entity_set("crmsync_emailopens", "crmsync_emailopen"),
-        email_event_entity_set(
-            "crmsync_emailclicks", "crmsync_emailclick", _s("crmsync_url", 2000)
-        ),
-        email_event_entity_set(
-            "crmsync_emailbounces",
-            "crmsync_emailbounce",
-            _s("crmsync_bouncetype", 100),
-            _s("crmsync_bouncereason", 2000),
-        ),
-    ]
+    # A fresh org: its standard tables plus a customer's own (new_purchase, made by its admin).
+    # crmsync's activity tables are not here: `crmsync targets setup d365` creates them through
+    # the metadata endpoints, as on a real org.
+    return [contacts, purchases]
 
 
 class Resource(BaseModel):

@@ -220,6 +220,23 @@ class Records:
         rows = self._conn.execute("SELECT kind, count(*) FROM records GROUP BY kind").fetchall()
         return {str(kind): int(n) for kind, n in rows}
 
+    def index_key(self, kind: str, key: str, values: dict[str, str]) -> None:
+        """A new alternate key over existing records (record id → key value); DuplicateKey if
+        two records share a value (Dataverse's index job then fails)."""
+        self.drop_key(kind, key)
+        seen: dict[str, str] = {}
+        for id_, value in values.items():
+            if value in seen:
+                raise DuplicateKey(key)
+            seen[value] = id_
+        self._conn.executemany(
+            "INSERT INTO record_keys (kind, key, value, id) VALUES (?, ?, ?, ?)",
+            [(kind, key, value, id_) for value, id_ in seen.items()],
+        )
+
+    def drop_key(self, kind: str, key: str) -> None:
+        self._conn.execute("DELETE FROM record_keys WHERE kind = ? AND key = ?", (kind, key))
+
     def meta(self, name: str) -> str | None:
         r = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
         return str(r[0]) if r else None

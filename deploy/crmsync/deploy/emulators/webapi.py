@@ -44,6 +44,8 @@ from crmsync.deploy.emulators.odata import (
 )
 from crmsync.deploy.emulators.store import DuplicateKey, Records, Row, folded, key_value
 
+#: The store's meta entry holding the tables created or changed since the fresh org.
+MODEL_META = "entity_sets"
 #: Dataverse operations a client may send that the emulator does not implement (answered 501).
 _KNOWN_UNSUPPORTED = frozenset({"$ref", "$count", "Merge", "Associate", "Disassociate"})
 _MAX_BULK_TARGETS = 1000
@@ -223,9 +225,59 @@ def _read_skiptoken(text: str) -> tuple[int, int | None]:
 class WebApi:
     """Answers Web API requests against the records of a store."""
 
-    def __init__(self, entity_sets: dict[str, EntitySet], delta_token_ttl_s: float) -> None:
+    def __init__(
+        self,
+        entity_sets: dict[str, EntitySet],
+        delta_token_ttl_s: float,
+        key_index_delay_s: float = 0.0,
+    ) -> None:
         self.entity_sets = entity_sets
         self.delta_token_ttl_s = delta_token_ttl_s
+        #: A new alternate key reports "Pending" this long, as while Dataverse's index job runs.
+        self.key_index_delay_s = key_index_delay_s
+        self._key_active_at: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._defined: set[str] = set()  # tables created or changed since the fresh org
+
+    # --- the model, kept in the store like the data ----------------------------------------
+
+    def load_model(self, records: Records) -> None:
+        """Tables created or changed by metadata writes (or admin drift) in earlier runs."""
+        text = records.meta(MODEL_META)
+        for name, doc in (json.loads(text) if text else {}).items():
+            self.entity_sets[name] = EntitySet.model_validate(doc)
+            self._defined.add(name)
+
+    def define(self, records: Records, entity: EntitySet) -> None:
+        """Replaces (or adds) a table's definition and persists it in the same transaction."""
+        self.entity_sets[entity.name] = entity
+        self._defined.add(entity.name)
+        kept = {
+            n: self.entity_sets[n].model_dump(mode="json")
+            for n in sorted(self._defined)
+            if n in self.entity_sets
+        }
+        records.set_meta(MODEL_META, json.dumps(kept, separators=(",", ":")))
+
+    def key_status(self, entity_set: str, columns: tuple[str, ...]) -> str:
+        active_at = self._key_active_at.get((entity_set, tuple(columns)), 0.0)
+        return "Active" if time.monotonic() >= active_at else "Pending"
+
+    def index_new_key(self, records: Records, entity: EntitySet, columns: tuple[str, ...]) -> None:
+        """Indexes the existing records under a new alternate key (refused on duplicates)."""
+        values = {}
+        for row in records.query(entity.name):
+            found = [row.doc.get(n) for n in columns]
+            if all(v is not None for v in found):
+                values[row.id] = key_value(found)
+        try:
+            records.index_key(entity.name, ",".join(columns), values)
+        except DuplicateKey:
+            raise ODataError(
+                400,
+                "0x80060892",
+                "The key cannot be activated: existing records have duplicate values for "
+                f"{', '.join(columns)[:200]}.",
+            ) from None
 
     def execute(self, records: Records, request: ApiRequest) -> ApiResponse:
         try:
@@ -260,7 +312,7 @@ class WebApi:
         if path == "EntityDefinitions" or path.startswith(
             ("EntityDefinitions(", "EntityDefinitions/")
         ):
-            return self._entity_definitions(path, request)
+            return self._entity_definitions(records, path, request)
         set_name, slash, operation = path.partition("/")
         if slash and _PATH.match(set_name) and set_name.split("(")[0] in self.entity_sets:
             action = operation.removeprefix(f"{ENTITY_TYPE}.")
@@ -673,9 +725,9 @@ class WebApi:
 
     # --- metadata --------------------------------------------------------------------------
 
-    def _entity_definitions(self, path: str, request: ApiRequest) -> ApiResponse:
+    def _entity_definitions(self, records: Records, path: str, request: ApiRequest) -> ApiResponse:
         if request.method == "POST":
-            return self._metadata_write(path, request)
+            return self._metadata_write(records, path, request)
         if request.method != "GET":
             raise ODataError(
                 501, "0x80060888", f"{request.method} of metadata is not supported by the emulator."
@@ -683,7 +735,7 @@ class WebApi:
         options = self._options(request, allowed={"$select", "$filter", "$expand"})
         root = f"{request.service_root}/$metadata#EntityDefinitions"
         head, _, tail = path.partition("/")
-        definitions = [entity_definition(e) for e in self.entity_sets.values()]
+        definitions = [entity_definition(e, self.key_status) for e in self.entity_sets.values()]
         if head != "EntityDefinitions":
             definitions = [d for d in definitions if _definition_matches(d, head)]
             if not definitions:
@@ -708,7 +760,7 @@ class WebApi:
             200, {"@odata.context": root, "value": [_shaped(d, options) for d in definitions]}
         )
 
-    def _metadata_write(self, path: str, request: ApiRequest) -> ApiResponse:
+    def _metadata_write(self, records: Records, path: str, request: ApiRequest) -> ApiResponse:
         """Create a table (``POST EntityDefinitions``), a column (``.../Attributes``) or an
         alternate key (``.../Keys``), as the metadata API documents them; 204 + OData-EntityId."""
         try:
@@ -733,7 +785,12 @@ class WebApi:
                 entity = change(matches[0], body)
         except MetadataRefused as refused:
             raise ODataError(refused.status, refused.code, refused.message) from None
-        self.entity_sets[entity.name] = entity
+        if tail == "Keys":
+            self.index_new_key(records, entity, entity.alternate_keys[-1])
+            self._key_active_at[(entity.name, entity.alternate_keys[-1])] = (
+                time.monotonic() + self.key_index_delay_s
+            )
+        self.define(records, entity)
         location = (
             f"{request.service_root}/EntityDefinitions({entity_definition(entity)['MetadataId']})"
         )
