@@ -398,3 +398,32 @@ def test_a_malformed_state_record_is_refused_and_the_workflow_keeps_what_it_knew
     workflow.remember(CONTACT, V1_CAMPAIGN_OPT_OUT, 2_500)
     workflow.remember(CONTACT, data, 3_000)  # logged, not raised
     assert workflow._states[CONTACT] == synced(True, 1_000, "campaign", acked=2_500)
+
+
+async def test_a_decision_stored_while_an_older_one_is_pending_never_carries_it() -> None:
+    """A Campaign opt-out waits for its write; an opt-in in the same millisecond loses the tie
+    and, writing nothing, is acknowledged first. A stop then forgets the opt-out: read again,
+    it must still be written."""
+    from crmsync.streams.workflows import OptInOut
+
+    class StateTopic:
+        records: list[bytes] = []
+
+        async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> None:
+            self.records.append(value)
+
+    workflow = OptInOut(config(), "unused:9092", clock=lambda: 5_000)
+    workflow._producer = StateTopic()  # type: ignore[assignment]
+    workflow.remember(CONTACT, state_to_bytes(synced(False, 100, "d365", acked=200)))
+    opt_out = flip("campaign", True, 1_000, before=False)
+    (pending,) = await workflow.plan([("campaign.profile.changes", opt_out)])
+    opt_in = flip("campaign", False, 1_000, before=True)
+    (older,) = await workflow.plan([("campaign.profile.changes", opt_in)])
+    assert pending.writes and not older.writes and older.commit is not None
+
+    await older.commit()  # acknowledged first: the opt-out's writes are still under way
+    assert workflow._states[CONTACT].value is False
+    workflow.forget_pending()  # stop and start: the opt-out is read again
+    (again,) = await workflow.plan([("campaign.profile.changes", opt_out)])
+
+    assert written(again) == [("d365", "contacts", {"donotbulkemail": True}, "update")]

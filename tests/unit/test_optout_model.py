@@ -88,7 +88,7 @@ class World:
     def __post_init__(self) -> None:
         self.workflow = OptInOut(CONFIG, "unused:9092")
         self.workflow._producer = _StateTopic()  # type: ignore[assignment]
-        self.workflow.clock = lambda: self.clock  # type: ignore[attr-defined]
+        self.workflow.clock = lambda: self.clock
 
     # -- what people and the source do ----------------------------------------------------
 

@@ -132,7 +132,7 @@ class CampaignToD365:
         return None
 
 
-@dataclass
+@dataclass(eq=False)  # one decision: found in its chain by identity
 class _Pending:
     """A decision whose writes are not acknowledged yet."""
 
@@ -196,7 +196,9 @@ class OptInOut:
     def remember(self, key: str, value: bytes | None, stored_ms: int | None = None) -> None:
         """One record of the state topic; a malformed one is logged and changes nothing."""
         try:
-            state = optout.state_from_bytes(value, stored_ms)
+            state = optout.state_from_bytes(
+                value, stored_ms if stored_ms and stored_ms > 0 else None
+            )
         except optout.MalformedState as error:
             log.warning("event=optout_state_malformed key=%s error=%s", key, error)
             return
