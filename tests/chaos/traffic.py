@@ -16,7 +16,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT
+from crmsync.streams.kafka import topics
 from crmsync.streams.kafka.events import change_event
+from crmsync.streams.source import TrackedEntity, events_of
 from tests.chaos.ledger import Comparison, Expected, compare
 from tests.integration.harness import Cluster
 from tests.integration.workflow_helpers import (
@@ -24,6 +26,7 @@ from tests.integration.workflow_helpers import (
     PROFILE,
     campaign_rows,
     create_contacts_in_dynamics,
+    create_profiles_in_campaign,
     dead_letters,
     dynamics_rows,
     now_ms,
@@ -97,8 +100,8 @@ class ContactTraffic:
         self.sent += 1
         return change_event("u", "contact", contact_id, after=after, system="d365")
 
-    async def compare(self, cluster: Cluster) -> Comparison:
-        return compare(self.expected, await campaign_rows(cluster, PROFILE), "externalId")
+    async def compare(self, cluster: Cluster, ours: set[str] | None = None) -> Comparison:
+        return compare(self.expected, await campaign_rows(cluster, PROFILE), "externalId", ours)
 
 
 @dataclass
@@ -170,13 +173,21 @@ class EmailTraffic:
 
 @dataclass
 class OptOutTraffic:
-    """Campaign opt-out flips → Dynamics donotbulkemail (opt-in-out), newest change wins."""
+    """Campaign opt-out flips → Dynamics donotbulkemail (opt-in-out), newest change wins.
+
+    Made with `on_both_sides`, each person is also a Campaign profile: a flip is made through
+    Campaign's API before its event is published, Dynamics rows are edited (`edits`), and
+    both sides must end with the last flip.
+    """
 
     contacts: list[str]
     expected: Expected = field(default_factory=lambda: Expected("opt-out"))
     sent: int = 0
+    both_sides: bool = False
+    edited: int = 0
     _value: dict[str, bool] = field(default_factory=dict)
     _ts: dict[str, int] = field(default_factory=dict)
+    _recent: list[str] = field(default_factory=list)
 
     @classmethod
     async def with_contacts(cls, cluster: Cluster, n: int) -> OptOutTraffic:
@@ -190,6 +201,31 @@ class OptOutTraffic:
             traffic.expected.set(cid, {"donotbulkemail": False})
         return traffic
 
+    @classmethod
+    async def on_both_sides(cls, cluster: Cluster, n: int) -> OptOutTraffic:
+        people: list[dict[str, Any]] = [
+            {
+                "contactid": str(uuid.uuid4()),
+                "firstname": f"Sub{i}",
+                "lastname": f"Subscriber {i}",
+                "emailaddress1": f"subscriber{i}.{uuid.uuid4().hex[:6]}@example.org",
+                "donotbulkemail": False,
+            }
+            for i in range(n)
+        ]
+        await create_contacts_in_dynamics(cluster, people)
+        await create_profiles_in_campaign(
+            cluster,
+            [
+                {"externalId": p["contactid"], "email": p["emailaddress1"], "blackListEmail": False}
+                for p in people
+            ],
+        )
+        traffic = cls([p["contactid"] for p in people], both_sides=True)
+        for cid in traffic.contacts:
+            traffic.expected.set(cid, {"donotbulkemail": False})
+        return traffic
+
     def flips(self, n: int) -> list[Record]:
         """`n` flips of random contacts' blackListEmail, each newer than the last of its key."""
         records: list[Record] = []
@@ -198,6 +234,7 @@ class OptOutTraffic:
             old = self._value.get(cid, False)
             ts = max(self._ts.get(cid, 0) + 1, now_ms())
             self._value[cid], self._ts[cid] = not old, ts
+            self._recent.append(cid)
             event = change_event(
                 "u",
                 "profile",
@@ -212,12 +249,58 @@ class OptOutTraffic:
             records.append((cid, CHANGE_EVENT.encode(event, validate=False)))
         return records
 
+    async def applied_flips(self, cluster: Cluster, n: int) -> list[Record]:
+        """`flips`, each made in Campaign through its API first (as a person would)."""
+        records = self.flips(n)
+        client = cluster.campaign_client()
+        try:
+            for cid in dict.fromkeys(cid for cid, _ in records):
+                assert cid is not None
+                fields = {"blackListEmail": self._value[cid]}
+                await client.upsert(PROFILE, cid, fields, mode="update")
+        finally:
+            await client.aclose()
+        return records
+
+    async def edits(self, cluster: Cluster, n: int) -> list[Record]:
+        """Edits of another field (the last name) in Dynamics, of contacts just flipped or
+        opted out, published as the Dynamics source does: the whole row, with donotbulkemail
+        as Dynamics holds it then (crmsync's write of a flip may not have landed yet)."""
+        opted_out = [cid for cid, value in self._value.items() if value]
+        picked = self._recent[-n:] + random.sample(opted_out, min(n, len(opted_out)))
+        self._recent.clear()
+        contact = TrackedEntity("contact", topics.CONTACT_CHANGES, "contacts")
+        records: list[Record] = []
+        client = cluster.dynamics_client()
+        try:
+            for cid in list(dict.fromkeys(picked))[:n]:
+                self.edited += 1
+                fields = {"lastname": f"Subscriber e{self.edited}"}
+                await client.upsert("contacts", cid, fields, mode="update")
+                row = await client.get("contacts", cid)
+                for key, event in events_of(contact, [row] if row else [], initial=False):
+                    if event is not None:
+                        records.append((key, CHANGE_EVENT.encode(event, validate=False)))
+        finally:
+            await client.aclose()
+        return records
+
     async def compare(self, cluster: Cluster) -> Comparison:
         rows = [
             {**row, "donotbulkemail": bool(row.get("donotbulkemail"))}
             for row in await dynamics_rows(cluster, "contacts")
         ]
-        return compare(self.expected, rows, "contactid", ours=set(self.contacts))
+        found = compare(self.expected, rows, "contactid", ours=set(self.contacts))
+        if self.both_sides:
+            campaign = Expected("opt-out in Campaign")
+            for cid, want in self.expected.rows.items():
+                campaign.set(cid, {"blackListEmail": want["donotbulkemail"]})
+            profiles = [
+                {**row, "blackListEmail": bool(row.get("blackListEmail"))}
+                for row in await campaign_rows(cluster, PROFILE)
+            ]
+            found.add(compare(campaign, profiles, "externalId", ours=set(self.contacts)))
+        return found
 
 
 async def dlq_count(cluster: Cluster, workflows: Iterable[str]) -> int:

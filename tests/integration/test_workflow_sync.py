@@ -567,3 +567,115 @@ async def test_the_echo_of_a_synced_opt_out_is_not_synced_back(cluster: Cluster)
     assert await total_end_offset(cluster, topics.CONTACT_CHANGES) == 2
     assert await total_end_offset(cluster, topics.PROFILE_CHANGES) == 2
     assert await dead_letters(cluster, OPT) == []
+
+
+async def test_a_dynamics_edit_made_before_a_campaign_opt_out_reached_it_keeps_the_opt_out(
+    cluster: Cluster,
+) -> None:
+    """Issue 14, through the real APIs: Dynamics change tracking has no before-image, so a
+    first-name edit publishes the row with donotbulkemail as it was, opted in. Made after a
+    Campaign opt-out but before crmsync's write of it reached Dynamics (the workflow is
+    stopped), it must not opt the person back in on both sides."""
+    from tests.integration.test_source import start_source
+
+    people = contacts(8)
+    ids = [p["contactid"] for p in people]
+    await start_running(cluster, OPT)
+    start_source(cluster)
+    await _both_sides(cluster, people, [False] * 8, [False] * 8)
+    await _contact_events(cluster, ids, lambda after: True)  # their creation, published
+    await wait_drained(cluster, OPT, OPT_TOPICS)
+    stopped = await cluster.control(OPT, "stopped")
+    await cluster.wait_state(OPT, "STOPPED", stopped)
+
+    campaign = cluster.campaign_client()
+    dynamics = cluster.dynamics_client()
+    try:
+        opted_out_at = now_ms()
+        for cid in ids:
+            await campaign.upsert(PROFILE, cid, {"blackListEmail": True}, mode="update")
+        await publish_changes(
+            cluster,
+            topics.PROFILE_CHANGES,
+            [
+                profile_change(
+                    cid,
+                    {"externalId": cid, "blackListEmail": True},
+                    before={"blackListEmail": False},
+                    source_ts_ms=opted_out_at,
+                )
+                for cid in ids
+            ],
+        )
+        await asyncio.sleep(1.1)  # Dynamics keeps whole seconds: the edit is newer
+        for cid in ids:
+            await dynamics.upsert("contacts", cid, {"firstname": "Renamed"}, mode="update")
+    finally:
+        await campaign.aclose()
+        await dynamics.aclose()
+    edits = await _contact_events(cluster, ids, lambda after: after.get("firstname") == "Renamed")
+    assert all(after["donotbulkemail"] is False for after in edits.values())
+
+    started = await cluster.control(OPT, "running")
+    await cluster.wait_state(OPT, "RUNNING", started)
+
+    async def settled() -> bool:
+        # Both sides opted out, and the echo of our Dynamics write came back and was read.
+        await wait_drained(cluster, OPT, OPT_TOPICS)
+        d365, campaign = await _flags(cluster)
+        echoed = await _contact_events(cluster, ids, lambda a: a.get("donotbulkemail"), 0)
+        return all(d365[c] and campaign[c] for c in ids) and len(echoed) == len(ids)
+
+    try:
+        await wait_for(settled, 30, "both sides opted out, the echoes read")
+    finally:
+        d365, campaign_flags = await _flags(cluster)
+        print("Dynamics", [d365[c] for c in ids], "Campaign", [campaign_flags[c] for c in ids])
+    marks = await _write_marks(cluster, ids)
+    await asyncio.sleep(4)  # several polls of the source: a ping-pong would have written
+    await wait_drained(cluster, OPT, OPT_TOPICS)
+    assert await _write_marks(cluster, ids) == marks
+    d365, campaign_flags = await _flags(cluster)
+    assert all(d365[c] for c in ids) and all(campaign_flags[c] for c in ids)
+    assert await dead_letters(cluster, OPT) == []
+
+
+async def _contact_events(
+    cluster: Cluster, ids: list[str], match: Any, within: float = 30
+) -> dict[str, dict[str, Any]]:
+    """The latest `after` of each contact's events on the contact topic that `match`; waits
+    (up to `within` seconds) until every contact has one."""
+    from crmsync.schemas.codec import CHANGE_EVENT
+    from tests.integration.kafka_io import read_all
+
+    async def found() -> dict[str, dict[str, Any]]:
+        latest: dict[str, dict[str, Any]] = {}
+        for record in await read_all(cluster.bootstrap, topics.CONTACT_CHANGES):
+            if record.value is None:
+                continue
+            event = CHANGE_EVENT.decode(record.value)
+            if event["key"] in ids and event["after"] and match(event["after"]):
+                latest[event["key"]] = event["after"]
+        return latest
+
+    if within <= 0:
+        return await found()
+
+    async def every() -> dict[str, dict[str, Any]] | None:
+        latest = await found()
+        return latest if len(latest) == len(ids) else None
+
+    result: dict[str, dict[str, Any]] = await wait_for(every, within, "the contacts' events")
+    return result
+
+
+async def _write_marks(cluster: Cluster, ids: list[str]) -> tuple[Any, ...]:
+    """What changes when crmsync writes: Dynamics rows' modifiedon, Campaign profiles'
+    lastModified, and the number of records on the contact topic (each write is published)."""
+    rows = {r["contactid"]: r for r in await dynamics_rows(cluster, "contacts")}
+    profiles = {r["externalId"]: r for r in await campaign_rows(cluster, PROFILE)}
+    return (
+        [rows[c]["modifiedon"] for c in ids],
+        [profiles[c].get("lastModified") for c in ids],
+        await total_end_offset(cluster, topics.CONTACT_CHANGES),
+    )

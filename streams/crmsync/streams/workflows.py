@@ -6,6 +6,7 @@ Which workflows exist, and how each is built from its config: ``crmsync.streams.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -95,25 +96,41 @@ class StatelessWorkflow:
         return None
 
 
+@dataclass(eq=False)  # one decision: found in its chain by identity
+class _Pending:
+    """A decision whose writes are not acknowledged yet."""
+
+    decision: optout.OptOutDecision
+    done: bool = False
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 @dataclass
 class OptInOut:
-    """Opt-out flags either way; the last synced value per contact lives in a compacted topic.
+    """Opt-out flags either way; per contact, what each side held and the winning change live
+    in a compacted topic.
 
     Every worker of the workflow loads the whole state topic: the state of a contact is tiny
-    (a flag, a timestamp, a side), and a rebalance then needs no reload.
+    (a few flags and timestamps), and a rebalance then needs no reload.
 
     A decision is made against the last decision for the contact, even one whose writes are
     still under way (parked until the profile exists, say): a newer change of the other side
     must win over it, not over the older kept state. Those pending decisions are forgotten
-    when the runtime drops its unwritten records (stop, start, rebalance), and the kept state
-    only ever moves to a newer source time.
+    when the runtime drops its unwritten records (stop, start, rebalance). A decision stored
+    once acknowledged never carries a pending one that may still be forgotten: one without
+    writes is applied to the kept state (``optout.observe``), and one with writes, when an
+    older one is still pending, waits for it (the chain below).
     """
 
     config: OptInOutConfig
     kafka: KafkaClients
     name: str = "opt-in-out"
+    clock: Callable[[], int] = _now_ms
     _states: dict[str, optout.OptOutState] = field(default_factory=dict)
-    _pending: dict[str, optout.OptOutState] = field(default_factory=dict)
+    _pending: dict[str, list[_Pending]] = field(default_factory=dict)
     _follower: CompactedTopicFollower | None = None
     _producer: AIOKafkaProducer | None = None
 
@@ -125,20 +142,27 @@ class OptInOut:
         return CHANGE_EVENT
 
     async def start(self) -> None:
-        def remember(key: str, value: bytes | None) -> None:
-            state = optout.state_from_bytes(value)
-            if state is None:
-                self._states.pop(key, None)
-            else:
-                self._states[key] = state
-
         self._follower = CompactedTopicFollower(
-            self.kafka, topics.OPTOUT_STATE, remember, partitions=None
+            self.kafka, topics.OPTOUT_STATE, on_timed_record=self.remember, partitions=None
         )
         await self._follower.start()
         await self._follower.loaded.wait()
         self._producer = self.kafka.producer()
         await self._producer.start()
+
+    def remember(self, key: str, value: bytes | None, stored_ms: int | None = None) -> None:
+        """One record of the state topic; a malformed one is logged and changes nothing."""
+        try:
+            state = optout.state_from_bytes(
+                value, stored_ms if stored_ms and stored_ms > 0 else None
+            )
+        except optout.MalformedState as error:
+            log.warning("event=optout_state_malformed key=%s error=%s", key, error)
+            return
+        if state is None:
+            self._states.pop(key, None)
+        else:
+            self._states[key] = state
 
     async def stop(self) -> None:
         if self._follower is not None:
@@ -156,7 +180,8 @@ class OptInOut:
         for topic, event in batch:
             key = str(event["key"])
             side = optout.side_of(topic, self.config)
-            state = self._pending.get(key, self._states.get(key))
+            chain = self._pending.get(key)
+            state = chain[-1].decision.state if chain else self._states.get(key)
             try:
                 decision = optout.decide(event, side, state, self.config)
             except mapping.MappingError as error:
@@ -167,23 +192,48 @@ class OptInOut:
                 continue
             commit = None
             if decision.state is not None:
-                self._pending[key] = decision.state
-                commit = self._store(key, decision.state)
+                pending = _Pending(decision)
+                self._pending.setdefault(key, []).append(pending)
+                commit = self._store(key, pending)
             log.debug("event=optout_decision key=%s side=%s reason=%s", key, side, decision.reason)
             planned.append(Planned(decision.writes, commit=commit))
         return planned
 
-    def _store(self, key: str, state: optout.OptOutState) -> Any:
+    def _store(self, key: str, pending: _Pending) -> Any:
         async def store() -> None:
             assert self._producer is not None
-            if self._pending.get(key) is state:
-                del self._pending[key]
-            kept = self._states.get(key)
-            if kept is not None and kept.ts_ms > state.ts_ms:
-                return  # a newer decision for the contact was written first
+            chain = self._pending.get(key, [])
+            if pending not in chain:
+                return  # forgotten: its record is read again
+            pending.done = True
+            state = self._settled(key, chain, pending)
+            while chain and chain[0].done:
+                chain.pop(0)
+            if not chain:
+                self._pending.pop(key, None)
+            if state is None:
+                return
             await self._producer.send_and_wait(
                 topics.OPTOUT_STATE, optout.state_to_bytes(state), key=key.encode()
             )
             self._states[key] = state
 
         return store
+
+    def _settled(
+        self, key: str, chain: list[_Pending], pending: _Pending
+    ) -> optout.OptOutState | None:
+        """What to keep once ``pending`` is acknowledged (None: nothing new to store)."""
+        decision = pending.decision
+        if decision.observed is not None:
+            kept = self._states.get(key)
+            return None if kept is None else optout.observe(kept, *decision.observed)
+        later = chain[chain.index(pending) + 1 :]
+        if any(p.done and p.decision.observed is None for p in later):
+            return None  # a newer decision with writes, made on top of this one, is stored
+        assert decision.state is not None
+        state = decision.state.acknowledged(self.clock())
+        for p in later:  # learnt meanwhile, stored already on the older kept state
+            if p.done and p.decision.observed is not None:
+                state = optout.observe(state, *p.decision.observed)
+        return state

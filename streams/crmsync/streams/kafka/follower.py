@@ -10,13 +10,15 @@ from aiokafka import TopicPartition
 from crmsync.streams.kafka.clients import KafkaClients
 
 OnRecord = Callable[[str, bytes | None], None]
+#: Also gets the record's Kafka timestamp (ms), when the broker gave one.
+OnTimedRecord = Callable[[str, bytes | None, int | None], None]
 
 
 class CompactedTopicFollower:
     """Follows ``partitions`` of ``topic`` (None: every partition it has), outside any group.
 
     ``latest`` keeps the newest value per key (a tombstone removes the key) and ``on_record`` sees
-    each record as it comes; ``loaded`` is set once everything present at start was read, and
+    each record as it comes (``on_timed_record`` with its Kafka timestamp too); ``loaded`` is set once everything present at start was read, and
     ``changes()`` yields after each batch of new records.
     """
 
@@ -26,6 +28,7 @@ class CompactedTopicFollower:
         topic: str,
         on_record: OnRecord | None = None,
         *,
+        on_timed_record: OnTimedRecord | None = None,
         partitions: Iterable[int] | None = (0,),
     ) -> None:
         self.topic = topic
@@ -33,6 +36,7 @@ class CompactedTopicFollower:
         self.loaded = asyncio.Event()
         self.changed = asyncio.Event()
         self._on_record = on_record
+        self._on_timed_record = on_timed_record
         self._partitions = None if partitions is None else sorted(partitions)
         self._consumer = kafka.consumer(auto_offset_reset="earliest", fetch_max_wait_ms=100)
         self._task: asyncio.Task[None] | None = None
@@ -67,6 +71,9 @@ class CompactedTopicFollower:
                         self.latest[key] = record.value
                     if self._on_record is not None:
                         self._on_record(key, record.value)
+                    if self._on_timed_record is not None:
+                        stamp = record.timestamp if record.timestamp >= 0 else None
+                        self._on_timed_record(key, record.value, stamp)
                     if record.offset + 1 >= ends.get(tp, 0):
                         remaining.discard(tp)
             if not remaining:
