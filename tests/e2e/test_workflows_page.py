@@ -126,15 +126,17 @@ async def test_edit_error_then_pending_mark_until_stop_start(
     await page.get_by_label("Mapping 2: max length").fill("5")
     await page.get_by_role("button", name="Add a mapping").click()
     await expect(page.get_by_label("Mapping 7: Dynamics 365 field")).to_be_focused()
-    await page.get_by_label("Mapping 7: Dynamics 365 field").fill("jobtitle")
-    await page.get_by_label("Mapping 7: Campaign field").fill("jobTitle")
+    # a field the target has (Start checks the targets first): the contact id into the
+    # profile extension field cusCrmId
+    await page.get_by_label("Mapping 7: Dynamics 365 field").fill("contactid")
+    await page.get_by_label("Mapping 7: Campaign field").fill("cusCrmId")
     await page.get_by_role("button", name="Review changes").click()
     diff = page.locator("#review table.changes")
     await expect(diff).to_contain_text("mappings[1].max_length")
     await expect(diff.locator("tr", has_text="mappings[1].max_length")).to_contain_text("30")
     await expect(diff.locator("tr", has_text="mappings[1].max_length")).to_contain_text("5")
     await expect(diff).to_contain_text("mappings[6]")
-    await expect(diff).to_contain_text("jobTitle")
+    await expect(diff).to_contain_text("cusCrmId")
     await shoot(page, tmp_path, "edit-review")
     assert stack.workflows()[D2C]["pending_changes"] is False  # nothing saved by a review
     await page.get_by_role("button", name="Save as pending").click()

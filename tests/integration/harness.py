@@ -68,6 +68,10 @@ class EmulatorProcess:
 
 
 def start_emulators(data_dir: Path, dynamics_port: int, campaign_port: int) -> EmulatorProcess:
+    """`crmsync emulators` on the given ports, set up as `crmsync up` sets them up: the Dynamics
+    emulator starts as a fresh org, so crmsync's own tables are made by `targets setup d365`.
+
+    Called from synchronous (session- or module-scoped) fixtures: no event loop is running."""
     log = (data_dir / "emulators.log").open("ab")
     process = subprocess.Popen(
         [
@@ -95,9 +99,11 @@ def start_emulators(data_dir: Path, dynamics_port: int, campaign_port: int) -> E
         try:
             emulators.stats("d365")
             emulators.stats("campaign")
-            return emulators
         except httpx.HTTPError:
             time.sleep(0.2)
+            continue
+        asyncio.run(set_up_d365(emulators.dynamics_url))
+        return emulators
     raise RuntimeError("emulators did not start")
 
 
