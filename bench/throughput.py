@@ -140,6 +140,22 @@ async def _reset_group(bootstrap: str, tail: int | None) -> None:
         await consumer.stop()
 
 
+#: Below these a drain is mostly the lag probe's 0.1 s polling, not the workflow.
+MIN_TIMED_RECORDS = 200
+MIN_TIMED_SECONDS = 0.5
+
+
+class DrainTooShort(Exception):
+    """The workflow drained its backlog before enough of it could be timed."""
+
+    def __init__(self, backlog: int, timed: int, seconds: float) -> None:
+        super().__init__(
+            f"the drain was too short to time: of {backlog} records, {timed} were left when the "
+            f"clock started and they drained in {seconds:.2f} s (need ≥ {MIN_TIMED_RECORDS} "
+            f"records over ≥ {MIN_TIMED_SECONDS} s); run with more records"
+        )
+
+
 async def _workflow(
     bootstrap: str, settings: Settings, discard: bool, tail: int | None = None
 ) -> dict[str, float]:
@@ -154,17 +170,22 @@ async def _workflow(
     initial = await _lag(admin, probe, tps)
     worker = asyncio.create_task(run_worker(WORKFLOW, settings, sinks=sinks, stop=stop))
     try:
-        while await _lag(admin, probe, tps) == initial:  # startup and group join excluded
+        start_lag = initial
+        while start_lag == initial:  # startup and group join excluded
             if worker.done():
                 worker.result()
             await asyncio.sleep(0.05)
+            start_lag = await _lag(admin, probe, tps)
+        # The clock starts at the lag just read, so the records it counts are the ones timed.
         cpu, wall = time.process_time(), time.perf_counter()
-        start_lag = await _lag(admin, probe, tps)
         while await _lag(admin, probe, tps) > 0:
             if worker.done():
                 worker.result()
             await asyncio.sleep(0.1)
-        return _figures(start_lag, time.perf_counter() - wall, time.process_time() - cpu)
+        seconds = time.perf_counter() - wall
+        if start_lag < MIN_TIMED_RECORDS or seconds < MIN_TIMED_SECONDS:
+            raise DrainTooShort(initial, start_lag, seconds)
+        return _figures(start_lag, seconds, time.process_time() - cpu)
     finally:
         stop.set()
         await worker
@@ -253,9 +274,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             campaign_url=f"http://127.0.0.1:{cport}",
         )
         if n_emulator:
-            results["c_workflow_emulator"] = await _workflow(
-                bootstrap, emulator_settings, False, tail=n_emulator
-            )
+            try:
+                results["c_workflow_emulator"] = await _workflow(
+                    bootstrap, emulator_settings, False, tail=n_emulator
+                )
+            except DrainTooShort as error:
+                console.print(f"(c) skipped: {error} (--emulator-records)")
         console.print("(d) kafka-consumer-perf-test")
         results["d_kafka_perf_tool"] = await asyncio.to_thread(_perf_tool, bootstrap, args.records)
         return results

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Literal
 
 from crmsync.streams.config import (
@@ -87,17 +89,182 @@ def matches(rule: FilterGroup | Condition, record: Mapping[str, Any]) -> bool:
     return isinstance(value, str) and value.startswith(rule.value)
 
 
+# -- compiled once per config ------------------------------------------------------------------
+#
+# The per-record path below touches no pydantic model: a config is turned once into closures and
+# tuples of plain values (its models are frozen, so the plan stays true), cached by the config
+# object. ``convert`` and ``matches`` are the reference semantics the plans follow.
+
+Converter = Callable[[Any], Any]
+Predicate = Callable[[Mapping[str, Any]], bool]
+#: (source, target, apply_updates, converter) of one FieldMapping.
+_Field = tuple[str, str, bool, Converter]
+
+_PLANS: dict[tuple[int, Callable[[Any], Any]], tuple[weakref.ref[Any], Any]] = {}
+
+
+def _plan(model: Any, build: Callable[[Any], Any]) -> Any:
+    """The plan ``build(model)`` made once per model object (dropped when the model is)."""
+    key = (id(model), build)
+    cached = _PLANS.get(key)
+    if cached is not None and cached[0]() is model:
+        return cached[1]
+    plan = build(model)
+    _PLANS[key] = (weakref.ref(model, lambda _ref: _PLANS.pop(key, None)), plan)
+    return plan
+
+
+def compile_converter(mapping: FieldMapping) -> Converter:
+    """``convert`` for one mapping as a plain function of the value."""
+    default = mapping.default
+    max_length = mapping.max_length
+    if not mapping.replacements and mapping.picklist is None:
+        if max_length is None:
+            return lambda value: default if value is None else value
+
+        def cut(value: Any) -> Any:
+            if value is None:
+                return default
+            return value[:max_length] if isinstance(value, str) else value
+
+        return cut
+    replacements = dict(mapping.replacements)
+    picklist = None if mapping.picklist is None else dict(mapping.picklist)
+    source, target = mapping.source, mapping.target
+
+    def full(value: Any) -> Any:
+        if value is None:
+            return default
+        key = value_key(value)
+        if key in replacements:
+            value = replacements[key]
+        elif picklist is not None:
+            label = picklist.get(key)
+            if label is None:
+                if default is None:
+                    known = ", ".join(sorted(picklist)) or "none"
+                    raise MappingError(
+                        f"{source}: option-set value {value!r} has no label in the "
+                        f"picklist of {target} (known: {known}) and no default is set"
+                    )
+                return default
+            value = label
+        if max_length is not None and isinstance(value, str):
+            value = value[:max_length]
+        return value
+
+    return full
+
+
+def compile_filter(rule: FilterGroup | Condition) -> Predicate:
+    """``matches`` for one filter group or condition as a plain function of the record."""
+    if isinstance(rule, FilterGroup):
+        items = tuple(compile_filter(item) for item in (rule.all or rule.any or ()))
+        # Plain loops: all()/any() over a generator cost more than the tests they run.
+        if rule.all is not None:
+
+            def every(record: Mapping[str, Any]) -> bool:
+                for item in items:
+                    if not item(record):
+                        return False
+                return True
+
+            return every
+
+        def some(record: Mapping[str, Any]) -> bool:
+            for item in items:
+                if item(record):
+                    return True
+            return False
+
+        return some
+    field, op, expected = rule.field, rule.op, rule.value
+    if op == "exists":
+        present = expected is not False
+        return lambda record: (record.get(field) is not None) == present
+    if op == "eq":
+        want = value_key(expected)
+        return lambda record: value_key(record.get(field)) == want
+    if op == "ne":
+        want = value_key(expected)
+        return lambda record: value_key(record.get(field)) != want
+    if op == "in":
+        assert isinstance(expected, list)
+        wanted = frozenset(value_key(v) for v in expected)
+        return lambda record: value_key(record.get(field)) in wanted
+    assert isinstance(expected, str)  # prefix
+    prefix = expected
+    return lambda record: isinstance(value := record.get(field), str) and value.startswith(prefix)
+
+
+def _fields(mappings: list[FieldMapping]) -> tuple[_Field, ...]:
+    return tuple((m.source, m.target, m.apply_updates, compile_converter(m)) for m in mappings)
+
+
 def _mapped(
-    mappings: list[FieldMapping], after: Mapping[str, Any]
+    fields_plan: tuple[_Field, ...], after: Mapping[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(fields, create_fields)``: only the source fields the event carries are written."""
     fields: dict[str, Any] = {}
     create_fields: dict[str, Any] = {}
-    for mapping in mappings:
-        if mapping.source in after:
-            into = fields if mapping.apply_updates else create_fields
-            into[mapping.target] = convert(mapping, after[mapping.source])
+    for source, target, apply_updates, converter in fields_plan:
+        if source in after:
+            (fields if apply_updates else create_fields)[target] = converter(after[source])
     return fields, create_fields
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """What writing one kind of row needs, as plain values (a contact's profile or an entity's)."""
+
+    target: str
+    key_field: str
+    fields: tuple[_Field, ...]
+    filters: Predicate | None
+    propagate_deletes: bool
+    delete_when_filtered_out: bool
+    #: (source_field, target_field) of a custom entity's profile link.
+    link: tuple[str, str] | None = None
+
+
+def _contact_rows(config: D365ToCampaignConfig) -> _Rows:
+    return _Rows(
+        config.profile_resource,
+        PROFILE_KEY,
+        _fields(config.mappings),
+        None if config.filters is None else compile_filter(config.filters),
+        config.propagate_deletes,
+        config.delete_when_filtered_out,
+    )
+
+
+def _entity_rows(entity: CustomEntity) -> _Rows:
+    link = entity.link
+    return _Rows(
+        entity.target,
+        entity.key_field,
+        _fields(entity.mappings),
+        None if entity.filters is None else compile_filter(entity.filters),
+        entity.propagate_deletes,
+        entity.delete_when_filtered_out,
+        None if link is None else (link.source_field, link.target_field),
+    )
+
+
+_Writes = Callable[[Mapping[str, Any]], list[Write]]
+
+
+def _topics(config: D365ToCampaignConfig) -> dict[str, _Writes]:
+    """Source topic → the writes of its events (the contact topic first: it wins a clash)."""
+    contacts = _plan(config, _contact_rows)
+    plans: dict[str, _Writes] = {
+        config.contact_topic: lambda event: _contact_writes(event, contacts)
+    }
+    for entity in config.custom_entities:
+        plans.setdefault(
+            entity.source_topic, partial(_entity_writes, rows=_plan(entity, _entity_rows))
+        )
+    return plans
 
 
 def _key(event: Mapping[str, Any]) -> str:
@@ -132,30 +299,29 @@ def contact_writes(event: Mapping[str, Any], config: D365ToCampaignConfig) -> li
     ``filters`` writes nothing, or deletes its profile with ``delete_when_filtered_out``. A
     delete deletes the profile when ``propagate_deletes``.
     """
+    return _contact_writes(event, _plan(config, _contact_rows))
+
+
+def _contact_writes(event: Mapping[str, Any], rows: _Rows) -> list[Write]:
     key = _key(event)
-
-    def delete() -> list[Write]:
-        record = SinkRecord(config.profile_resource, key, op="delete", key_field=PROFILE_KEY)
-        return [Write("campaign", record)]
-
     if event.get("op") == "d":
-        return delete() if config.propagate_deletes else []
+        return _delete(rows, key) if rows.propagate_deletes else []
     after = _after(event)
-    if config.filters is not None and not matches(config.filters, _known(event, after)):
-        return delete() if config.delete_when_filtered_out else []
-    fields, create_fields = _mapped(config.mappings, after)
+    if rows.filters is not None and not rows.filters(_known(event, after)):
+        return _delete(rows, key) if rows.delete_when_filtered_out else []
+    fields, create_fields = _mapped(rows.fields, after)
     if not fields and not create_fields:
         return []
     fields.pop(PROFILE_KEY, None)  # the record key: the client writes it on create
     create_fields.pop(PROFILE_KEY, None)
     record = SinkRecord(
-        config.profile_resource,
-        key,
-        fields=fields,
-        create_fields=create_fields,
-        key_field=PROFILE_KEY,
+        rows.target, key, fields=fields, create_fields=create_fields, key_field=PROFILE_KEY
     )
     return [Write("campaign", record)]
+
+
+def _delete(rows: _Rows, key: str) -> list[Write]:
+    return [Write("campaign", SinkRecord(rows.target, key, op="delete", key_field=rows.key_field))]
 
 
 def entity_writes(
@@ -167,28 +333,27 @@ def entity_writes(
     linked to the profile of the contact named by ``link.source_field`` (a null unlinks it); the
     sink reports ``ParentMissing`` while that profile does not exist.
     """
+    return _entity_writes(event, _plan(entity, _entity_rows))
+
+
+def _entity_writes(event: Mapping[str, Any], rows: _Rows) -> list[Write]:
     key = _key(event)
-
-    def delete() -> list[Write]:
-        record = SinkRecord(entity.target, key, op="delete", key_field=entity.key_field)
-        return [Write("campaign", record)]
-
     if event.get("op") == "d":
-        return delete() if entity.propagate_deletes else []
+        return _delete(rows, key) if rows.propagate_deletes else []
     after = _after(event)
-    if entity.filters is not None and not matches(entity.filters, _known(event, after)):
-        return delete() if entity.delete_when_filtered_out else []
-    fields, create_fields = _mapped(entity.mappings, after)
-    link = entity.link
-    if link is not None and link.source_field in after:
-        contact = after[link.source_field]
+    if rows.filters is not None and not rows.filters(_known(event, after)):
+        return _delete(rows, key) if rows.delete_when_filtered_out else []
+    fields, create_fields = _mapped(rows.fields, after)
+    if rows.link is not None and rows.link[0] in after:
+        source_field, target_field = rows.link
+        contact = after[source_field]
         if contact is not None and (not isinstance(contact, str) or not contact):
-            raise MappingError(f"{link.source_field}: not a contact id: {contact!r}")
-        fields[link.target_field] = None if contact is None else ProfileLink(contact)
+            raise MappingError(f"{source_field}: not a contact id: {contact!r}")
+        fields[target_field] = None if contact is None else ProfileLink(contact)
     if not fields and not create_fields:
         return []
     record = SinkRecord(
-        entity.target, key, fields=fields, create_fields=create_fields, key_field=entity.key_field
+        rows.target, key, fields=fields, create_fields=create_fields, key_field=rows.key_field
     )
     return [Write("campaign", record)]
 
@@ -198,12 +363,10 @@ def writes_for(event: Mapping[str, Any], topic: str, config: D365ToCampaignConfi
 
     A topic the config does not name is a runtime/config mismatch: ``Fatal``, so no event is lost.
     """
-    if topic == config.contact_topic:
-        return contact_writes(event, config)
-    for entity in config.custom_entities:
-        if entity.source_topic == topic:
-            return entity_writes(event, entity, config)
-    raise Fatal(f"d365-to-campaign has no mapping for topic {topic!r}")
+    writes: _Writes | None = _plan(config, _topics).get(topic)
+    if writes is None:
+        raise Fatal(f"d365-to-campaign has no mapping for topic {topic!r}")
+    return writes(event)
 
 
 # -- campaign-to-d365 -------------------------------------------------------------------------
@@ -273,6 +436,8 @@ def email_event_writes(event: Mapping[str, Any], config: CampaignToD365Config) -
 __all__ = [
     "MappingError",
     "Write",
+    "compile_converter",
+    "compile_filter",
     "contact_writes",
     "convert",
     "email_event_writes",
