@@ -18,8 +18,9 @@ class CompactedTopicFollower:
     """Follows ``partitions`` of ``topic`` (None: every partition it has), outside any group.
 
     ``latest`` keeps the newest value per key (a tombstone removes the key) and ``on_record`` sees
-    each record as it comes (``on_timed_record`` with its Kafka timestamp too); ``loaded`` is set once everything present at start was read, and
-    ``changes()`` yields after each batch of new records.
+    each record as it comes (``on_timed_record`` with its Kafka timestamp too); ``loaded`` is set
+    once everything present at start was read, and ``changes()`` yields after each batch of new
+    records.
     """
 
     def __init__(
