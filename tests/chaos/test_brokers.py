@@ -18,7 +18,7 @@ from tests.chaos.conftest import own_cluster, pick, record
 from tests.chaos.ledger import Outcome, Stopwatch
 from tests.chaos.traffic import D2C, ContactTraffic, Record, dlq_count, publish_steadily
 from tests.chaos.workers import wait_drained, wait_requests_beyond, wait_worker
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port_block
 from tests.integration.harness import Cluster, EmulatorProcess, recreate_topics
 from tests.integration.workflow_helpers import requests
 
@@ -29,12 +29,13 @@ pytestmark = pytest.mark.timeout(pick(300, 1800, 900))
 
 
 def _kafka(data_dir: Path, nodes: int) -> Iterator[LocalKafka]:
+    base = free_port_block(2 * nodes)  # brokers, then their controllers
     kafka = LocalKafka(
         cache_dir=ROOT / ".cache",
         data_dir=data_dir,
         nodes=nodes,
-        base_port=free_port(),
-        controller_base_port=free_port(),
+        base_port=base,
+        controller_base_port=base + nodes,
         heap="384m",
     )
     kafka.start(timeout=180)

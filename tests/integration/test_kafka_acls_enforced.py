@@ -15,7 +15,7 @@ from crmsync.deploy.local.kafka import LocalKafka
 from crmsync.streams import catalog
 from crmsync.streams.kafka import topics
 from crmsync.streams.kafka.clients import KafkaClients
-from tests.conftest import free_port
+from tests.conftest import free_port_block
 
 pytestmark = pytest.mark.timeout(300)
 WORKER, CONTROL = "crmsync-worker-d365-to-campaign", "crmsync-control"
@@ -23,13 +23,13 @@ WORKER, CONTROL = "crmsync-worker-d365-to-campaign", "crmsync-control"
 
 @pytest.fixture(scope="module")
 def secure_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
-    port = free_port()  # three brokers from here, their controllers 50 ports up
+    port = free_port_block(6)  # three brokers from here, then their controllers
     kafka = LocalKafka(
         cache_dir=Path(__file__).resolve().parents[2] / ".cache",
         data_dir=tmp_path_factory.mktemp("kafka-secure"),
         nodes=3,
         base_port=port,
-        controller_base_port=port + 50,
+        controller_base_port=port + 3,
         heap="320m",
         secure=True,
     )

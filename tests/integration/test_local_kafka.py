@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from crmsync.deploy.local.kafka import KafkaLaunchError, LocalKafka, run_tool
 from crmsync.streams import catalog
 from crmsync.streams.kafka import topics
-from tests.conftest import free_port
+from tests.conftest import free_port, free_port_block
 from tests.integration.harness import recreate_topics
 from tests.integration.kafka_io import partitions_of, read_all
 
@@ -30,11 +31,8 @@ async def _produce(bootstrap: str, topic: str, n: int) -> None:
 
 
 def _own_kafka(tmp_path: Path, kafka_cache: Path, nodes: int = 1) -> LocalKafka:
-    ports = [free_port() for _ in range(2 * nodes)]
-    if nodes == 1:
-        base, controller = ports
-    else:  # a cluster needs consecutive ports: pick a free-looking range
-        base, controller = ports[0], ports[0] + 100
+    base = free_port_block(2 * nodes)  # brokers, then their controllers
+    controller = base + nodes
     return LocalKafka(
         cache_dir=kafka_cache,
         data_dir=tmp_path / "kafka",
@@ -74,6 +72,32 @@ def test_a_busy_port_is_refused_with_a_clear_message(
     )
     with pytest.raises(KafkaLaunchError, match="already in use"):
         clash.start()
+
+
+def test_a_cluster_whose_last_node_cannot_bind_starts_no_node(
+    tmp_path: Path, kafka_cache: Path
+) -> None:
+    cluster = _own_kafka(tmp_path, kafka_cache, nodes=3)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", cluster.specs[2].port))
+        busy.listen()
+        with pytest.raises(KafkaLaunchError, match=f"{cluster.specs[2].port} is already in use"):
+            cluster.start()
+    assert not cluster.is_running()
+    assert not any((spec.data_dir / "broker.pid").exists() for spec in cluster.specs)
+
+
+def test_a_start_that_times_out_leaves_no_broker_running(tmp_path: Path, kafka_cache: Path) -> None:
+    kafka = _own_kafka(tmp_path, kafka_cache)
+    with pytest.raises(KafkaLaunchError, match="did not become ready"):
+        kafka.start(timeout=0.01)
+    assert not kafka.is_running()
+    assert not _port_listening(kafka.specs[0].port)
+
+
+def _port_listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 async def test_every_design_topic_is_created_once_with_its_shape(bootstrap: str) -> None:

@@ -292,24 +292,42 @@ class LocalKafka:
                 raise KafkaLaunchError(f"formatting node {spec.node_id} failed: {result.stderr}")
 
     def start(self, timeout: float = 90) -> None:
-        """Starts every node that is not running and waits until the cluster answers metadata."""
+        """Starts every node that is not running and waits until the cluster answers metadata.
+
+        Every port is checked before any node starts, and a start that fails stops the nodes it
+        started: a failed start leaves no broker behind."""
         lib = ensure_jars(self.cache_dir)
         self._format(lib)
-        for spec in self.specs:
-            self.start_node(spec.node_id, lib=lib)
-        self.wait_ready(timeout)
+        starting = [s for s in self.specs if not self._running(s.node_id)]
+        for spec in starting:
+            self._check_ports(spec)
+        try:
+            for spec in starting:
+                self.start_node(spec.node_id, lib=lib)
+            self.wait_ready(timeout)
+        except BaseException:
+            for spec in starting:
+                self.stop_node(spec.node_id, timeout=30, kill=True)
+            raise
 
-    def start_node(self, node_id: int, lib: Path | None = None) -> None:
-        spec = self.specs[node_id - 1]
+    def _running(self, node_id: int) -> bool:
         running = self._procs.get(node_id)
-        if running is not None and running.poll() is None:
-            return
+        return running is not None and running.poll() is None
+
+    @staticmethod
+    def _check_ports(spec: NodeSpec) -> None:
         for port in (spec.port, spec.controller_port):
             if _port_open(port):
                 raise KafkaLaunchError(
                     f"127.0.0.1:{port} is already in use: is another Kafka running? "
                     "Stop it, or set KAFKA_BOOTSTRAP_SERVERS to use it."
                 )
+
+    def start_node(self, node_id: int, lib: Path | None = None) -> None:
+        spec = self.specs[node_id - 1]
+        if self._running(node_id):
+            return
+        self._check_ports(spec)
         lib = lib or ensure_jars(self.cache_dir)
         logs = spec.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
