@@ -135,9 +135,13 @@ async def set_up_d365(
     return len(plan)
 
 
+#: The two ways to run a worker; they run the same Faust app.
+WORKER_COMMANDS = ("crmsync", "faust")
+
+
 @dataclass
 class Worker:
-    """One `crmsync worker <workflow>` process."""
+    """One `crmsync worker <workflow>` (or `faust -A crmsync.streams.worker worker`) process."""
 
     workflow: str
     process: subprocess.Popen[bytes]
@@ -167,6 +171,8 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)
     workers: list[Worker] = field(default_factory=list)
     generations: dict[str, int] = field(default_factory=dict)
+    #: How `start_worker` runs a worker (one of WORKER_COMMANDS).
+    command: str = "crmsync"
 
     def worker_env(self, **extra: str) -> dict[str, str]:
         return {
@@ -183,11 +189,20 @@ class Cluster:
             **extra,
         }
 
-    def start_worker(self, workflow: str, **env: str) -> Worker:
+    def start_worker(self, workflow: str, command: str | None = None, **env: str) -> Worker:
         log = self.home / f"worker-{workflow}-{len(self.workers)}.log"
+        argv = {
+            "crmsync": [sys.executable, "-m", "crmsync.control.cli", "worker", workflow],
+            # Faust's CLI turns its web server (port 6066) on: two workers on one host clash.
+            "faust": [
+                *(sys.executable, "-m", "faust", "-A", "crmsync.streams.worker"),
+                *("worker", "--without-web"),
+            ],
+        }[command or self.command]
+        env = {"CRMSYNC_WORKFLOW": workflow, **env}
         with log.open("ab") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "crmsync.control.cli", "worker", workflow],
+                argv,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=self.worker_env(**env),

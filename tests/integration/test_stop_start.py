@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.integration.harness import Cluster, contacts, group_members, wait_for
+import pytest
+
+from tests.integration.harness import WORKER_COMMANDS, Cluster, contacts, group_members, wait_for
 
 WORKFLOW = "d365-to-campaign"
+
+
+@pytest.fixture(autouse=True, params=WORKER_COMMANDS)
+def _worker_command(cluster: Cluster, request: pytest.FixtureRequest) -> None:
+    """Every test here runs with `crmsync worker` and with `faust -A crmsync.streams.worker`."""
+    cluster.command = request.param
 
 
 async def _profiles_count(cluster: Cluster) -> int:

@@ -39,8 +39,8 @@ def _built(name: str, config: Any) -> Workflow:
 def _rejected(planned: list[Planned]) -> str:
     (plan,) = planned
     assert plan.writes == []
-    assert isinstance(plan.commit, RecordRejected), plan.commit
-    return plan.commit.reason
+    assert isinstance(plan.error, RecordRejected), plan.error
+    return plan.error.reason
 
 
 @pytest.mark.parametrize("ts_ms", [2**62, -(2**62), 253_402_300_800_000])
@@ -72,9 +72,9 @@ async def test_any_exception_planning_one_record_rejects_only_that_record(
     odd = change_event("u", "contact", "odd", after={"firstname": "A"}, system="d365")
     good = change_event("u", "contact", GUID, after={"firstname": "B"}, system="d365")
     planned = await workflow.plan([(topics.CONTACT_CHANGES, odd), (topics.CONTACT_CHANGES, good)])
-    assert isinstance(planned[0].commit, RecordRejected)
-    assert "ZeroDivisionError" in planned[0].commit.reason
-    assert planned[1].commit is None and len(planned[1].writes) == 1
+    assert isinstance(planned[0].error, RecordRejected)
+    assert "ZeroDivisionError" in planned[0].error.reason
+    assert planned[1].error is None and len(planned[1].writes) == 1
 
 
 # -- a registry-framed record whose writer schema is not a usable record schema --------------

@@ -422,9 +422,9 @@ async def test_a_decision_stored_while_an_older_one_is_pending_never_carries_it(
     (pending,) = await workflow.plan([("campaign.profile.changes", opt_out)])
     opt_in = flip("campaign", False, 1_000, before=True)
     (older,) = await workflow.plan([("campaign.profile.changes", opt_in)])
-    assert pending.writes and not older.writes and older.commit is not None
+    assert pending.writes and not older.writes and older.after_written is not None
 
-    await older.commit()  # acknowledged first: the opt-out's writes are still under way
+    await older.after_written()  # acknowledged first: the opt-out's writes are still under way
     assert workflow._states[CONTACT].value is False
     workflow.forget_pending()  # stop and start: the opt-out is read again
     (again,) = await workflow.plan([("campaign.profile.changes", opt_out)])

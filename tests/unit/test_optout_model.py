@@ -153,7 +153,7 @@ class World:
             # tell the two apart (only that both sides must agree).
             self.ambiguous = True
         (planned,) = await self.workflow.plan([(TOPIC[side], published.event)])
-        assert not isinstance(planned.commit, Exception), planned.commit
+        assert planned.error is None, planned.error
         if planned.writes and not published.reveals:
             self.inferred.append(f"{side} {ts} {value}")
         consumed = Consumed(side, published, planned, len(planned.writes))
@@ -183,8 +183,8 @@ class World:
             queue = self.queues[side]
             while queue and queue[0].remaining == 0:
                 done = queue.popleft()
-                if done.planned.commit is not None:
-                    await done.planned.commit()
+                if done.planned.after_written is not None:
+                    await done.planned.after_written()
 
     def restart(self) -> None:
         """Stop and Start: unacknowledged records are read again, pending decisions dropped."""

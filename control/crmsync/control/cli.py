@@ -7,7 +7,8 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -384,23 +385,41 @@ def _kafka(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_UNREACHABLE
 
 
-def _wait_for_signal() -> None:
-    """Blocks until SIGINT or SIGTERM."""
+def _wait_for_signal(every: Callable[[], None] | None = None) -> None:
+    """Blocks until SIGINT or SIGTERM, calling `every` about once a second meanwhile."""
     received: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: received.append(signum))
     while not received:
-        signal.pause()
+        if every is None:
+            signal.pause()
+        else:
+            every()
+            time.sleep(1.0)
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    from crmsync.streams.app import run_worker
+    """The workflow's Faust app run by a `faust.Worker` (signals, SIGUSR1 traceback dump,
+    blocking detector, an app crash ends the process), keeping crmsync's logging."""
+    import faust
+
+    from crmsync.streams import catalog
+    from crmsync.streams.app import create_app
+    from crmsync.streams.kafka import topics
 
     logging.getLogger("faust").setLevel(logging.WARNING)
     logging.getLogger("mode").setLevel(logging.WARNING)
-    if not _run_kafka_call(settings, run_worker(args.workflow, settings)):
+    reachable = topics.ensure_topics(
+        settings.kafka,
+        catalog.topic_specs(settings.topic_partitions),
+        replication=settings.topic_replication,
+    )
+    if not _run_kafka_call(settings, reachable):
         return EXIT_UNREACHABLE
-    return EXIT_OK
+    asyncio.set_event_loop(asyncio.new_event_loop())  # the one the app and the Worker share
+    app = create_app(args.workflow, settings)
+    worker = faust.Worker(app, override_logging=False, redirect_stdouts=False, quiet=True)
+    worker.execute_from_commandline()
 
 
 def _source(settings: Settings, args: argparse.Namespace) -> int:
@@ -583,7 +602,7 @@ def _up(settings: Settings, args: argparse.Namespace) -> int:
         for name, where in local.describe().items():
             print(f"  {name:<18} {where}", flush=True)
         print("Ctrl-C stops everything.", flush=True)
-        _wait_for_signal()
+        _wait_for_signal(every=local.supervise)  # a process that dies is restarted
         print("stopping...", flush=True)
         return EXIT_OK
     except TokenError as error:

@@ -1,4 +1,5 @@
-"""The local stack behind `make run` / `crmsync up`: every process, in order, stopped cleanly."""
+"""The local stack behind `make run` / `crmsync up`: every process, in order, restarted when it
+dies (with backoff), stopped cleanly."""
 
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ class StackError(RuntimeError):
     """A process of the local stack did not come up."""
 
 
+#: The wait before restarting a process that died: doubled at each death in a row, capped.
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
+#: Up this long, a process counts as healthy again: the next death restarts it at once-ish.
+HEALTHY_AFTER_S = 60.0
+
+
 @dataclass
 class Process:
     """One child process of the stack, with its log file under .local/logs/."""
@@ -38,8 +46,15 @@ class Process:
     ready: Callable[[], bool]
     env: dict[str, str] = field(default_factory=dict)
     popen: subprocess.Popen[bytes] | None = None
+    #: Restarted by `LocalStack.supervise` when it dies (workers, source, emulators).
+    restart: bool = False
+    restarts: int = 0
+    started_at: float = 0.0
+    _deaths_in_a_row: int = 0
+    _restart_at: float | None = None
 
     def start(self, logs: Path) -> None:
+        self.started_at = time.monotonic()
         logs.mkdir(parents=True, exist_ok=True)
         with (logs / f"{self.name}.log").open("ab") as out:
             self.popen = subprocess.Popen(
@@ -62,7 +77,30 @@ class Process:
             time.sleep(0.2)
         raise StackError(f"{self.name} was not ready after {timeout:.0f}s; see {logs}")
 
+    def supervise(self, logs: Path, now: float) -> None:
+        """Restarts the process if it died, after a backoff that grows while it keeps dying."""
+        if not self.restart or self.popen is None or self.popen.poll() is None:
+            return
+        if self._restart_at is None:
+            healthy = now - self.started_at >= HEALTHY_AFTER_S
+            self._deaths_in_a_row = 1 if healthy else self._deaths_in_a_row + 1
+            wait = min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2 ** (self._deaths_in_a_row - 1))
+            self._restart_at = now + wait
+            log.warning(
+                "event=process_died name=%s exit=%s restart_in_s=%.1f see=%s",
+                self.name,
+                self.popen.returncode,
+                wait,
+                logs / f"{self.name}.log",
+            )
+        if now >= self._restart_at:
+            self._restart_at = None
+            self.restarts += 1
+            self.start(logs)
+            log.warning("event=process_restarted name=%s restarts=%s", self.name, self.restarts)
+
     def stop(self, timeout: float = 30) -> None:
+        self.restart = False  # a stop is not a death
         if self.popen is None or self.popen.poll() is not None:
             return
         self.popen.send_signal(signal.SIGTERM)
@@ -133,6 +171,7 @@ class LocalStack:
                 for url in (self.settings.dynamics_url, self.settings.campaign_url)
             ),
             env,
+            restart=True,
         )
         for process in (emulators,):
             process.start(self.logs)
@@ -147,7 +186,9 @@ class LocalStack:
                 f"crmsync targets setup d365 failed; see {self.logs}/targets-setup.log"
             )
         # The Dynamics source: change tracking of the emulator → the change topics.
-        source = Process("source-d365", self._crmsync("source", "d365"), lambda: True, env)
+        source = Process(
+            "source-d365", self._crmsync("source", "d365"), lambda: True, env, restart=True
+        )
         source.start(self.logs)
         self.processes.append(source)
         self.admin_token = resolve_admin_token(self.settings)
@@ -161,7 +202,9 @@ class LocalStack:
         self.processes.append(control)
         control.wait_ready(90, self.logs)
         workers = [
-            Process(f"worker-{name}", self._crmsync("worker", name), lambda: True, env)
+            Process(
+                f"worker-{name}", self._crmsync("worker", name), lambda: True, env, restart=True
+            )
             for name in WORKFLOWS
         ]
         for worker in workers:
@@ -195,6 +238,12 @@ class LocalStack:
                 time.sleep(0.5)
         finally:
             client.close()
+
+    def supervise(self) -> None:
+        """Restarts, with backoff, every worker, source or emulator process that died."""
+        now = time.monotonic()
+        for process in self.processes:
+            process.supervise(self.logs, now)
 
     def stop(self) -> None:
         for process in reversed(self.processes):

@@ -1,21 +1,30 @@
-"""Builds one workflow's Faust app (consumer group `crmsync.<workflow>`) and runs it as a worker."""
+"""Builds one workflow's Faust app: its agent, its supervised side work and the revoke fence.
+
+The agent (`crmsync.<workflow>`, concurrency 1) is the processing unit: the consumer puts each
+fetched batch into the agent's channel as one event and the agent writes them, merged per fetch
+epoch up to `batch_max_records` (Faust's per-message streams stay out of the hot path). The
+control follower is an `app.service`, heartbeats and parked retries are `app.timer`s: a crash of
+any of them turns the workflow FAILED with the reason instead of ending silently.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import signal
 import socket
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import faust
-from faust.types import TransportT
+from faust.types import TP, EventT, Message, StreamT, TransportT
+from mode.types.signals import BaseSignalT
 
 from crmsync.streams import catalog
 from crmsync.streams import config as configs
-from crmsync.streams.consumer import PausableConsumer, PausableTransport
+from crmsync.streams.consumer import Fetched, PausableConsumer, PausableTransport
+from crmsync.streams.control_follower import ControlService, control_record
 from crmsync.streams.control_protocol import ControlRecord
 from crmsync.streams.kafka import topics
 from crmsync.streams.kafka.follower import CompactedTopicFollower
@@ -27,12 +36,85 @@ from crmsync.streams.sinks.dynamics import DynamicsSink
 
 log = logging.getLogger(__name__)
 
+#: Fetched batches the agent takes at most at once (then merged per epoch up to the batch size).
+_TAKE_BATCHES = 4
+#: The channel's room: above what back-pressure lets the consumer queue, so a put never blocks.
+_CHANNEL_BATCHES = 64
+
+
+class FetchedBatches(faust.Channel[Fetched]):
+    """The agent's channel: the consumer puts each fetched batch of the source topics into it.
+
+    Named after those topics, so `faust agents` lists the agent with what it reads.
+    """
+
+    source: str = "-"
+
+    def get_topic_name(self) -> str:
+        root = self._root if self._root is not None else self
+        return f"{getattr(root, 'source', '-')} (fetched batches)"
+
 
 class WorkflowApp(faust.App):
     """A Faust app whose consumer keeps a stopped workflow's partitions paused."""
 
+    #: Set by `create_app`: the workflow, and what runs it.
+    workflow: str
+    runtime: WorkflowRuntime
+    batches: FetchedBatches
+    #: The control topic's follower, made on the app's loop at first start.
+    control: CompactedTopicFollower
+
     def _new_transport(self) -> TransportT:
         return PausableTransport(self.conf.broker_consumer, self)
+
+    async def on_first_start(self) -> None:
+        """Before the conductor subscribes: the topics exist, the control topic is read, the
+        source topics its record names are added, and nothing is read before it is applied."""
+        await super().on_first_start()
+        settings = self.runtime.settings
+        await topics.ensure_topics(
+            settings.kafka,
+            catalog.topic_specs(settings.topic_partitions),
+            replication=settings.topic_replication,
+        )
+        self.control = CompactedTopicFollower(settings.kafka, topics.CONTROL)
+        await self.control.start()
+        await self.control.loaded.wait()
+        source = source_topics(self.workflow, control_record(self.control, self.workflow))
+        await topics.ensure_topics(
+            settings.kafka,
+            [topics.TopicSpec(name, settings.topic_partitions) for name in source],
+            replication=settings.topic_replication,
+        )
+        self.topics.add(self.topic(*source, key_type=bytes, value_type=bytes))
+        self.batches.source = ",".join(source)
+        consumer = self.consumer
+        assert isinstance(consumer, PausableConsumer)
+        consumer.stopped = True
+        self.runtime.attach(consumer)
+        await self.runtime.open()
+        log.info(
+            "event=worker_started workflow=%s worker=%s topics=%s",
+            self.workflow,
+            self.runtime.worker_id,
+            ",".join(source),
+        )
+
+    async def on_stop(self) -> None:
+        # No new write starts and the one in flight ends (or is abandoned) before the consumer
+        # commits on its way out: unwritten = read again.
+        log.info(
+            "event=worker_stopping workflow=%s worker=%s", self.workflow, self.runtime.worker_id
+        )
+        self.runtime.close_gate()
+        await super().on_stop()
+
+    async def on_shutdown(self) -> None:
+        await super().on_shutdown()
+        await self.runtime.close()
+        if hasattr(self, "control"):
+            await self.control.stop()
 
 
 def default_sinks(workflow: str, settings: Settings) -> dict[str, BatchingSink]:
@@ -49,12 +131,10 @@ def create_app(
     workflow: str,
     settings: Settings,
     sinks: Mapping[str, BatchingSink] | None = None,
-    source_topics: list[str] | None = None,
-) -> tuple[WorkflowApp, WorkflowRuntime]:
-    """One Faust app per workflow, reading the topics its active config names.
-
-    `source_topics` defaults to those of the config in force when the worker starts.
-    """
+) -> WorkflowApp:
+    """One Faust app per workflow (consumer group `crmsync.<workflow>`) with its agent, timers,
+    control service and revoke fence; it reads the topics the active config names when the
+    worker starts."""
     spec = catalog.spec(workflow)
     # Faust's data folder under .local/ (not the working directory the worker started in).
     datadir = settings.local_dir / "faust" / spec.group_id
@@ -90,15 +170,86 @@ def create_app(
         sinks if sinks is not None else default_sinks(workflow, settings),
         worker_id=settings.worker_id or f"{socket.gethostname()}-{os.getpid()}",
     )
-    # Subscribed through Faust's conductor; the records bypass its streams (see consumer.py).
-    app.topics.add(
-        app.topic(
-            *(source_topics or spec.default_config().source_topics()),
-            key_type=bytes,
-            value_type=bytes,
+    app.workflow = workflow
+    app.runtime = runtime
+
+    batches = FetchedBatches(app, maxsize=_CHANNEL_BATCHES)
+    batches.source = ",".join(spec.default_config().source_topics())
+    app.batches = batches
+    batch_topic = f"{spec.group_id}.batches"
+
+    async def deliver(fetched: Fetched) -> None:
+        # The consumer's generation on the message: Faust's stream drops a batch fetched
+        # before a rebalance (the rebalance seeks to the commit, so it is read again).
+        message = Message(
+            batch_topic,
+            0,
+            0,
+            time.time(),
+            0,
+            None,
+            None,
+            None,
+            None,
+            generation_id=app.consumer_generation_id,
         )
-    )
-    return app, runtime
+        runtime.queued(fetched.size)
+        await batches.put(app.create_event(None, fetched, None, message))
+
+    @app.agent(batches, name=spec.group_id, concurrency=1)
+    async def write(stream: StreamT[Fetched]) -> None:
+        """Writes the fetched batches in order; starts (and restarts) from the commit."""
+        await runtime.resync()
+        try:
+            # noack_take: nothing is acked by Faust (the batches are acked record by record
+            # once written) and it hands over the events, whose values are the batches.
+            batches_taken = cast(faust.Stream[Fetched], stream).noack_take(
+                _TAKE_BATCHES, within=settings.batch_wait_s
+            )
+            async for taken in batches_taken:
+                events = cast(Sequence[EventT[Any]], taken)
+                await runtime.handle_fetched([cast(Fetched, event.value) for event in events])
+        except Exception as error:
+            await runtime.fail(f"the agent crashed: {type(error).__name__}: {error}")
+            raise  # Faust's supervisor restarts it; its start re-syncs
+
+    async def heartbeat() -> None:
+        await _supervised(runtime, "heartbeat", runtime.report())
+
+    async def retry_parked() -> None:
+        await _supervised(runtime, "parked retries", runtime.tick())
+
+    app.timer(settings.heartbeat_s, name=f"{spec.group_id}.heartbeat")(heartbeat)
+    app.timer(0.5, name=f"{spec.group_id}.parked-retries")(retry_parked)
+
+    async def fence(sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any) -> None:
+        # Awaited by Faust before the member rejoins the group.
+        revoked: set[TP] = args[0]
+        await runtime.fence(revoked)
+
+    app.on_partitions_revoked.connect(fence)
+
+    @app.service
+    class Control(ControlService):
+        """This worker's control follower."""
+
+        owner = app
+
+    app.consumer.deliver = deliver  # type: ignore[attr-defined]
+    del write, heartbeat, retry_parked, fence, Control  # registered with the app
+    return app
+
+
+async def _supervised(runtime: WorkflowRuntime, what: str, step: Any) -> None:
+    """One run of a timer: an unexpected error turns the workflow FAILED with the reason (and
+    the timer runs again next time)."""
+    try:
+        await step
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        log.exception("event=task_crashed workflow=%s task=%s", runtime.name, what)
+        await runtime.fail(f"{what} crashed: {type(error).__name__}: {error}")
 
 
 def _credentials(settings: Settings) -> Any:
@@ -121,104 +272,34 @@ async def run_worker(
     sinks: Mapping[str, BatchingSink] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Runs one worker until SIGTERM/SIGINT (or `stop`): follows the control topic, reports
-    status. `sinks` replaces the API clients (benchmarks use a discarding sink)."""
-    await topics.ensure_topics(
-        settings.kafka,
-        catalog.topic_specs(settings.topic_partitions),
-        replication=settings.topic_replication,
-    )
-    control = CompactedTopicFollower(settings.kafka, topics.CONTROL)
-    await control.start()
-    await control.loaded.wait()
-    first = _control_record(control, workflow)
-    source = _source_topics(workflow, first)
-    await topics.ensure_topics(
-        settings.kafka,
-        [
-            *catalog.topic_specs(settings.topic_partitions),
-            *(topics.TopicSpec(name, settings.topic_partitions) for name in source),
-        ],
-        replication=settings.topic_replication,
-    )
-    app, runtime = create_app(workflow, settings, sinks=sinks, source_topics=source)
-    app.finalize()
-    consumer = app.consumer
-    assert isinstance(consumer, PausableConsumer)
-    consumer.stopped = True  # nothing is read before the control record was applied
-    runtime.attach(consumer)
-    await runtime.open()
+    """Runs one worker in this process until `stop` is set (or the app crashes): benchmarks
+    and in-process tests; `crmsync worker` runs the same app as a `faust.Worker`."""
+    app = create_app(workflow, settings, sinks=sinks)
+    stop = stop or asyncio.Event()
+    crashed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+    crash = app.crash
 
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    async def _crash(exc: BaseException) -> None:
+        # Without a faust.Worker nothing ends the process on a crash: end this run instead.
+        if not crashed.done():
+            crashed.set_result(exc)
+        await crash(exc)
+
+    app.crash = _crash  # type: ignore[method-assign,assignment]
     await app.start()
-    log.info(
-        "event=worker_started workflow=%s worker=%s topics=%s",
-        workflow,
-        runtime.worker_id,
-        ",".join(source),
-    )
     try:
-        await _apply(runtime, first)
-
-        async def follow() -> None:
-            async for _ in control.changes():
-                await _apply(runtime, _control_record(control, workflow))
-
-        async def heartbeat() -> None:
-            while True:
-                await asyncio.sleep(settings.heartbeat_s)
-                await runtime.report()
-
-        async def retry_parked() -> None:
-            while True:
-                await asyncio.sleep(0.5)
-                await runtime.tick()
-
-        tasks = [
-            asyncio.create_task(runtime.run(), name=f"{workflow}.writer"),
-            asyncio.create_task(follow()),
-            asyncio.create_task(heartbeat()),
-            asyncio.create_task(retry_parked()),
-        ]
-        await stop.wait()
-        for task in tasks:
-            task.cancel()
+        stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        ended: set[asyncio.Future[Any]] = {stopping, crashed}
+        await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if crashed.done():
+            raise crashed.result()
     finally:
-        log.info("event=worker_stopping workflow=%s worker=%s", workflow, runtime.worker_id)
-        runtime.close_gate()
         await app.stop()
-        await runtime.close()
-        await control.stop()
 
 
-async def _apply(runtime: WorkflowRuntime, record: ControlRecord | None) -> None:
-    """Applies a control record; a failure is reported FAILED, and the worker keeps following
-    the control topic so the next Stop/Start is still honoured."""
-    try:
-        await runtime.apply(record)
-    except Exception as error:  # one bad record must not end the control loop
-        log.exception("event=control_apply_failed workflow=%s", runtime.name)
-        await runtime.fail(
-            f"could not apply control generation {record.generation if record else 0}: {error!r}"
-        )
-
-
-def _control_record(control: CompactedTopicFollower, workflow: str) -> ControlRecord | None:
-    data = control.latest.get(workflow)
-    if data is None:
-        return None
-    try:
-        return ControlRecord.decode(data)
-    except ValueError as error:
-        log.error("event=bad_control_record workflow=%s error=%r", workflow, error)
-        return None
-
-
-def _source_topics(workflow: str, record: ControlRecord | None) -> list[str]:
+def source_topics(workflow: str, record: ControlRecord | None) -> list[str]:
+    """The topics the active config reads (the default config's before any control record)."""
     spec = catalog.spec(workflow)
     if record is not None:
         try:

@@ -7,27 +7,40 @@ partitions inside aiokafka itself, keeps polling so the member never leaves the 
 seeks every partition to its committed offset before anything is read again. A fetch epoch, bumped
 at each stop, start and assignment, lets the runtime drop records fetched before the last seek.
 
-Records skip Faust's per-message path (conductor, channel queues, streams, Event objects): each
-fetched batch goes to the runtime whole, and the runtime reports, per partition, the offset up to
-which everything is written; Faust's commit timer and the commits on stop and shutdown commit
-exactly that. A full inbox holds fetching back the way a stop does, so a slow target never makes
-the member leave the group.
+Records skip Faust's per-message path (conductor, Event per record, streams): each fetched batch
+goes whole, as one event, into the workflow agent's channel, and the runtime reports, per
+partition, the offset up to which everything is written; Faust's commit timer and the commits on
+stop and shutdown commit exactly that. Batches queued for the agent hold fetching back the way a
+stop does, so a slow target never makes the member leave the group.
+
+Faust never calls aiokafka's own pause/resume, and a stopped consumer fetches nothing whatever
+Faust's set of active partitions says (`_wait_next_records`): so Faust's paths that resume
+partitions (rebalance, table recovery, back-pressure) need no override here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from typing import Any, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple, cast
 
 import aiokafka
 from faust.transport.consumer import RecordMap
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 
-#: Receives each fetched batch: the fetch epoch it was read in, and the records per partition.
-Deliver = Callable[[int, RecordMap], None]
+
+class Fetched(NamedTuple):
+    """One fetched batch: the fetch epoch it was read in, its records per partition, how many."""
+
+    epoch: int
+    records: RecordMap
+    size: int
+
+
+#: Takes each fetched batch (to the agent's channel).
+Deliver = Callable[[Fetched], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +54,7 @@ class _RebalanceListener(faust_aiokafka.ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: Iterable[Any]) -> None:
         consumer = cast(PausableConsumer, self._thread.consumer)
         assigned = list(assigned)
-        consumer.fetch_epoch += 1
+        consumer.fetch_epoch += 1  # batches fetched before the rebalance are dropped
         if consumer.stopped and assigned:
             # Runs on the consumer thread, so aiokafka is called from its own loop.
             self._thread._ensure_consumer().pause(*assigned)
@@ -56,21 +69,10 @@ class PausableConsumer(faust_aiokafka.Consumer):
 
     stopped: bool = False
     fetch_epoch: int = 0
-    #: Where fetched batches go (the runtime's inbox); set before the app starts.
+    #: Where fetched batches go (the agent's channel); set before the app starts.
     deliver: Deliver | None = None
-    #: True while the runtime's inbox is full: fetching waits, polling goes on.
+    #: True while the agent has enough batches queued: fetching waits, polling goes on.
     backlogged: Callable[[], bool] = staticmethod(lambda: False)
-
-    # Faust paths that would make a stopped workflow's partitions active again.
-    def _set_active_tps(self, tps: set[TP]) -> set[TP]:
-        active = super()._set_active_tps(tps)
-        if self.stopped:
-            active.clear()
-        return active
-
-    def resume_partitions(self, tps: Iterable[TP]) -> None:
-        if not self.stopped:
-            super().resume_partitions(tps)
 
     def verify_event_path(self, now: float, tp: TP) -> None:
         # Faust's livelock detector watches its own stream path, which the batches delivered
@@ -86,6 +88,7 @@ class PausableConsumer(faust_aiokafka.Consumer):
         # moved would consume records from the new position that the epoch check then drops.
         async with self._fetch_lock():
             epoch = self.fetch_epoch
+            # Stopped wins over Faust's active set, which rebalances and recovery refill.
             waiting = not self.stopped and self.backlogged()
             idle = (
                 self.stopped or waiting or (self.flow_active and not self._get_active_partitions())
@@ -121,9 +124,11 @@ class PausableConsumer(faust_aiokafka.Consumer):
         epoch = self.fetch_epoch
         if records and not self.should_stop and self.flow_active and not self.stopped:
             assert self.deliver is not None, "deliver must be set before the app starts"
+            count = 0
             for tp, batch in records.items():
                 self._read_offset[tp] = batch[-1].offset
-            self.deliver(epoch, records)
+                count += len(batch)
+            await self.deliver(Fetched(epoch, records, size=count))
         return
         yield  # an async generator, as Faust's fetch loop expects
 
@@ -134,6 +139,11 @@ class PausableConsumer(faust_aiokafka.Consumer):
             return
         if next_offset > self._written.get(tp, -1):
             self._written[tp] = next_offset
+
+    def forget_acks(self, tps: Iterable[TP]) -> None:
+        """Partitions revoked: what was acked of them is not committed by this member."""
+        for tp in tps:
+            self._written.pop(tp, None)
 
     @property
     def _written(self) -> dict[TP, int]:

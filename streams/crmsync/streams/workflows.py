@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,17 +19,23 @@ from crmsync.streams.config import OptInOutConfig, WorkflowConfig
 from crmsync.streams.kafka import topics
 from crmsync.streams.kafka.clients import KafkaClients
 from crmsync.streams.kafka.follower import CompactedTopicFollower
-from crmsync.targets.errors import Fatal, RecordRejected
+from crmsync.targets.errors import Fatal, RecordRejected, SinkError
 
 log = logging.getLogger(__name__)
 
 
+#: Runs once every write of a record succeeded (storing the opt-out state, say).
+AfterWritten = Callable[[], Awaitable[None]]
+
+
 @dataclass
 class Planned:
-    """What one source record turns into; `commit` runs after all its writes succeeded."""
+    """What one source record turns into: its writes, or the error that refused it."""
 
     writes: list[mapping.Write]
-    commit: Any = None  # an awaitable factory, e.g. storing the opt-out state
+    #: Why the record cannot be written: RecordRejected → the DLQ, Fatal → the workflow FAILED.
+    error: SinkError | None = None
+    after_written: AfterWritten | None = None
 
 
 class Workflow(Protocol):
@@ -44,7 +50,7 @@ class Workflow(Protocol):
 
     async def plan(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> list[Planned]:
         """One Planned per (topic, event), in order. Raises nothing for a single record: one
-        that cannot be mapped is a `Planned` whose `commit` is the RecordRejected (or Fatal: only a
+        that cannot be mapped is a `Planned` whose `error` is the RecordRejected (or Fatal: only a
         configuration fault, never something a record's content provokes)."""
         ...
 
@@ -81,9 +87,9 @@ class StatelessWorkflow:
             try:
                 planned.append(Planned(self.writes(topic, event)))
             except (mapping.MappingError, Fatal) as error:
-                planned.append(Planned([], commit=error))
+                planned.append(Planned([], error=error))
             except Exception as error:  # whatever one record provokes is that record's rejection
-                planned.append(Planned([], commit=_unplannable(error)))
+                planned.append(Planned([], error=_unplannable(error)))
         return planned
 
     def forget_pending(self) -> None:
@@ -185,21 +191,21 @@ class OptInOut:
             try:
                 decision = optout.decide(event, side, state, self.config)
             except mapping.MappingError as error:
-                planned.append(Planned([], commit=error))
+                planned.append(Planned([], error=error))
                 continue
             except Exception as error:  # whatever one record provokes is that record's rejection
-                planned.append(Planned([], commit=_unplannable(error)))
+                planned.append(Planned([], error=_unplannable(error)))
                 continue
-            commit = None
+            store = None
             if decision.state is not None:
                 pending = _Pending(decision)
                 self._pending.setdefault(key, []).append(pending)
-                commit = self._store(key, pending)
+                store = self._store(key, pending)
             log.debug("event=optout_decision key=%s side=%s reason=%s", key, side, decision.reason)
-            planned.append(Planned(decision.writes, commit=commit))
+            planned.append(Planned(decision.writes, after_written=store))
         return planned
 
-    def _store(self, key: str, pending: _Pending) -> Any:
+    def _store(self, key: str, pending: _Pending) -> AfterWritten:
         async def store() -> None:
             assert self._producer is not None
             chain = self._pending.get(key, [])

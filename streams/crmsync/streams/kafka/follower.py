@@ -20,7 +20,9 @@ class CompactedTopicFollower:
     ``latest`` keeps the newest value per key (a tombstone removes the key) and ``on_record`` sees
     each record as it comes (``on_timed_record`` with its Kafka timestamp too); ``loaded`` is set
     once everything present at start was read, and ``changes()`` yields after each batch of new
-    records.
+    records, and raises what ended the following if it crashed; ``restart()`` then follows again
+    from after the last record it read (the one that crashed it included: a record that crashes
+    the follower is not read twice).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class CompactedTopicFollower:
         self._partitions = None if partitions is None else sorted(partitions)
         self._consumer = kafka.consumer(auto_offset_reset="earliest", fetch_max_wait_ms=100)
         self._task: asyncio.Task[None] | None = None
+        self._positions: dict[TopicPartition, int] = {}
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -65,6 +68,7 @@ class CompactedTopicFollower:
             batch = await self._consumer.getmany(timeout_ms=500)
             for tp, records in batch.items():
                 for record in records:
+                    self._positions[tp] = record.offset + 1
                     key = record.key.decode() if record.key else ""
                     if record.value is None:
                         self.latest.pop(key, None)
@@ -82,18 +86,43 @@ class CompactedTopicFollower:
             if batch:
                 self.changed.set()
 
-    async def stop(self) -> None:
+    async def restart(self) -> None:
+        """Follows again (after a crash) from where it was; `latest` is kept."""
+        await self._cancel()
+        tps = list(self._consumer.assignment())
+        for tp in tps:
+            position = self._positions.get(tp)
+            if position is not None:
+                self._consumer.seek(tp, position)
+        ends = await self._consumer.end_offsets(tps)
+        self._task = asyncio.create_task(self._follow(ends), name=f"follow:{self.topic}")
+
+    async def _cancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            except Exception:
+                pass
+
+    async def stop(self) -> None:
+        await self._cancel()
         await self._consumer.stop()
 
     async def changes(self) -> AsyncIterator[None]:
-        """Yields after every batch of new records."""
+        """Yields after every batch of new records; raises what ended the following."""
         while True:
-            await self.changed.wait()
+            task = self._task
+            assert task is not None, "start() first"
+            changed = asyncio.ensure_future(self.changed.wait())
+            try:
+                await asyncio.wait({changed, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+            if task.done():
+                task.result()  # the crash, if it crashed
+                raise RuntimeError(f"stopped following {self.topic}")
             self.changed.clear()
             yield None
