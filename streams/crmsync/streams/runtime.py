@@ -273,8 +273,7 @@ class WorkflowRuntime:
     async def resync(self) -> None:
         """The agent (re)starts: what it had not written is forgotten and, while running, every
         partition is read again from its commit (a restarted agent never waits on batches its
-        crashed predecessor took)."""
-        self._queued_records = self._queued_batches = 0
+        crashed predecessor took; those were uncounted when taken)."""
         if not self.gate.is_set() or self.consumer is None:
             return  # the next Start seeks to the commit anyway
         async with self.lock:
@@ -287,8 +286,8 @@ class WorkflowRuntime:
         is abandoned (not acked), and nothing more is written or acked for `revoked`; what
         another member now owns is never written over by this one."""
         revoked = set(revoked)
-        # Faust clears the agent's queue on revoke: those batches are read again.
-        self._queued_records = self._queued_batches = 0
+        # The batches still in the agent's channel stay there (and are counted until the agent
+        # takes them); fetched before the rebalance, they are dropped when taken.
         if self.consumer is not None:
             self.consumer.fetch_epoch += 1  # batches fetched before are dropped
         running = self.gate.is_set()
