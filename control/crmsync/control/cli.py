@@ -341,7 +341,9 @@ def _topics(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> None:
         created = await topics.ensure_topics(
             settings.kafka,
-            topic_specs(settings.topic_partitions, args.custom_entity),
+            topic_specs(
+                settings.topic_partitions, args.custom_entity, settings.outcomes_retention_h
+            ),
             replication=settings.topic_replication,
         )
         print(f"created {len(created)} topic(s)" + (": " + ", ".join(created) if created else ""))

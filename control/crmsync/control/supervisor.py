@@ -90,7 +90,10 @@ class KafkaSupervisor:
     async def start(self) -> None:
         await topics.ensure_topics(
             self.settings.kafka,
-            catalog.topic_specs(self.settings.topic_partitions),
+            catalog.topic_specs(
+                self.settings.topic_partitions,
+                outcomes_retention_h=self.settings.outcomes_retention_h,
+            ),
             replication=self.settings.topic_replication,
         )
         await self._producer.start()

@@ -75,7 +75,9 @@ class WorkflowApp(faust.App):
         settings = self.runtime.settings
         await topics.ensure_topics(
             settings.kafka,
-            catalog.topic_specs(settings.topic_partitions),
+            catalog.topic_specs(
+                settings.topic_partitions, outcomes_retention_h=settings.outcomes_retention_h
+            ),
             replication=settings.topic_replication,
         )
         self.control = CompactedTopicFollower(settings.kafka, topics.CONTROL)

@@ -159,11 +159,15 @@ def default_config(workflow: str) -> WorkflowConfig:
 
 
 def topic_specs(
-    partitions: int = 6, custom_entities: list[str] | tuple[str, ...] = ()
+    partitions: int = 6,
+    custom_entities: list[str] | tuple[str, ...] = (),
+    outcomes_retention_h: float = topics.OUTCOMES_RETENTION_H,
 ) -> list[TopicSpec]:
-    """Every topic of DESIGN.md's table: the shared ones, then each workflow's own and its DLQ."""
+    """Every topic of DESIGN.md's table: the shared ones, then each workflow's own, its DLQ and
+    its outcome records."""
     return [
         *topics.shared_topic_specs(partitions, custom_entities),
         *(own for s in _SPECS for own in s.own_topics(partitions)),
         *(topics.dead_letter_spec(s.name, partitions) for s in _SPECS),
+        *(topics.outcomes_spec(s.name, outcomes_retention_h) for s in _SPECS),
     ]

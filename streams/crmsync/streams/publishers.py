@@ -1,14 +1,17 @@
-"""What a worker publishes besides its writes, through the producer it is handed: DLQ and status."""
+"""What a worker publishes besides its writes, through the producer it is handed: DLQ, status
+and outcome records."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
 
+from crmsync.streams import outcomes
 from crmsync.streams.control_protocol import WorkerStatus
 from crmsync.streams.delivery import Item
 from crmsync.streams.kafka import topics
@@ -74,3 +77,26 @@ class StatusReports:
             )
         except Exception as error:  # a status that cannot be sent must not stop the data path
             log.warning("event=status_not_sent workflow=%s error=%r", status.workflow, error)
+
+
+@dataclass
+class Outcomes:
+    """Publishes one outcome record per batch to the workflow's outcomes topic (the trace).
+
+    Not waited for: the trace is an account of the writes, never a condition of them."""
+
+    producer: AIOKafkaProducer
+    workflow: str
+    worker: str
+
+    async def send(self, entries: list[dict[str, Any]]) -> None:
+        if not entries:
+            return
+        try:
+            await self.producer.send(
+                topics.outcomes(self.workflow),
+                outcomes.encode(self.workflow, self.worker, entries),
+                key=self.worker.encode(),
+            )
+        except Exception as error:  # e.g. a batch past the size limit: the writes still count
+            log.warning("event=outcomes_not_sent workflow=%s error=%r", self.workflow, error)

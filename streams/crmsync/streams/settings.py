@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     parent_wait_s: float = Field(
         default=300.0, ge=0, description="how long a record waits for its parent before the DLQ"
     )
+    outcomes_retention_h: float = Field(
+        default=7 * 24, gt=0, description="how long the record trace's outcome records are kept"
+    )
 
     http_host: str = "127.0.0.1"
     http_port: int = 8080

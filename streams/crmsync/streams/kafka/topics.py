@@ -37,6 +37,15 @@ def dead_letters(workflow: str) -> str:
     return f"crmsync.{workflow}.dlq"
 
 
+def outcomes(workflow: str) -> str:
+    """What the workflow did with each record it read (the record trace)."""
+    return f"crmsync.{workflow}.outcomes"
+
+
+#: How long outcome records are kept by default (CRMSYNC_OUTCOMES_RETENTION_H).
+OUTCOMES_RETENTION_H = 7 * 24
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
@@ -74,6 +83,14 @@ def dead_letter_spec(workflow: str, partitions: int) -> TopicSpec:
         dead_letters(workflow),
         partitions,
         config={"retention.ms": "-1", "max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)},
+    )
+
+
+def outcomes_spec(workflow: str, retention_h: float = OUTCOMES_RETENTION_H) -> TopicSpec:
+    """A workflow's outcome records: one partition (one record per written batch), kept for
+    `retention_h` hours."""
+    return TopicSpec(
+        outcomes(workflow), 1, config={"retention.ms": str(int(retention_h * 3_600_000))}
     )
 
 
