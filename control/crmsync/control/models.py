@@ -15,6 +15,15 @@ class _Answer(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
+class DriftChange(_Answer):
+    target: str = Field(description="d365 or campaign")
+    kind: str = Field(description="table, column, key, navigation, resource, field or filter")
+    name: str
+    was: str = Field(description="its type and length at Start (or absent)")
+    now: str = Field(description="its type and length now (or missing)")
+    breaking: bool = Field(description="values would no longer fit or be lost")
+
+
 class WorkflowSummary(_Answer):
     name: str
     title: str
@@ -24,6 +33,15 @@ class WorkflowSummary(_Answer):
     eta_s: float | None = Field(default=None, description="draining: seconds to caught up")
     pending_changes: bool
     error: str | None = Field(default=None, description="why FAILED, or what STARTING waits for")
+    stopped_by: Literal["operator", "drift"] | None = Field(
+        default=None, description="STOPPED: by a Stop, or by the workflow itself on schema drift"
+    )
+    reason: str | None = Field(default=None, description='stopped_by "drift": what changed')
+    drift: list[DriftChange] = Field(
+        default_factory=list,
+        description="what the workers' last drift check found changed in the targets "
+        "(breaking ones stop the workflow; additive ones are only reported)",
+    )
 
 
 class WorkflowList(_Answer):
@@ -52,6 +70,8 @@ class WorkerView(_Answer):
     replayed: str | None
     heartbeat_at: str
     live: bool
+    stopped_by: str | None = None
+    reason: str | None = None
 
 
 class ConfigChange(_Answer):

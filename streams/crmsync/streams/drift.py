@@ -24,7 +24,6 @@ from crmsync.streams.preflight import Inventory, Requirement
 from crmsync.targets._http import RetryPolicy
 from crmsync.targets.campaign import CampaignClient
 from crmsync.targets.dynamics import DynamicsClient
-from crmsync.targets.errors import SinkError
 from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 
 log = logging.getLogger(__name__)
@@ -188,7 +187,7 @@ class DriftWatch:
     differences: list[Difference] = field(default_factory=list)
     _config: WorkflowConfig | None = None
     _baseline: Snapshot | None = None
-    _checked_at: float = float("-inf")
+    _refusal_checked_at: float = float("-inf")
     _names: set[str] = field(default_factory=set)
 
     async def baseline(self, config: WorkflowConfig) -> list[Difference]:
@@ -236,12 +235,13 @@ class DriftWatch:
         """At once when writes were refused naming a dependency (at most once a second)."""
         if not any(self.names_a_dependency(r) for r in refusals):
             return []
-        if self.clock() - self._checked_at < REFUSAL_CHECK_MIN_S:
+        if self.clock() - self._refusal_checked_at < REFUSAL_CHECK_MIN_S:
             return []
+        self._refusal_checked_at = self.clock()
+        log.info("event=drift_check_on_refusal workflow=%s", self.workflow)
         return await self.check()
 
     async def _snapshot(self, config: WorkflowConfig) -> Snapshot | None:
-        self._checked_at = self.clock()
         once = RetryPolicy(attempts=1, budget_s=0.0)
         inventory: Inventory = {}
         try:
@@ -251,7 +251,9 @@ class DriftWatch:
                     CampaignClient(self.campaign, retry=once) as acs,
                 ):
                     found = await preflight.check({self.workflow: config}, d365, acs, inventory)
-        except (SinkError, TimeoutError, OSError) as error:
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # SinkError, a timeout, a token endpoint that is down...
             log.warning("event=drift_check_failed workflow=%s error=%r", self.workflow, error)
             return None
         if any(r.workflow == "*" for r in found):

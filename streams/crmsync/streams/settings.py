@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     parent_wait_s: float = Field(
         default=300.0, ge=0, description="how long a record waits for its parent before the DLQ"
     )
+    drift_check_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="how often a worker compares its targets' metadata with its Start; 0 = never",
+    )
 
     http_host: str = "127.0.0.1"
     http_port: int = 8080
