@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
@@ -29,6 +29,7 @@ from crmsync.control.errors import Conflict, Invalid, Unavailable, UnknownWorkfl
 from crmsync.control.status import Derived, derive, live_workers
 from crmsync.control.supervisor_protocol import Figures
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, DecodeError
+from crmsync.schemas.registry import RegistryUnavailable
 from crmsync.streams import catalog, drift, preflight
 from crmsync.streams import config as configs
 from crmsync.streams.catalog import NAMES, WORKFLOWS
@@ -40,6 +41,7 @@ from crmsync.streams.control_protocol import (
 from crmsync.streams.kafka import topics
 from crmsync.streams.kafka.follower import CompactedTopicFollower
 from crmsync.streams.kafka.offsets import Backlog, OffsetReader, TopicTail
+from crmsync.streams.preview import STATEFUL_NOTE, Row, Side, dry_run
 from crmsync.streams.settings import Settings
 from crmsync.targets.campaign import CampaignClient
 from crmsync.targets.dynamics import DynamicsClient
@@ -374,6 +376,69 @@ class KafkaSupervisor:
         letters = [_dead_letter(r) for r in records]
         return models.DeadLetterList(workflow=name, dead_letters=letters, complete=complete)
 
+    async def preview(
+        self, name: str, config: Mapping[str, Any] | None, limit: int
+    ) -> models.PreviewAnswer:
+        """A dry run of the given (else the pending) config against the active one, on the
+        newest `limit` records of their source topics, read outside the consumer group: the
+        group's offsets, the targets and the kept state are left as they are."""
+        record = self._record(name)
+        active = catalog.parse_config(name, record.active_config)
+        source: Literal["body", "pending", "active"]
+        if config is not None:
+            try:
+                pending = catalog.parse_config(name, config)
+            except configs.ConfigError as error:
+                errors = [{**e, "loc": ["config", *e["loc"]]} for e in error.errors]
+                raise Invalid("invalid config", errors) from None
+            source, version = "body", None
+        elif record.pending_config is not None:
+            pending = catalog.parse_config(name, record.pending_config)
+            source, version = "pending", record.pending_version
+        else:
+            pending, source, version = active, "active", record.active_version
+        names = list(dict.fromkeys([*active.source_topics(), *pending.source_topics()]))
+        sampled, complete = await self._newest(names, limit)
+        try:
+            rows = await dry_run(
+                name,
+                active,
+                pending,
+                sampled,
+                self.settings.kafka,
+                timestamps=[r.timestamp for r in sampled],
+                registry_url=self.settings.schema_registry_url,
+            )
+        except (KafkaError, TimeoutError, RegistryUnavailable) as error:
+            raise Unavailable(f"cannot read what the dry run needs: {error!r}") from error
+        records = [_preview_record(row) for row in rows]
+        return models.PreviewAnswer(
+            workflow=name,
+            pending_source=source,
+            active_version=record.active_version,
+            pending_version=version,
+            records=records,
+            changed=sum(r.changed for r in records),
+            dropped=sum(r.filter_change == "dropped" for r in records),
+            kept=sum(r.filter_change == "kept" for r in records),
+            complete=complete,
+            note=STATEFUL_NOTE if name == "opt-in-out" else None,
+        )
+
+    async def _newest(self, names: list[str], limit: int) -> tuple[list[Any], bool]:
+        """The newest `limit` records over the topics, oldest first."""
+        found: list[Any] = []
+        complete = True
+        try:
+            for topic in names:
+                records, whole = await self._tail.newest_within(topic, limit)
+                found += records
+                complete = complete and whole
+        except (KafkaError, TimeoutError) as error:
+            raise Unavailable(f"cannot read the source topics: {error!r}") from error
+        found.sort(key=lambda r: (r.timestamp, r.topic, r.partition, r.offset), reverse=True)
+        return found[:limit][::-1], complete
+
     async def targets(self) -> list[preflight.Requirement]:
         configs = {name: catalog.parse_config(name, self.config(name).active) for name in NAMES}
         async with (
@@ -696,6 +761,31 @@ def _worker_view(status: WorkerStatus, live: bool) -> models.WorkerView:
         reason=status.reason,
         heartbeat_at=datetime.fromtimestamp(status.heartbeat_ms / 1000, UTC).isoformat(),
         live=live,
+    )
+
+
+def _preview_side(side: Side) -> models.PreviewSide:
+    return models.PreviewSide(
+        outcome=side.outcome,
+        writes=[models.PreviewWrite(**vars(w)) for w in side.writes],
+        reason=side.reason,
+    )
+
+
+def _preview_record(row: Row) -> models.PreviewRecord:
+    differences = row.differences
+    return models.PreviewRecord(
+        topic=row.topic,
+        partition=row.partition,
+        offset=row.offset,
+        key=row.key,
+        timestamp=_when(row.timestamp_ms),
+        event=row.event,
+        active=_preview_side(row.active),
+        pending=_preview_side(row.pending),
+        changed=bool(differences),
+        differences=differences,
+        filter_change=row.filter_change,
     )
 
 
