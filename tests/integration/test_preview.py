@@ -3,6 +3,11 @@ what it says the edit writes is what the worker writes once the edit is started.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +33,21 @@ async def _plane(cluster: Cluster) -> ControlPlane:
     plane = ControlPlane(settings)
     await plane.start()
     return plane
+
+
+async def _crmsync(plane: ControlPlane, *args: str) -> tuple[int, str, str]:
+    """The command line, as a user runs it, against this control plane with a viewer token."""
+    env = {**os.environ, "CRMSYNC_CONTROL_URL": str(plane.http.base_url)}
+    env["CRMSYNC_ADMIN_TOKEN"] = VIEWER
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "crmsync.control.cli", *args),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
 
 
 async def _committed(cluster: Cluster) -> dict[tuple[str, int], int]:
@@ -115,7 +135,7 @@ async def test_the_preview_of_a_pending_edit_is_what_the_worker_writes_after_sta
 
 
 async def test_bad_previews_are_refused_with_the_field_and_opt_in_out_says_it_uses_state(
-    cluster: Cluster,
+    cluster: Cluster, tmp_path: Path
 ) -> None:
     plane = await _plane(cluster)
     try:
@@ -130,5 +150,33 @@ async def test_bad_previews_are_refused_with_the_field_and_opt_in_out_says_it_us
         assert (same["pending_source"], len(same["records"]), same["changed"]) == ("active", 2, 0)
         optout = await plane.call("POST", "/api/v1/workflows/opt-in-out/preview", json={})
         assert "state" in optout["note"]
+
+        # the command line: a config file tried on the 3 newest records, printed side by side
+        config = default_config(D2C).model_dump(mode="json")
+        config["mappings"][1]["max_length"] = 3
+        (tmp_path / "edit.json").write_text(json.dumps(config))
+        code, out, err = await _crmsync(
+            plane,
+            "workflows",
+            "preview",
+            D2C,
+            "--records",
+            "3",
+            "--config",
+            str(tmp_path / "edit.json"),
+        )
+        assert code == 0, err
+        assert "firstName" in out and "First0" in out and "Fir " in out and "≠" in out
+        assert "3 record(s): 3 changed" in out and "nothing was written" in out
+        code, out, _ = await _crmsync(
+            plane, "workflows", "preview", D2C, "--records", "2", "--json"
+        )
+        assert code == 0 and len(json.loads(out)["records"]) == 2
+        code, _, err = await _crmsync(plane, "workflows", "preview", D2C, "--records", "501")
+        assert code == 1 and "limit" in err
+        code, _, err = await _crmsync(
+            plane, "workflows", "preview", D2C, "--config", str(tmp_path / "missing.json")
+        )
+        assert code == 1 and "missing.json" in err
     finally:
         await plane.close()
