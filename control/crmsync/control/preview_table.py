@@ -26,8 +26,9 @@ def _write_line(write: dict[str, Any] | None) -> str:
     return f"{write['operation']} {write['system']} {write['target']} {write['key']}"
 
 
-def _rows(record: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
-    """(what, active, pending, changed) lines of one record."""
+def lines(record: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(what, active, pending, changed) lines of one record: its outcome when either side does
+    not simply write, then each write and its fields (the CLI's rows and the page's)."""
     active, pending = record["active"], record["pending"]
     differences = set(record["differences"])
     lines: list[tuple[str, str, str, bool]] = []
@@ -80,7 +81,7 @@ def render(answer: dict[str, Any]) -> Table:
         where = f"{record['topic']}[{record['partition']}]@{record['offset']}\n{record['key']}"
         if record["filter_change"]:
             where += f"\n{record['filter_change']} by the pending filters"
-        for index, (what, was, now, changed) in enumerate(_rows(record)):
+        for index, (what, was, now, changed) in enumerate(lines(record)):
             mark = CHANGED if changed else ""
             style = "bold yellow" if changed else None
             table.add_row(where if index == 0 else "", what, was, now, mark, style=style)

@@ -31,6 +31,9 @@
       field(tr, "status-text").textContent = w.status;
       show(field(tr, "reason"), w.reason);
       show(field(tr, "note"), w.note);
+      if (w.drift !== undefined) renderDrift(field(tr, "drift"), w.drift);
+      const previewLink = field(tr, "preview-link");
+      if (previewLink) previewLink.hidden = !w.pending_changes;
       field(tr, "backlog").textContent = w.backlog_text;
       const trend = field(tr, "trend");
       trend.textContent = w.trend_text;
@@ -51,6 +54,32 @@
       }
       if (before === w.status) return null;
       return `${tr.dataset.title}: ${w.status}` + (w.reason ? ` (${w.reason})` : "");
+    }
+
+    // The drift list as a small table: piece, what it was at Start, what it is now.
+    function renderDrift(drift, changes) {
+      if (!drift) return;
+      const body = drift.querySelector("tbody");
+      body.replaceChildren(...changes.map((d) => {
+        const tr = document.createElement("tr");
+        tr.className = d.breaking ? "breaking" : "additive";
+        const name = document.createElement("th");
+        name.scope = "row";
+        const code = document.createElement("code");
+        code.textContent = d.name;
+        name.append(code);
+        const was = document.createElement("td");
+        const del = document.createElement("del");
+        del.textContent = d.was;
+        was.append(del);
+        const now = document.createElement("td");
+        const ins = document.createElement("ins");
+        ins.textContent = d.now;
+        now.append(ins, d.breaking ? "" : " (additive)");
+        tr.append(name, was, now);
+        return tr;
+      }));
+      drift.hidden = changes.length === 0;
     }
 
     function announce(messages) {
@@ -151,7 +180,8 @@
         (focus || add).focus();
       });
     }
-    const target = document.getElementById("error-summary") || document.getElementById("review-title");
+    const target = document.getElementById("error-summary") || document.getElementById("preview-title")
+      || document.getElementById("review-title");
     if (target) target.focus();
   }
 })();
