@@ -55,7 +55,7 @@ async def test_a_workflow_stopped_by_drift_shows_the_reason_and_what_changed_on_
         )
         changes = row.locator('[data-field="drift"]')
         await expect(changes).to_be_visible()
-        change = changes.locator("tbody tr", has_text=DROPPED)
+        change = changes.locator("li", has_text=DROPPED)
         await expect(change).to_contain_text("String(200)")
         await expect(change).to_contain_text("missing")
         await expect(page.locator("#live")).to_contain_text("STOPPED")

@@ -56,28 +56,20 @@
       return `${tr.dataset.title}: ${w.status}` + (w.reason ? ` (${w.reason})` : "");
     }
 
-    // The drift list as a small table: piece, what it was at Start, what it is now.
+    // The drift list as a small diff: piece, what it was at Start → what it is now.
     function renderDrift(drift, changes) {
       if (!drift) return;
-      const body = drift.querySelector("tbody");
-      body.replaceChildren(...changes.map((d) => {
-        const tr = document.createElement("tr");
-        tr.className = d.breaking ? "breaking" : "additive";
-        const name = document.createElement("th");
-        name.scope = "row";
+      drift.querySelector("ul").replaceChildren(...changes.map((d) => {
+        const li = document.createElement("li");
+        li.className = d.breaking ? "breaking" : "additive";
         const code = document.createElement("code");
         code.textContent = d.name;
-        name.append(code);
-        const was = document.createElement("td");
-        const del = document.createElement("del");
-        del.textContent = d.was;
-        was.append(del);
-        const now = document.createElement("td");
-        const ins = document.createElement("ins");
-        ins.textContent = d.now;
-        now.append(ins, d.breaking ? "" : " (additive)");
-        tr.append(name, was, now);
-        return tr;
+        const was = document.createElement("del");
+        was.textContent = d.was;
+        const now = document.createElement("ins");
+        now.textContent = d.now;
+        li.append(code, ": ", was, " → ", now, d.breaking ? "" : " (additive)");
+        return li;
       }));
       drift.hidden = changes.length === 0;
     }
