@@ -262,7 +262,7 @@ ENDPOINTS: list[Endpoint] = [
         "Dry run: what the active and the given (else the pending) config would write for the "
         "newest source records; writes nothing",
         Role.viewer, models.PreviewAnswer, body=models.PreviewBody,
-        refusals=(400, 404, 413, 422),
+        refusals=(400, 404, 409, 413, 422),
     ),
     Endpoint(
         "GET", f"{_W}/dead-letters", _dead_letters, "The newest dead letters with their reasons",

@@ -383,7 +383,7 @@ class KafkaSupervisor:
         newest `limit` records of their source topics, read outside the consumer group: the
         group's offsets, the targets and the kept state are left as they are."""
         record = self._record(name)
-        active = catalog.parse_config(name, record.active_config)
+        active = _stored_config(name, record.active_config, "active")
         source: Literal["body", "pending", "active"]
         if config is not None:
             try:
@@ -393,7 +393,7 @@ class KafkaSupervisor:
                 raise Invalid("invalid config", errors) from None
             source, version = "body", None
         elif record.pending_config is not None:
-            pending = catalog.parse_config(name, record.pending_config)
+            pending = _stored_config(name, record.pending_config, "pending")
             source, version = "pending", record.pending_version
         else:
             pending, source, version = active, "active", record.active_version
@@ -762,6 +762,16 @@ def _worker_view(status: WorkerStatus, live: bool) -> models.WorkerView:
         heartbeat_at=datetime.fromtimestamp(status.heartbeat_ms / 1000, UTC).isoformat(),
         live=live,
     )
+
+
+def _stored_config(name: str, raw: Mapping[str, Any], which: str) -> configs.WorkflowConfig:
+    """A stored config, validated again (one an older release stored may no longer be)."""
+    try:
+        return catalog.parse_config(name, raw)
+    except configs.ConfigError as error:
+        raise Conflict(
+            f"{name}'s {which} config no longer validates: edit it first", error.errors
+        ) from None
 
 
 def _preview_side(side: Side) -> models.PreviewSide:
