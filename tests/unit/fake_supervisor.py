@@ -69,6 +69,22 @@ class FakeSupervisor:
         self._check()
         return models.AuditList(audit=[])
 
+    async def preview(
+        self, name: str, config: Mapping[str, Any] | None, limit: int
+    ) -> models.PreviewAnswer:
+        self._check(name)
+        if config is not None:
+            try:
+                catalog.parse_config(name, config)  # the supervisor's own validation
+            except configs.ConfigError as error:
+                errors = [{**e, "loc": ["config", *e["loc"]]} for e in error.errors]
+                raise Invalid("invalid config", errors) from None
+        return models.PreviewAnswer(
+            workflow=name, pending_source="body" if config is not None else "active",
+            active_version=1, pending_version=None, records=[], changed=0, dropped=0, kept=0,
+            complete=True, note=None,
+        )  # fmt: skip
+
     async def targets(self) -> list[Requirement]:
         self._check()
         return []

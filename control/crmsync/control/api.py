@@ -167,6 +167,13 @@ async def _replay(call: Call) -> Response:
     return _answer(await call.supervisor.replay(call.name, body.from_, call.principal))
 
 
+async def _preview(call: Call) -> Response:
+    call.supervisor.config(call.name)  # an unknown workflow is a 404 before the body is read
+    empty = not (await call.request.body()).strip()
+    body = models.PreviewBody() if empty else await call.body(models.PreviewBody)
+    return _answer(await call.supervisor.preview(call.name, body.config, body.limit))
+
+
 async def _dead_letters(call: Call) -> Response:
     limit = call.limit()
     return _answer(await call.supervisor.dead_letters(call.name, limit))
@@ -248,6 +255,13 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint(
         "POST", f"{_W}/replay", _replay, "Move the committed offsets back (only while STOPPED)",
         Role.operator, models.ReplayAnswer, body=models.ReplayBody,
+        refusals=(400, 404, 409, 413, 422),
+    ),
+    Endpoint(
+        "POST", f"{_W}/preview", _preview,
+        "Dry run: what the active and the given (else the pending) config would write for the "
+        "newest source records; writes nothing",
+        Role.viewer, models.PreviewAnswer, body=models.PreviewBody,
         refusals=(400, 404, 409, 413, 422),
     ),
     Endpoint(

@@ -87,6 +87,23 @@ def _parser() -> argparse.ArgumentParser:
             one.add_argument(
                 "--wait", action="store_true", help="return once the status is RUNNING/STOPPED"
             )
+    preview = flow_actions.add_parser(
+        "preview",
+        help="dry run: what the active and the pending config would write for the newest "
+        "source records, side by side (writes nothing)",
+    )
+    preview.add_argument("workflow", choices=WORKFLOWS)
+    preview.add_argument(
+        "--records", type=int, default=20, metavar="N", help="newest records to plan (1-500)"
+    )
+    preview.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a config (JSON; - for standard input) instead of the pending one",
+    )
+    preview.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON"
+    )
     replay = flow_actions.add_parser(
         "replay", help="move a STOPPED workflow's committed offsets back"
     )
@@ -483,6 +500,16 @@ def _workflows(settings: Settings, args: argparse.Namespace) -> int:
                 detail = client.workflow(args.workflow)
                 print(json.dumps(detail, indent=2) if args.json else _describe(detail))
                 return EXIT_OK
+            if action == "preview":
+                config = _config_file(args.config) if args.config else None
+                answer = client.preview(args.workflow, config, args.records)
+                if args.json:
+                    print(json.dumps(answer, indent=2))
+                else:
+                    from crmsync.control.preview_table import print_preview
+
+                    print_preview(answer)
+                return EXIT_OK
             if action == "replay":
                 answer = client.replay(args.workflow, args.from_)
                 print(
@@ -507,9 +534,31 @@ def _workflows(settings: Settings, args: argparse.Namespace) -> int:
         except Refused as refused:
             print(f"crmsync workflows {action}: {refused}", file=sys.stderr)
             return EXIT_INVALID
+        except InvalidFile as error:
+            print(f"crmsync workflows {action}: {error}", file=sys.stderr)
+            return EXIT_INVALID
         except Unreachable as error:
             print(f"crmsync workflows: {error}", file=sys.stderr)
             return EXIT_UNREACHABLE
+
+
+class InvalidFile(ValueError):
+    """A file given on the command line that cannot be read or is not what it must be."""
+
+
+def _config_file(name: str) -> dict[str, Any]:
+    import json
+
+    try:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        data = json.loads(text)
+    except OSError as error:
+        raise InvalidFile(f"cannot read {name}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise InvalidFile(f"{name} is not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidFile(f"{name}: a config is a JSON object")
+    return data
 
 
 def _table(flows: list[dict[str, Any]]) -> str:

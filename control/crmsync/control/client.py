@@ -70,6 +70,13 @@ class ControlClient:
         result: dict[str, Any] = self._call("POST", f"/api/v1/workflows/{name}/stop")
         return result
 
+    def preview(self, name: str, config: dict[str, Any] | None, limit: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"limit": limit}
+        if config is not None:
+            body["config"] = config
+        result: dict[str, Any] = self._call("POST", f"/api/v1/workflows/{name}/preview", json=body)
+        return result
+
     def replay(self, name: str, from_: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call(
             "POST", f"/api/v1/workflows/{name}/replay", json={"from": from_}

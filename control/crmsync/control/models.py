@@ -15,6 +15,15 @@ class _Answer(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
+class DriftChange(_Answer):
+    target: str = Field(description="d365 or campaign")
+    kind: str = Field(description="table, column, key, navigation, resource, field or filter")
+    name: str
+    was: str = Field(description="its type and length at Start (or absent)")
+    now: str = Field(description="its type and length now (or missing)")
+    breaking: bool = Field(description="values would no longer fit or be lost")
+
+
 class WorkflowSummary(_Answer):
     name: str
     title: str
@@ -24,6 +33,15 @@ class WorkflowSummary(_Answer):
     eta_s: float | None = Field(default=None, description="draining: seconds to caught up")
     pending_changes: bool
     error: str | None = Field(default=None, description="why FAILED, or what STARTING waits for")
+    stopped_by: Literal["operator", "drift"] | None = Field(
+        default=None, description="STOPPED: by a Stop, or by the workflow itself on schema drift"
+    )
+    reason: str | None = Field(default=None, description='stopped_by "drift": what changed')
+    drift: list[DriftChange] = Field(
+        default_factory=list,
+        description="what the workers' last drift check found changed in the targets "
+        "(breaking ones stop the workflow; additive ones are only reported)",
+    )
 
 
 class WorkflowList(_Answer):
@@ -52,6 +70,8 @@ class WorkerView(_Answer):
     replayed: str | None
     heartbeat_at: str
     live: bool
+    stopped_by: str | None = None
+    reason: str | None = None
 
 
 class ConfigChange(_Answer):
@@ -135,6 +155,80 @@ class ReplayAnswer(_Answer):
     backlog: int
     partitions: list[PartitionBacklog]
     committed_by: Literal["workers", "control plane"]
+
+
+class PreviewBody(BaseModel):
+    """What to dry-run: a config (else the pending one) on the newest `limit` source records."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    config: dict[str, Any] | None = Field(
+        default=None,
+        description="the config to try (validated like PUT .../config); absent: the pending one",
+    )
+    limit: int = Field(
+        default=20, ge=1, le=500, description="how many of the newest source records to plan"
+    )
+
+
+class PreviewWrite(_Answer):
+    system: Literal["d365", "campaign"]
+    target: str = Field(description="the Dynamics entity set or Campaign resource")
+    operation: Literal["upsert", "create", "update", "delete"]
+    key: str
+    key_field: str | None
+    fields: dict[str, Any] = Field(description="field values written (a link: {profile: id})")
+    create_fields: dict[str, Any] = Field(
+        description="written only when the write creates the record"
+    )
+
+
+class PreviewSide(_Answer):
+    outcome: Literal["writes", "filtered", "nothing", "dead_letter", "fails", "not_read"] = Field(
+        description="writes; filtered (left out by the filters: no write, or the delete of a "
+        "filtered-out record); nothing to write; dead_letter (the record would be refused); "
+        "fails (the workflow would turn FAILED); not_read (this config does not read the topic)"
+    )
+    writes: list[PreviewWrite]
+    reason: str | None
+
+
+class PreviewRecord(_Answer):
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    timestamp: str
+    event: dict[str, Any] | None = Field(description="the decoded source event")
+    active: PreviewSide
+    pending: PreviewSide
+    changed: bool
+    differences: list[str] = Field(
+        description="what differs: outcome, writes, system, target, operation, key, or a "
+        "field's name"
+    )
+    filter_change: Literal["dropped", "kept"] | None = Field(
+        description="dropped: the pending config's filters leave out what the active one "
+        "writes; kept: the other way round"
+    )
+
+
+class PreviewAnswer(_Answer):
+    workflow: str
+    pending_source: Literal["body", "pending", "active"] = Field(
+        description="where the pending side's config came from (active: there is no pending "
+        "edit, both sides are the active config)"
+    )
+    active_version: int
+    pending_version: int | None
+    records: list[PreviewRecord] = Field(description="oldest first: the order a worker plans in")
+    changed: int
+    dropped: int
+    kept: int
+    complete: bool = Field(
+        description="false: a read's byte budget ended before `limit` records were found"
+    )
+    note: str | None = Field(description="how far the dry run can tell (kept state)")
 
 
 class DeadLetter(_Answer):

@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from crmsync.control import config_form, limits, models
+from crmsync.control import config_form, limits, models, preview_table
 from crmsync.control.api import error_response
 from crmsync.control.auth import Authenticator, Principal, Role
 from crmsync.control.errors import ControlError, Invalid, TooManyAttempts
@@ -37,6 +37,8 @@ _COOKIE = "crmsync_session"
 _SECURE_COOKIE = "__Host-crmsync_session"
 _SESSION_MAX_AGE_S = 12 * 3600
 _PENDING_TIP = "edited; changes apply on the next Stop + Start"
+#: Records the page's dry runs plan (the API's default).
+_PREVIEW_RECORDS = 20
 _HEADERS = {
     "Cache-Control": "no-store",
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
@@ -60,6 +62,10 @@ def row(summary: models.WorkflowSummary) -> dict[str, Any]:
     if summary.trend == "draining" and summary.eta_s is not None:
         trend += f", ETA {_duration(summary.eta_s)}"
     action = "start" if summary.status == "STOPPED" else "stop"
+    reason = summary.error if summary.status == "FAILED" else None
+    drifted = summary.status == "STOPPED" and summary.stopped_by == "drift"
+    if drifted:
+        reason = f"stopped_by: drift — {summary.reason}"
     return {
         **summary.model_dump(mode="json"),
         "backlog_text": f"{summary.backlog:,}",
@@ -67,7 +73,8 @@ def row(summary: models.WorkflowSummary) -> dict[str, Any]:
         "action": action,
         "busy": summary.status == "STARTING",
         "note": summary.error if summary.status != "FAILED" else None,
-        "reason": summary.error if summary.status == "FAILED" else None,
+        "reason": reason,
+        "drifted": drifted,
     }
 
 
@@ -435,7 +442,41 @@ class _Pages:
         if saving:
             form.general.append("The form changed after the review: check the changes again.")
         context |= {"review": review, "reviewed": digest}
+        if form_data.get("action") == "preview":
+            context |= await self._preview(supervisor, name, pending)
         return self._page(request, session, "edit.html", context)
+
+    async def _preview(
+        self, supervisor: Supervisor, name: str, config: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """The dry run's context for a template: the answer with its table lines, or why not."""
+        try:
+            answer = await supervisor.preview(name, config, _PREVIEW_RECORDS)
+        except ControlError as error:
+            return {"preview": None, "preview_problem": error.message}
+        data = answer.model_dump(mode="json")
+        for record in data["records"]:
+            record["lines"] = preview_table.lines(record)
+        return {"preview": data, "preview_problem": None}
+
+    async def preview_page(self, request: Request) -> Response:
+        """The pending edit tried on the newest records, with Start: what Start will apply."""
+        session = self._sessions.read(request)
+        if session.principal is None:
+            return self._redirect(request, session, f"/login?next={request.url.path}")
+        name = request.path_params["name"]
+        supervisor = self._supervisor(request)
+        try:
+            config = supervisor.config(name)
+            summary = await supervisor.summary(name)
+        except ControlError as error:
+            return self._refuse_error(request, session, error)
+        context = {
+            "row": row(summary),
+            "diff": [c.model_dump(mode="json") for c in config.pending_diff],
+        }
+        context |= await self._preview(supervisor, name, None)
+        return self._page(request, session, "preview.html", context)
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -445,6 +486,7 @@ class _Pages:
             Route("/workflows.json", self.rows, methods=["GET"]),
             Route("/workflows/{name}/start", self.toggle, methods=["POST"]),
             Route("/workflows/{name}/stop", self.toggle, methods=["POST"]),
+            Route("/workflows/{name}/preview", self.preview_page, methods=["GET"]),
             Route(
                 "/workflows/{name}/edit",
                 _by_method(self.edit_form, self.edit),

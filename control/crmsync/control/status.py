@@ -16,6 +16,9 @@ WAITING_FOR_A_WORKER = "waiting for a worker"
 class Derived:
     status: Status
     error: str | None = None
+    #: STOPPED: "operator" (a Stop) or "drift" (the workers stopped themselves: `reason`).
+    stopped_by: Literal["operator", "drift"] | None = None
+    reason: str | None = None
 
 
 def live_workers(
@@ -39,8 +42,16 @@ def derive(record: ControlRecord | None, live: list[WorkerStatus]) -> Derived:
         return Derived("FAILED", failed[0].error or f"worker {failed[0].worker_id} failed")
     if record.desired == "stopped":
         if all(w.generation == record.generation and w.state == "STOPPED" for w in live):
-            return Derived("STOPPED")
+            return Derived("STOPPED", stopped_by="operator")
         return Derived("STARTING", "stopping: waiting for every worker to confirm")
+    drifted = [w for w in current if w.state == "STOPPED" and w.stopped_by == "drift"]
+    if drifted:
+        # The targets changed under a running workflow: each worker stopped itself on its own
+        # check, and the workflow shows STOPPED once every live one did.
+        reason = drifted[0].reason or "the targets changed"
+        if all(w.generation == record.generation and w.state == "STOPPED" for w in live):
+            return Derived("STOPPED", stopped_by="drift", reason=reason)
+        return Derived("STARTING", f"stopping on drift: {reason}")
     if not live:
         return Derived("STARTING", WAITING_FOR_A_WORKER)
     if all(

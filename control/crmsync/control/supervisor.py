@@ -16,20 +16,21 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from crmsync.control import models
 from crmsync.control.audit import AuditEntry, AuditLog
-from crmsync.control.auth import Principal
+from crmsync.control.auth import Principal, Role
 from crmsync.control.backlog import TrendWindow
 from crmsync.control.errors import Conflict, Invalid, Unavailable, UnknownWorkflow
 from crmsync.control.status import Derived, derive, live_workers
 from crmsync.control.supervisor_protocol import Figures
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, DecodeError
-from crmsync.streams import catalog, preflight
+from crmsync.schemas.registry import RegistryUnavailable
+from crmsync.streams import catalog, drift, preflight
 from crmsync.streams import config as configs
 from crmsync.streams.catalog import NAMES, WORKFLOWS
 from crmsync.streams.control_protocol import (
@@ -40,9 +41,11 @@ from crmsync.streams.control_protocol import (
 from crmsync.streams.kafka import topics
 from crmsync.streams.kafka.follower import CompactedTopicFollower
 from crmsync.streams.kafka.offsets import Backlog, OffsetReader, TopicTail
+from crmsync.streams.preview import STATEFUL_NOTE, Row, Side, dry_run
 from crmsync.streams.settings import Settings
 from crmsync.targets.campaign import CampaignClient
 from crmsync.targets.dynamics import DynamicsClient
+from crmsync.targets.errors import SinkError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,10 @@ log = logging.getLogger(__name__)
 _ECHO_TIMEOUT_S = 15.0
 #: How old a backlog sample may be and still answer a request.
 _SAMPLE_REUSE_S = 1.0
+
+
+#: Who the audit log names for what the workers did by themselves.
+_WORKERS = Principal("crmsync-worker", Role.operator)
 
 
 def _now() -> str:
@@ -83,6 +90,8 @@ class KafkaSupervisor:
         self._backlogs: dict[str, Backlog] = {}
         self._trends = {name: TrendWindow(settings.backlog_window_s) for name in NAMES}
         self._sampler: asyncio.Task[None] | None = None
+        #: (workflow, generation) of the drift stops already written to the audit log.
+        self._drift_audited: set[tuple[str, int]] = set()
         self.started_at = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -248,6 +257,28 @@ class KafkaSupervisor:
         while True:
             await asyncio.sleep(self.settings.backlog_sample_s)
             await self.sample()
+            await self.audit_drift_stops()
+
+    async def audit_drift_stops(self) -> None:
+        """An audit entry for each workflow that stopped itself on drift (once per generation)."""
+        for name in NAMES:
+            record = self._records.get(name)
+            derived = self.derived(name) if record is not None else None
+            if record is None or derived is None or derived.stopped_by != "drift":
+                continue
+            if (name, record.generation) in self._drift_audited:
+                continue
+            details = {
+                "generation": record.generation,
+                "reason": derived.reason,
+                "changes": [c.model_dump() for c in self._drift_changes(name) if c.breaking],
+            }
+            try:
+                await self._audited(_WORKERS, "stopped-by-drift", name, details)
+            except Unavailable as error:
+                log.warning("event=drift_audit_failed workflow=%s error=%s", name, error)
+                continue
+            self._drift_audited.add((name, record.generation))
 
     async def summary(self, name: str) -> models.WorkflowSummary:
         record = self._record(name)
@@ -263,7 +294,25 @@ class KafkaSupervisor:
             eta_s=reading.eta_s,
             pending_changes=record.pending_config is not None,
             error=derived.error,
+            stopped_by=derived.stopped_by,
+            reason=derived.reason,
+            drift=self._drift_changes(name),
         )
+
+    def _drift_changes(self, name: str) -> list[models.DriftChange]:
+        """What the live workers of the current generation last found changed (deduplicated)."""
+        record = self._record(name)
+        seen: dict[tuple[str, str, str], models.DriftChange] = {}
+        for worker in self._live(name):
+            if worker.generation != record.generation:
+                continue
+            for raw in worker.drift:
+                difference = drift.Difference.from_dict(raw)
+                seen.setdefault(
+                    (difference.target, difference.kind, difference.name),
+                    models.DriftChange(**difference.as_dict()),
+                )
+        return sorted(seen.values(), key=lambda d: (not d.breaking, d.name))
 
     async def summaries(self) -> list[models.WorkflowSummary]:
         return [await self.summary(name) for name in NAMES]
@@ -330,6 +379,69 @@ class KafkaSupervisor:
         letters = [_dead_letter(r) for r in records]
         return models.DeadLetterList(workflow=name, dead_letters=letters, complete=complete)
 
+    async def preview(
+        self, name: str, config: Mapping[str, Any] | None, limit: int
+    ) -> models.PreviewAnswer:
+        """A dry run of the given (else the pending) config against the active one, on the
+        newest `limit` records of their source topics, read outside the consumer group: the
+        group's offsets, the targets and the kept state are left as they are."""
+        record = self._record(name)
+        active = _stored_config(name, record.active_config, "active")
+        source: Literal["body", "pending", "active"]
+        if config is not None:
+            try:
+                pending = catalog.parse_config(name, config)
+            except configs.ConfigError as error:
+                errors = [{**e, "loc": ["config", *e["loc"]]} for e in error.errors]
+                raise Invalid("invalid config", errors) from None
+            source, version = "body", None
+        elif record.pending_config is not None:
+            pending = _stored_config(name, record.pending_config, "pending")
+            source, version = "pending", record.pending_version
+        else:
+            pending, source, version = active, "active", record.active_version
+        names = list(dict.fromkeys([*active.source_topics(), *pending.source_topics()]))
+        sampled, complete = await self._newest(names, limit)
+        try:
+            rows = await dry_run(
+                name,
+                active,
+                pending,
+                sampled,
+                self.settings.kafka,
+                timestamps=[r.timestamp for r in sampled],
+                registry_url=self.settings.schema_registry_url,
+            )
+        except (KafkaError, TimeoutError, RegistryUnavailable) as error:
+            raise Unavailable(f"cannot read what the dry run needs: {error!r}") from error
+        records = [_preview_record(row) for row in rows]
+        return models.PreviewAnswer(
+            workflow=name,
+            pending_source=source,
+            active_version=record.active_version,
+            pending_version=version,
+            records=records,
+            changed=sum(r.changed for r in records),
+            dropped=sum(r.filter_change == "dropped" for r in records),
+            kept=sum(r.filter_change == "kept" for r in records),
+            complete=complete,
+            note=STATEFUL_NOTE if name == "opt-in-out" else None,
+        )
+
+    async def _newest(self, names: list[str], limit: int) -> tuple[list[Any], bool]:
+        """The newest `limit` records over the topics, oldest first."""
+        found: list[Any] = []
+        complete = True
+        try:
+            for topic in names:
+                records, whole = await self._tail.newest_within(topic, limit)
+                found += records
+                complete = complete and whole
+        except (KafkaError, TimeoutError) as error:
+            raise Unavailable(f"cannot read the source topics: {error!r}") from error
+        found.sort(key=lambda r: (r.timestamp, r.topic, r.partition, r.offset), reverse=True)
+        return found[:limit][::-1], complete
+
     async def targets(self) -> list[preflight.Requirement]:
         configs = {name: catalog.parse_config(name, self.config(name).active) for name in NAMES}
         async with (
@@ -361,10 +473,14 @@ class KafkaSupervisor:
         """A new generation, desired running; pending changes become the active config."""
         async with self._lock(name):
             record = self._record(name)
-            status = self.derived(name).status
-            if record.desired == "running" and status != "FAILED":
+            derived = self.derived(name)
+            status = derived.status
+            drifted = derived.stopped_by == "drift"
+            if record.desired == "running" and status != "FAILED" and not drifted:
                 raise Conflict(f"{name} is already {'running' if status == 'RUNNING' else status}")
             await self._preflight(name, record.pending_config or record.active_config)
+            if drifted:
+                await self._drift_remains(name, record.pending_config or record.active_config)
             update: dict[str, Any] = {
                 "desired": "running",
                 "generation": record.generation + 1,
@@ -396,6 +512,30 @@ class KafkaSupervisor:
             raise Conflict(
                 f"{name} cannot start: its targets lack {len(missing)} piece(s) its config needs",
                 {"missing": [r.as_dict() for r in missing]},
+            )
+
+    async def _drift_remains(self, name: str, config: Any) -> None:
+        """Refuse the Start of a workflow that stopped on drift (409, with the differences)
+        until the target is put back or the config no longer needs what changed."""
+        reported = [drift.Difference(**c.model_dump()) for c in self._drift_changes(name)]
+        parsed = catalog.parse_config(name, config)
+        try:
+            async with (
+                DynamicsClient(self.settings.dynamics) as dynamics,
+                CampaignClient(self.settings.campaign) as campaign,
+            ):
+                found = await preflight.check({name: parsed}, dynamics, campaign)
+        except SinkError as error:
+            raise Unavailable(f"cannot read the targets' metadata: {error.reason}") from error
+        unread = [r for r in found if r.workflow == "*"]
+        if unread:
+            raise Unavailable(f"cannot read the targets' metadata: {unread[0].fix}")
+        remaining = drift.still_breaking(reported, found, name)
+        if remaining:
+            raise Conflict(
+                f"{name} cannot start: its targets still differ from what its config was "
+                f"started with: {drift.reason(remaining)}",
+                {"drift": [d.as_dict() for d in remaining]},
             )
 
     async def stop_workflow(self, name: str, who: Principal) -> models.StatusAnswer:
@@ -620,8 +760,45 @@ def _worker_view(status: WorkerStatus, live: bool) -> models.WorkerView:
         records_written=status.records_written,
         dead_lettered=status.dead_lettered,
         replayed=status.replayed,
+        stopped_by=status.stopped_by,
+        reason=status.reason,
         heartbeat_at=datetime.fromtimestamp(status.heartbeat_ms / 1000, UTC).isoformat(),
         live=live,
+    )
+
+
+def _stored_config(name: str, raw: Mapping[str, Any], which: str) -> configs.WorkflowConfig:
+    """A stored config, validated again (one an older release stored may no longer be)."""
+    try:
+        return catalog.parse_config(name, raw)
+    except configs.ConfigError as error:
+        raise Conflict(
+            f"{name}'s {which} config no longer validates: edit it first", error.errors
+        ) from None
+
+
+def _preview_side(side: Side) -> models.PreviewSide:
+    return models.PreviewSide(
+        outcome=side.outcome,
+        writes=[models.PreviewWrite(**vars(w)) for w in side.writes],
+        reason=side.reason,
+    )
+
+
+def _preview_record(row: Row) -> models.PreviewRecord:
+    differences = row.differences
+    return models.PreviewRecord(
+        topic=row.topic,
+        partition=row.partition,
+        offset=row.offset,
+        key=row.key,
+        timestamp=_when(row.timestamp_ms),
+        event=row.event,
+        active=_preview_side(row.active),
+        pending=_preview_side(row.pending),
+        changed=bool(differences),
+        differences=differences,
+        filter_change=row.filter_change,
     )
 
 

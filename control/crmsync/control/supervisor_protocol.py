@@ -42,6 +42,12 @@ class Supervisor(Protocol):
 
     async def audit(self, limit: int) -> models.AuditList: ...
 
+    async def preview(
+        self, name: str, config: Mapping[str, Any] | None, limit: int
+    ) -> models.PreviewAnswer:
+        """What the active and the given (else the pending) config would write for the newest
+        `limit` source records; writes nothing. An invalid config is `Invalid` (loc "config")."""
+
     async def targets(self) -> list[Requirement]:
         """What each workflow's active config needs in the targets: present, or missing."""
 

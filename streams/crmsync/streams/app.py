@@ -221,7 +221,12 @@ def create_app(
     async def retry_parked() -> None:
         await _supervised(runtime, "parked retries", runtime.tick())
 
+    async def check_drift() -> None:
+        await _supervised(runtime, "drift check", runtime.check_drift())
+
     app.timer(settings.heartbeat_s, name=f"{spec.group_id}.heartbeat")(heartbeat)
+    if settings.drift_check_s > 0:
+        app.timer(settings.drift_check_s, name=f"{spec.group_id}.drift-check")(check_drift)
     app.timer(0.5, name=f"{spec.group_id}.parked-retries")(retry_parked)
 
     async def fence(sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any) -> None:
@@ -238,7 +243,7 @@ def create_app(
         owner = app
 
     app.consumer.deliver = deliver  # type: ignore[attr-defined]
-    del write, heartbeat, retry_parked, fence, Control  # registered with the app
+    del write, heartbeat, retry_parked, check_drift, fence, Control  # registered with the app
     return app
 
 

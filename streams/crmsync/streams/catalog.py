@@ -76,6 +76,7 @@ def _d365_to_campaign(config: D365ToCampaignConfig, _kafka: KafkaClients) -> Wor
         config,
         CHANGE_EVENT,
         lambda topic, event: mapping.writes_for(event, topic, config),
+        lambda topic, event: mapping.filtered_out(event, topic, config),
     )
 
 
@@ -85,6 +86,7 @@ def _campaign_to_d365(config: CampaignToD365Config, _kafka: KafkaClients) -> Wor
         config,
         EMAIL_EVENT,
         lambda _topic, event: mapping.email_event_writes(event, config),
+        lambda _topic, event: not mapping.email_event_enabled(event, config),
     )
 
 

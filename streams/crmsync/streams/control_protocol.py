@@ -72,6 +72,13 @@ class WorkerStatus(BaseModel):
     records_written: int = 0
     dead_lettered: int = 0
     replayed: str | None = Field(default=None, description="id of the last replay carried out")
+    # Added fields have defaults, and readers ignore keys they do not know: a worker and a
+    # control plane of different releases read each other's records.
+    stopped_by: Literal["operator", "drift"] | None = None
+    reason: str | None = Field(default=None, description='why, when stopped_by is "drift"')
+    drift: list[dict[str, Any]] = Field(
+        default_factory=list, description="the differences of the last drift check"
+    )
     heartbeat_ms: int = Field(default_factory=lambda: int(time.time() * 1000))
     host: str = ""
     pid: int = 0

@@ -18,6 +18,7 @@ from crmsync.streams.config import (
     Condition,
     CustomEntity,
     D365ToCampaignConfig,
+    EventType,
     FieldMapping,
     FilterGroup,
     value_key,
@@ -288,6 +289,12 @@ def _known(event: Mapping[str, Any], after: Mapping[str, Any]) -> Mapping[str, A
     return {**before, **after} if before else after
 
 
+def _left_out(rows: _Rows, event: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
+    """Whether the rows' filters leave a create/update/read out (it writes nothing then, or
+    deletes its row with ``delete_when_filtered_out``)."""
+    return rows.filters is not None and not rows.filters(_known(event, after))
+
+
 # -- d365-to-campaign -------------------------------------------------------------------------
 
 
@@ -307,7 +314,7 @@ def _contact_writes(event: Mapping[str, Any], rows: _Rows) -> list[Write]:
     if event.get("op") == "d":
         return _delete(rows, key) if rows.propagate_deletes else []
     after = _after(event)
-    if rows.filters is not None and not rows.filters(_known(event, after)):
+    if _left_out(rows, event, after):
         return _delete(rows, key) if rows.delete_when_filtered_out else []
     fields, create_fields = _mapped(rows.fields, after)
     if not fields and not create_fields:
@@ -341,7 +348,7 @@ def _entity_writes(event: Mapping[str, Any], rows: _Rows) -> list[Write]:
     if event.get("op") == "d":
         return _delete(rows, key) if rows.propagate_deletes else []
     after = _after(event)
-    if rows.filters is not None and not rows.filters(_known(event, after)):
+    if _left_out(rows, event, after):
         return _delete(rows, key) if rows.delete_when_filtered_out else []
     fields, create_fields = _mapped(rows.fields, after)
     if rows.link is not None and rows.link[0] in after:
@@ -369,6 +376,24 @@ def writes_for(event: Mapping[str, Any], topic: str, config: D365ToCampaignConfi
     return writes(event)
 
 
+def _topic_rows(config: D365ToCampaignConfig) -> dict[str, _Rows]:
+    """Source topic → its rows' plan (the same plan objects ``writes_for`` runs)."""
+    rows = {config.contact_topic: _plan(config, _contact_rows)}
+    for entity in config.custom_entities:
+        rows.setdefault(entity.source_topic, _plan(entity, _entity_rows))
+    return rows
+
+
+def filtered_out(event: Mapping[str, Any], topic: str, config: D365ToCampaignConfig) -> bool:
+    """Whether the config's filters leave out an event read from ``topic`` (a delete, or a
+    topic the config does not read, is never filtered)."""
+    rows = _plan(config, _topic_rows).get(topic)
+    after = event.get("after")
+    if rows is None or event.get("op") == "d" or after is None:
+        return False
+    return _left_out(rows, event, after)
+
+
 # -- campaign-to-d365 -------------------------------------------------------------------------
 
 
@@ -385,16 +410,23 @@ def event_time(ts_ms: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
 
 
+def email_event_enabled(event: Mapping[str, Any], config: CampaignToD365Config) -> bool:
+    """Whether the config syncs events of this one's type (a disabled type writes nothing)."""
+    kind = event.get("type")
+    settings = config.events.get(kind) if kind in EVENT_TYPES else None
+    return settings is not None and settings.enabled
+
+
 def email_event_writes(event: Mapping[str, Any], config: CampaignToD365Config) -> list[Write]:
     """An EmailEvent → the upsert of its timeline activity, keyed by the event id.
 
     A disabled (or unconfigured) event type writes nothing. The activity is linked to the contact
     (``contact_id`` must be a GUID); null event fields are not written.
     """
-    kind = event.get("type")
-    settings = config.events.get(kind) if kind in EVENT_TYPES else None
-    if settings is None or not settings.enabled:
+    if not email_event_enabled(event, config):
         return []
+    kind: EventType = event["type"]
+    settings = config.events[kind]
     event_id = event.get("event_id")
     if not isinstance(event_id, str) or not event_id:
         raise MappingError(f"the {kind} event has no event_id")
@@ -440,9 +472,11 @@ __all__ = [
     "compile_filter",
     "contact_writes",
     "convert",
+    "email_event_enabled",
     "email_event_writes",
     "entity_writes",
     "event_time",
+    "filtered_out",
     "matches",
     "writes_for",
 ]

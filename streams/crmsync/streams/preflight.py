@@ -35,6 +35,9 @@ class Requirement:
     name: str
     present: bool = False
     fix: str = ""
+    #: A column's or field's type as the target describes it (``String(100)``, ``Decimal(2)``,
+    #: ``string(64)``), so drift can tell a change that no longer fits the values.
+    shape: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,7 +138,37 @@ def _each(workflows: set[str]) -> list[str]:
     return sorted(workflows)
 
 
-async def check_dynamics(client: DynamicsClient, needs: _Needs) -> list[Requirement]:
+#: Names every needed table or resource has, whether the configs use them or not:
+#: ``d365:<entity set>`` / ``campaign:<resource>`` → column or field names.
+Inventory = dict[str, set[str]]
+
+
+def column_shape(attribute: Mapping[str, Any]) -> str:
+    """``String(100)``, ``Decimal(2)`` (decimal places), ``Integer``...: the AttributeMetadata's
+    type with what bounds its values (MaxLength of String/Memo, Precision of Decimal/Money)."""
+    kind = str(attribute.get("AttributeType") or "")
+    if not kind:
+        kind = (
+            str(attribute.get("@odata.type", ""))
+            .rpartition(".")[2]
+            .removesuffix("AttributeMetadata")
+        )
+    for bound in ("MaxLength", "Precision"):
+        if isinstance(attribute.get(bound), int):
+            return f"{kind}({attribute[bound]})"
+    return kind
+
+
+def field_shape(described: Mapping[str, Any]) -> str:
+    """``string(64)``, ``double``...: a Campaign field's ``type`` and ``length``."""
+    kind = str(described.get("type") or "")
+    length = described.get("length")
+    return f"{kind}({length})" if isinstance(length, int) else kind
+
+
+async def check_dynamics(
+    client: DynamicsClient, needs: _Needs, inventory: Inventory | None = None
+) -> list[Requirement]:
     """Reads EntityDefinitions (with Attributes and Keys) and $metadata's navigation properties."""
     found: list[Requirement] = []
     navigations = await _navigation_properties(client)
@@ -152,7 +185,11 @@ async def check_dynamics(client: DynamicsClient, needs: _Needs) -> list[Requirem
                     "" if definition else "create the table: crmsync targets setup d365",
                 )
             )
-        attributes = {a.get("LogicalName") for a in (definition or {}).get("Attributes", [])}
+        attributes = {
+            str(a.get("LogicalName")): a for a in (definition or {}).get("Attributes", [])
+        }
+        if inventory is not None and definition is not None:
+            inventory[f"d365:{entity_set}"] = set(attributes)
         keys = {
             tuple(sorted(k.get("KeyAttributes", []))): k.get("EntityKeyIndexStatus") or "Active"
             for k in (definition or {}).get("Keys", [])
@@ -169,6 +206,7 @@ async def check_dynamics(client: DynamicsClient, needs: _Needs) -> list[Requirem
                         f"{entity_set}.{column}",
                         present,
                         "" if present else f"add the column {column} (crmsync targets setup d365)",
+                        column_shape(attributes[column]) if present else "",
                     )
                 )
         for key, workflows in sorted(table.keys.items()):
@@ -219,11 +257,12 @@ def _key_fix(key: tuple[str, ...], status: str | None) -> str:
 
 
 async def _definition(client: DynamicsClient, entity_set: str) -> dict[str, Any] | None:
+    # Attributes without a nested $select: only then does each come with its derived type's
+    # properties (MaxLength of a StringAttributeMetadata, Precision of a Decimal one).
     params = {
         "$filter": f"EntitySetName eq '{entity_set}'",
         "$select": "LogicalName,EntitySetName,PrimaryIdAttribute",
-        "$expand": "Attributes($select=LogicalName),"
-        "Keys($select=KeyAttributes,EntityKeyIndexStatus)",
+        "$expand": "Attributes,Keys($select=KeyAttributes,EntityKeyIndexStatus)",
     }
     url = f"{client.api_url}/EntityDefinitions?{urlencode(params, safe='$,()=')}"
     response = await client.raw("GET", url, what=f"EntityDefinitions {entity_set}")
@@ -246,7 +285,9 @@ async def _navigation_properties(client: DynamicsClient) -> dict[str, set[str]]:
     return found
 
 
-async def check_campaign(client: CampaignClient, needs: _Needs) -> list[Requirement]:
+async def check_campaign(
+    client: CampaignClient, needs: _Needs, inventory: Inventory | None = None
+) -> list[Requirement]:
     """Reads each resource (one line) and calls each custom filter with a value nothing has."""
     found: list[Requirement] = []
     for resource, workflows in sorted(needs.resources.items()):
@@ -265,10 +306,12 @@ async def check_campaign(client: CampaignClient, needs: _Needs) -> list[Requirem
                     "resources), link it to the profile, publish; see docs/targets.md",
                 )
             )
-    described: dict[str, set[str] | None] = {}
+    described: dict[str, dict[str, str] | None] = {}
     for (resource, name), workflows in sorted(needs.fields.items()):
         if resource not in described:
             described[resource] = await _resource_fields(client, resource)
+            if inventory is not None and described[resource] is not None:
+                inventory[f"campaign:{resource}"] = set(described[resource] or {})
         fields = described[resource]
         present = fields is not None and name in fields
         fix = (
@@ -279,8 +322,11 @@ async def check_campaign(client: CampaignClient, needs: _Needs) -> list[Requirem
             else _field_fix(resource, name)
         )
         for workflow in _each(workflows):
+            shape = fields[name] if fields is not None and present else ""
             found.append(
-                Requirement(workflow, "campaign", "field", f"{resource}.{name}", present, fix)
+                Requirement(
+                    workflow, "campaign", "field", f"{resource}.{name}", present, fix, shape
+                )
             )
     for (resource, name, parameter), workflows in sorted(needs.filters.items()):
         url = f"{client.url(resource, name)}?{urlencode({parameter: '__crmsync_preflight__'})}"
@@ -318,9 +364,9 @@ def _field_fix(resource: str, name: str) -> str:
     )
 
 
-async def _resource_fields(client: CampaignClient, resource: str) -> set[str] | None:
-    """The fields' API names from the metadata mechanism, ``GET <root>/resourceType/<name>``;
-    None when the resource is not there."""
+async def _resource_fields(client: CampaignClient, resource: str) -> dict[str, str] | None:
+    """The fields' API names (→ their shapes) from the metadata mechanism,
+    ``GET <root>/resourceType/<name>``; None when the resource is not there."""
     root, _, name = resource.rpartition("/")
     try:
         described = await client.raw_get(client.url(f"{root}/resourceType/{name}"))
@@ -328,9 +374,11 @@ async def _resource_fields(client: CampaignClient, resource: str) -> set[str] | 
         return None
     content = described.get("content")
     if not isinstance(content, dict):
-        return set()
+        return {}
     return {
-        str(f.get("apiName", key)) if isinstance(f, dict) else str(key)
+        str(f.get("apiName", key)) if isinstance(f, dict) else str(key): field_shape(f)
+        if isinstance(f, dict)
+        else ""
         for key, f in content.items()
     }
 
@@ -344,16 +392,20 @@ async def _answers(client: CampaignClient, url: str) -> bool:
 
 
 async def check(
-    configs: Mapping[str, WorkflowConfig], dynamics: DynamicsClient, campaign: CampaignClient
+    configs: Mapping[str, WorkflowConfig],
+    dynamics: DynamicsClient,
+    campaign: CampaignClient,
+    inventory: Inventory | None = None,
 ) -> list[Requirement]:
-    """Every requirement of the configs, present or missing, Dynamics first."""
+    """Every requirement of the configs, present or missing, Dynamics first (``inventory``, when
+    given, gets every column and field name of the tables and resources read)."""
     needs = needs_of(configs)
     try:
-        found = await check_dynamics(dynamics, needs)
+        found = await check_dynamics(dynamics, needs, inventory)
     except SinkError as error:
         found = [Requirement("*", "d365", "table", "Web API", False, error.reason)]
     try:
-        found += await check_campaign(campaign, needs)
+        found += await check_campaign(campaign, needs, inventory)
     except SinkError as error:
         found.append(Requirement("*", "campaign", "resource", "REST API", False, error.reason))
     return found

@@ -16,14 +16,14 @@ import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaProducer
 from faust.types import TP
 
 from crmsync.schemas.codec import DecodeError
 from crmsync.schemas.registry import RegistryCodec, RegistryUnavailable, SchemaRegistry
-from crmsync.streams import catalog, workflows
+from crmsync.streams import catalog, drift, workflows
 from crmsync.streams import config as configs
 from crmsync.streams.consumer import Fetched, PausableConsumer
 from crmsync.streams.control_protocol import (
@@ -66,6 +66,10 @@ class WorkflowRuntime:
     dead_lettered: int = 0
     replayed: str | None = None
     workflow: workflows.Workflow | None = None
+    #: Who stopped it: "operator" (a Stop) or "drift" (the targets changed; see drift.py).
+    stopped_by: Literal["operator", "drift"] | None = None
+    drift_reason: str | None = None
+    drift_watch: drift.DriftWatch | None = None
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _producer: AIOKafkaProducer | None = None
@@ -80,6 +84,7 @@ class WorkflowRuntime:
     #: Set while no write may start: wakes retry waits at once.
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _delivery: Delivery = field(init=False)
+    _baseline_task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self._delivery = Delivery(
@@ -89,6 +94,10 @@ class WorkflowRuntime:
             retry_backoff_max_s=self.settings.retry_backoff_max_s,
             workflow=self.name,
         )
+        if self.drift_watch is None and self.settings.drift_check_s > 0:
+            self.drift_watch = drift.DriftWatch(
+                self.name, self.settings.dynamics, self.settings.campaign
+            )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -101,6 +110,8 @@ class WorkflowRuntime:
     async def close(self) -> None:
         """Abandons any in-flight batch without acking it, then releases every resource."""
         self.close_gate()
+        if self._baseline_task is not None:
+            self._baseline_task.cancel()
         if self.workflow is not None:
             await self.workflow.stop()
         for sink in self.sinks.values():
@@ -163,11 +174,13 @@ class WorkflowRuntime:
         await self.consumer.commit_now()
         self.state = "STOPPED"
         self.error = None
+        self.stopped_by, self.drift_reason = "operator", None
         log.info("event=stopped workflow=%s", self.name)
 
     async def _start(self, raw_config: Mapping[str, Any] | None, version: int) -> None:
         self.state = "STARTING"
         self.error = None
+        self.stopped_by = self.drift_reason = None
         await self.report()
         try:
             spec = catalog.spec(self.name)
@@ -204,6 +217,24 @@ class WorkflowRuntime:
             self._stopping.clear()
             self.gate.set()
         log.info("event=running workflow=%s config_version=%s", self.name, version)
+        if self.drift_watch is not None:
+            # Off the Start's path (the control plane checked the targets before this Start):
+            # what the targets show now is the baseline later checks compare with.
+            if self._baseline_task is not None:
+                self._baseline_task.cancel()
+            self._baseline_task = asyncio.create_task(self._take_baseline(config))
+
+    async def _take_baseline(self, config: configs.WorkflowConfig) -> None:
+        assert self.drift_watch is not None
+        try:
+            found = await self.drift_watch.baseline(config)
+        except Exception:  # a drift check never takes the worker down
+            log.exception("event=drift_baseline_failed workflow=%s", self.name)
+            return
+        if drift.breaking(found):
+            async with self.lock:
+                if self.gate.is_set():
+                    await self._drift_stop(found)
 
     async def fail(self, reason: str) -> None:
         """FAILED: nothing further is written or acked; Start (a new generation) resumes."""
@@ -213,6 +244,34 @@ class WorkflowRuntime:
         log.error("event=failed workflow=%s reason=%r", self.name, reason)
         if self.consumer is not None:
             await self.consumer.pause_all()
+        await self.report()
+
+    async def check_drift(self) -> None:
+        """The periodic drift check: on a breaking difference the workflow stops itself before
+        its next write (the write in flight, holding the lock, ends first)."""
+        if self.drift_watch is None or not self.gate.is_set():
+            return
+        if self._baseline_task is not None and not self._baseline_task.done():
+            return
+        found = await self.drift_watch.check()
+        if drift.breaking(found):
+            async with self.lock:
+                if self.gate.is_set():
+                    await self._drift_stop(found)
+
+    async def _drift_stop(self, found: list[drift.Difference]) -> None:
+        """STOPPED by drift, with the lock held: nothing of the batch in hand is acked or
+        dead-lettered (it is read again after the next Start), the commit stays at what was
+        written and acked before."""
+        self.close_gate()
+        assert self.consumer is not None
+        await self.consumer.pause_all()
+        self._forget_pending(self.consumer.fetch_epoch)
+        await self.consumer.commit_now()
+        self.state = "STOPPED"
+        self.error = None
+        self.stopped_by, self.drift_reason = "drift", drift.reason(found)
+        log.warning("event=stopped_by_drift workflow=%s reason=%r", self.name, self.drift_reason)
         await self.report()
 
     async def report(self, *, left: bool = False) -> None:
@@ -230,6 +289,9 @@ class WorkflowRuntime:
             records_written=self.records_written,
             dead_lettered=self.dead_lettered,
             replayed=self.replayed,
+            stopped_by=self.stopped_by if self.state == "STOPPED" else None,
+            reason=self.drift_reason if self.state == "STOPPED" else None,
+            drift=[d.as_dict() for d in self.drift_watch.differences] if self.drift_watch else [],
             host=socket.gethostname(),
             pid=os.getpid(),
         )
@@ -366,6 +428,14 @@ class WorkflowRuntime:
         fatal = await self._delivery.write(pending)
         if fatal is not None:
             await self.fail(fatal)
+            return
+        refusals = [i.error.reason for i, _ in pending if isinstance(i.error, RecordRejected)]
+        if refusals and self.drift_watch is not None and self.gate.is_set():
+            # A refusal naming a column, key or field the config needs may be drift: checked at
+            # once, and then the refused records are not dead-lettered but read again later.
+            found = await self.drift_watch.after_refusals(refusals)
+            if drift.breaking(found):
+                await self._drift_stop(found)
 
     async def _plan(self, items: list[Item]) -> None:
         assert self.workflow is not None

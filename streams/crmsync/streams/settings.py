@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     outcomes_retention_h: float = Field(
         default=7 * 24, gt=0, description="how long the record trace's outcome records are kept"
     )
+    drift_check_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="how often a worker compares its targets' metadata with its Start; 0 = never",
+    )
 
     http_host: str = "127.0.0.1"
     http_port: int = 8080

@@ -36,6 +36,8 @@ class Planned:
     #: Why the record cannot be written: RecordRejected → the DLQ, Fatal → the workflow FAILED.
     error: SinkError | None = None
     after_written: AfterWritten | None = None
+    #: Why a record writes what it writes, when the workflow says (an opt-out decision's reason).
+    note: str | None = None
 
 
 class Workflow(Protocol):
@@ -58,6 +60,15 @@ class Workflow(Protocol):
         """Drops what was decided for records not written yet: they will be read again."""
         ...
 
+    def filtered_out(self, topic: str, event: dict[str, Any]) -> bool:
+        """Whether the config's filters (or a disabled event type) leave this event out."""
+        ...
+
+    async def load_state(self) -> None:
+        """Reads what the workflow keeps between records, read-only and without writing
+        anything (a dry run plans against it); ``start`` does this and more."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -77,9 +88,16 @@ class StatelessWorkflow:
     config: WorkflowConfig
     schema: EventSchema
     writes: Callable[[str, dict[str, Any]], list[mapping.Write]]
+    filtered: Callable[[str, dict[str, Any]], bool] = lambda _topic, _event: False
 
     def source_topics(self) -> list[str]:
         return self.config.source_topics()
+
+    def filtered_out(self, topic: str, event: dict[str, Any]) -> bool:
+        return self.filtered(topic, event)
+
+    async def load_state(self) -> None:
+        return None
 
     async def plan(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> list[Planned]:
         planned = []
@@ -156,6 +174,21 @@ class OptInOut:
         self._producer = self.kafka.producer()
         await self._producer.start()
 
+    async def load_state(self) -> None:
+        """The kept state as it is now, read once outside any group (no producer: a dry run's
+        decisions are never stored)."""
+        follower = CompactedTopicFollower(
+            self.kafka, topics.OPTOUT_STATE, on_timed_record=self.remember, partitions=None
+        )
+        await follower.start()
+        try:
+            await follower.loaded.wait()
+        finally:
+            await follower.stop()
+
+    def filtered_out(self, topic: str, event: dict[str, Any]) -> bool:
+        return False
+
     def remember(self, key: str, value: bytes | None, stored_ms: int | None = None) -> None:
         """One record of the state topic; a malformed one is logged and changes nothing."""
         try:
@@ -202,7 +235,7 @@ class OptInOut:
                 self._pending.setdefault(key, []).append(pending)
                 store = self._store(key, pending)
             log.debug("event=optout_decision key=%s side=%s reason=%s", key, side, decision.reason)
-            planned.append(Planned(decision.writes, after_written=store))
+            planned.append(Planned(decision.writes, after_written=store, note=decision.reason))
         return planned
 
     def _store(self, key: str, pending: _Pending) -> AfterWritten:

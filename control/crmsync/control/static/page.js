@@ -31,6 +31,9 @@
       field(tr, "status-text").textContent = w.status;
       show(field(tr, "reason"), w.reason);
       show(field(tr, "note"), w.note);
+      if (w.drift !== undefined) renderDrift(field(tr, "drift"), w.drift);
+      const previewLink = field(tr, "preview-link");
+      if (previewLink) previewLink.hidden = !w.pending_changes;
       field(tr, "backlog").textContent = w.backlog_text;
       const trend = field(tr, "trend");
       trend.textContent = w.trend_text;
@@ -51,6 +54,24 @@
       }
       if (before === w.status) return null;
       return `${tr.dataset.title}: ${w.status}` + (w.reason ? ` (${w.reason})` : "");
+    }
+
+    // The drift list as a small diff: piece, what it was at Start → what it is now.
+    function renderDrift(drift, changes) {
+      if (!drift) return;
+      drift.querySelector("ul").replaceChildren(...changes.map((d) => {
+        const li = document.createElement("li");
+        li.className = d.breaking ? "breaking" : "additive";
+        const code = document.createElement("code");
+        code.textContent = d.name;
+        const was = document.createElement("del");
+        was.textContent = d.was;
+        const now = document.createElement("ins");
+        now.textContent = d.now;
+        li.append(code, ": ", was, " → ", now, d.breaking ? "" : " (additive)");
+        return li;
+      }));
+      drift.hidden = changes.length === 0;
     }
 
     function announce(messages) {
@@ -151,7 +172,8 @@
         (focus || add).focus();
       });
     }
-    const target = document.getElementById("error-summary") || document.getElementById("review-title");
+    const target = document.getElementById("error-summary") || document.getElementById("preview-title")
+      || document.getElementById("review-title");
     if (target) target.focus();
   }
 })();

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crmsync.deploy.emulators.faults import Faults, FaultSpec
+from crmsync.deploy.emulators.model import FieldDef, FieldType
 
 
 class Administered(Protocol):
@@ -42,6 +43,38 @@ def _json_only(endpoint: Any) -> Any:
         return response
 
     return checked
+
+
+class FieldChange(BaseModel):
+    """What an admin changes of a column or field in the vendor's UI: its type, its length, its
+    decimal places. Omitted keys keep what the column has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: FieldType | None = None
+    max_length: int | None = Field(default=None, ge=1, le=1_048_576)
+    precision: int | None = Field(default=None, ge=0, le=10)
+
+    def applied(self, field: FieldDef) -> FieldDef:
+        changes = self.model_dump(exclude_unset=True)
+        return FieldDef.model_validate({**field.model_dump(), **changes})
+
+
+async def field_change(request: Request) -> FieldChange | Response:
+    """The body of a ``PATCH /_admin/.../{column|field}``, or the 422 answer."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        return JSONResponse(
+            {"error": "send the body as JSON (Content-Type: application/json)"}, 415
+        )
+    try:
+        return FieldChange.model_validate_json(await request.body() or b"{}")
+    except ValidationError as e:
+        errors = [
+            {"loc": list(err["loc"]), "msg": err["msg"]}
+            for err in json.loads(e.json(include_url=False, include_context=False))
+        ]
+        return JSONResponse({"error": "invalid change", "errors": errors}, status_code=422)
 
 
 def admin_routes(emulator: Administered) -> list[Route]:

@@ -24,11 +24,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from crmsync.deploy.emulators.admin import admin_routes
+from crmsync.deploy.emulators.admin import FieldChange, admin_routes, field_change
 from crmsync.deploy.emulators.faults import Faults, Injected, retry_after_header
 from crmsync.deploy.emulators.limits import SlidingWindow
 from crmsync.deploy.emulators.model import (
     CAMPAIGN_DATETIME,
+    FieldDef,
     FieldType,
     InvalidValue,
     Resource,
@@ -180,9 +181,19 @@ class CampaignEmulator:
                     methods=["DELETE"],
                 ),
                 Route(
+                    "/_admin/resources/{name}/filters/{filter}",
+                    self._define_filter,
+                    methods=["PUT"],
+                ),
+                Route(
                     "/_admin/resources/{name}/fields/{field}",
                     self._drop_field,
                     methods=["DELETE"],
+                ),
+                Route(
+                    "/_admin/resources/{name}/fields/{field}",
+                    self._change_field,
+                    methods=["PATCH", "PUT"],
                 ),
                 Route(
                     "/{org}/campaign/{path:path}",
@@ -561,6 +572,49 @@ class CampaignEmulator:
             {**resource.model_dump(), "fields": fields, "key": key, "filters": filters}
         )
         return JSONResponse({"resource": resource.name, "fields": [f["name"] for f in fields]})
+
+    async def _change_field(self, request: Request) -> Response:
+        """Drift for tests: ``PATCH`` changes a field's type or length, ``PUT`` adds it (back)
+        with the body's type and length, as an admin does in the resource's Data structure
+        before publishing."""
+        change = await field_change(request)
+        if isinstance(change, Response):
+            return change
+        resource = self.resources.get(request.path_params["name"])
+        name = request.path_params["field"]
+        present = resource is not None and name in {f.name for f in resource.fields}
+        if resource is None or (request.method == "PATCH") != present:
+            what = "no such resource or field" if request.method == "PATCH" else "field exists"
+            return JSONResponse({"error": what}, status_code=404 if not present else 409)
+        if present:
+            fields = [change.applied(f) if f.name == name else f for f in resource.fields]
+        else:
+            added = FieldChange(
+                **{"type": FieldType.STRING, **change.model_dump(exclude_unset=True)}
+            )
+            fields = [*resource.fields, added.applied(FieldDef(name=name, type=FieldType.STRING))]
+        self.resources[resource.name] = Resource.model_validate(
+            {**resource.model_dump(), "fields": [f.model_dump() for f in fields]}
+        )
+        (field,) = [f for f in fields if f.name == name]
+        return JSONResponse({"resource": resource.name, "field": field.model_dump(mode="json")})
+
+    async def _define_filter(self, request: Request) -> Response:
+        """Drift for tests: a custom filter (back) on a resource, body ``{"field": ...,
+        "parameter": ...}``."""
+        resource = self.resources.get(request.path_params["name"])
+        try:
+            body = json.loads(await request.body() or b"{}")
+            field, parameter = str(body["field"]), str(body["parameter"])
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": 'send {"field": ..., "parameter": ...}'}, 422)
+        if resource is None or field not in {f.name for f in resource.fields}:
+            return JSONResponse({"error": "no such resource or field"}, status_code=404)
+        filters = {**resource.filters, request.path_params["filter"]: (field, parameter)}
+        self.resources[resource.name] = Resource.model_validate(
+            {**resource.model_dump(), "filters": filters}
+        )
+        return JSONResponse({"resource": resource.name, "filters": sorted(filters)})
 
     def _collection_of(self, resource_name: str) -> str:
         if resource_name == "profile":

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from crmsync.deploy.emulators.admin import admin_routes
+from crmsync.deploy.emulators.admin import admin_routes, field_change
 from crmsync.deploy.emulators.batch import (
     BatchError,
     BatchItem,
@@ -127,6 +127,11 @@ class DynamicsEmulator:
                     methods=["DELETE"],
                 ),
                 Route(
+                    "/_admin/entity-sets/{name}/columns/{column}",
+                    self._change_column,
+                    methods=["PATCH"],
+                ),
+                Route(
                     API_PREFIX + "/{path:path}",
                     self._api,
                     methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
@@ -200,6 +205,25 @@ class DynamicsEmulator:
 
         await self.store.run(drop)
         return JSONResponse({"entity_set": entity.name, "columns": [f.name for f in fields]})
+
+    async def _change_column(self, request: Request) -> Response:
+        """Drift for tests: a column's type, length or decimal places change (an admin editing
+        the column in the maker portal); the rows keep their values."""
+        change = await field_change(request)
+        if isinstance(change, Response):
+            return change
+        entity = self.webapi.entity_sets.get(request.path_params["name"])
+        column = request.path_params["column"]
+        if entity is None or column not in entity.by_name or column == entity.primary_id:
+            return JSONResponse({"error": "no such table or column"}, status_code=404)
+        fields = [
+            (change.applied(f) if f.name == column else f).model_dump() for f in entity.fields
+        ]
+        changed = EntitySet.model_validate({**entity.model_dump(), "fields": fields})
+        await self.store.run(lambda records: self.webapi.define(records, changed))
+        return JSONResponse(
+            {"entity_set": entity.name, "column": changed.by_name[column].model_dump(mode="json")}
+        )
 
     def revoke_tokens(self) -> None:
         self.tokens.revoke_all()

@@ -126,6 +126,9 @@ def attribute_definition(entity: EntitySet, field: FieldDef) -> dict[str, Any]:
     }
     if field.max_length is not None:
         definition["MaxLength"] = field.max_length
+    if field.type is FieldType.DECIMAL:
+        # DecimalAttributeMetadata.Precision: digits after the point, 2 unless set at creation.
+        definition["Precision"] = 2 if field.precision is None else field.precision
     if field.type is FieldType.LOOKUP and field.target:
         definition["Targets"] = [field.target]
     return definition
@@ -205,10 +208,14 @@ def _column(body: dict[str, Any]) -> FieldDef:
     if kind not in types:
         raise MetadataRefused(400, "0x80060888", f"Attribute type '{kind[:100]}' is not supported.")
     length = body.get("MaxLength")
+    precision = body.get("Precision")
     return FieldDef(
         name=schema.lower(),
         type=types[kind],
         max_length=int(length) if isinstance(length, int) and length > 0 else None,
+        precision=precision
+        if types[kind] is FieldType.DECIMAL and isinstance(precision, int) and 0 <= precision <= 10
+        else None,
     )
 
 

@@ -46,6 +46,7 @@ class FieldDef(BaseModel):
     name: str
     type: FieldType
     max_length: int | None = Field(default=None, ge=1)
+    precision: int | None = Field(default=None, ge=0, le=10, description="decimal places")
     read_only: bool = False
     target: str | None = Field(default=None, description="lookup/link: the set or resource")
     bind: str | None = Field(default=None, description="lookup: navigation property name")
