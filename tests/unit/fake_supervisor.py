@@ -69,6 +69,10 @@ class FakeSupervisor:
         self._check()
         return models.AuditList(audit=[])
 
+    async def trace(self, key: str) -> models.TraceAnswer:
+        self._check()
+        return models.TraceAnswer(key=key, events=[], truncated=False, not_indexed_yet=0)
+
     async def preview(
         self, name: str, config: Mapping[str, Any] | None, limit: int
     ) -> models.PreviewAnswer:

@@ -184,6 +184,13 @@ async def _audit(call: Call) -> Response:
     return _answer(await call.supervisor.audit(limit))
 
 
+async def _trace(call: Call) -> Response:
+    key = str(call.request.path_params["key"])
+    if len(key) > 200:
+        raise BadRequest(f"a key is at most 200 characters, got {len(key)}")
+    return _answer(await call.supervisor.trace(key))
+
+
 class TargetRequirement(BaseModel):
     """One piece a workflow's active config needs in a target (see docs/targets.md)."""
 
@@ -271,6 +278,11 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint(
         "GET", "/api/v1/audit", _audit, "The newest audit entries",
         Role.viewer, models.AuditList, query=("limit",), refusals=(400,),
+    ),
+    Endpoint(
+        "GET", "/api/v1/trace/{key}", _trace,
+        "Every change event that carried a key and what each workflow did with it, newest first",
+        Role.viewer, models.TraceAnswer, refusals=(400,),
     ),
     Endpoint(
         "GET", "/api/v1/targets", _targets,

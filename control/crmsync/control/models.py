@@ -288,3 +288,48 @@ class InvalidAnswer(ErrorAnswer):
 class Health(_Answer):
     status: Literal["ok", "unavailable"]
     detail: str | None = None
+
+
+class TraceWrite(BaseModel):
+    """One write a workflow made of a record: system, table/resource, operation, key, fields."""
+
+    system: str
+    target: str
+    op: str
+    key: str
+    fields: list[str]
+
+
+class TraceOutcome(BaseModel):
+    """What one workflow did with one event: written, skipped, parked or dead-lettered."""
+
+    workflow: str
+    worker: str
+    result: str
+    reason: str | None
+    writes: list[TraceWrite]
+    at: str
+
+
+class TraceEvent(BaseModel):
+    """One change event that carried the key, and each workflow's outcome of it, in order."""
+
+    key: str
+    topic: str
+    partition: int
+    offset: int
+    op: str | None
+    time: str | None
+    fields: list[str]
+    #: True: `fields` are the fields the event changed (it had a before-image); else carried.
+    fields_changed: bool
+    outcomes: list[TraceOutcome] = Field(default_factory=list)
+
+
+class TraceAnswer(BaseModel):
+    key: str
+    #: Newest first.
+    events: list[TraceEvent]
+    truncated: bool
+    #: Outcome records published but not indexed yet (None: not known yet).
+    not_indexed_yet: int | None

@@ -65,6 +65,12 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
             {"name": "name", "in": "path", "required": True,
              "schema": {"type": "string", "enum": list(NAMES)}, "description": "the workflow"}
         )  # fmt: skip
+    if "{key}" in endpoint.path:
+        parameters.append(
+            {"name": "key", "in": "path", "required": True,
+             "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+             "description": "a contact id, an event id, a profile's externalId or a record id"}
+        )  # fmt: skip
     if "limit" in endpoint.query:
         parameters.append(
             {"name": "limit", "in": "query", "required": False,

@@ -478,6 +478,24 @@ class _Pages:
         context |= await self._preview(supervisor, name, None)
         return self._page(request, session, "preview.html", context)
 
+    async def trace_page(self, request: Request) -> Response:
+        """What happened to one record: each event that carried it and every workflow's
+        outcome, newest first."""
+        session = self._sessions.read(request)
+        if session.principal is None:
+            return self._redirect(request, session, "/login?next=/trace")
+        key = request.query_params.get("key", "").strip()
+        workflow = request.query_params.get("workflow")
+        context: dict[str, Any] = {"key": key, "workflow": workflow, "trace": None}
+        if key:
+            if len(key) > 200:
+                return self._refuse(request, session, 400, "A key is at most 200 characters.")
+            try:
+                context["trace"] = await self._supervisor(request).trace(key)
+            except ControlError as error:
+                return self._refuse_error(request, session, error)
+        return self._page(request, session, "trace.html", context)
+
     def routes(self) -> list[BaseRoute]:
         return [
             Route("/", self.index, methods=["GET"]),
@@ -487,6 +505,7 @@ class _Pages:
             Route("/workflows/{name}/start", self.toggle, methods=["POST"]),
             Route("/workflows/{name}/stop", self.toggle, methods=["POST"]),
             Route("/workflows/{name}/preview", self.preview_page, methods=["GET"]),
+            Route("/trace", self.trace_page, methods=["GET"]),
             Route(
                 "/workflows/{name}/edit",
                 _by_method(self.edit_form, self.edit),

@@ -25,9 +25,10 @@ from crmsync.control import models
 from crmsync.control.audit import AuditEntry, AuditLog
 from crmsync.control.auth import Principal, Role
 from crmsync.control.backlog import TrendWindow
-from crmsync.control.errors import Conflict, Invalid, Unavailable, UnknownWorkflow
+from crmsync.control.errors import BadRequest, Conflict, Invalid, Unavailable, UnknownWorkflow
 from crmsync.control.status import Derived, derive, live_workers
 from crmsync.control.supervisor_protocol import Figures
+from crmsync.control.trace import TraceIndex
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, DecodeError
 from crmsync.schemas.registry import RegistryUnavailable
 from crmsync.streams import catalog, drift, preflight
@@ -92,6 +93,12 @@ class KafkaSupervisor:
         self._sampler: asyncio.Task[None] | None = None
         #: (workflow, generation) of the drift stops already written to the audit log.
         self._drift_audited: set[tuple[str, int]] = set()
+        self._trace = TraceIndex(
+            kafka,
+            settings.local_dir / "trace.sqlite",
+            NAMES,
+            retention_h=settings.outcomes_retention_h,
+        )
         self.started_at = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -116,8 +123,10 @@ class KafkaSupervisor:
                 await self._initialise(name)
         await self.sample()
         self._sampler = asyncio.create_task(self._sample_forever(), name="backlog-sampler")
+        await self._trace.start()
 
     async def close(self) -> None:
+        await self._trace.close()
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -456,6 +465,11 @@ class KafkaSupervisor:
         except (KafkaError, TimeoutError) as error:
             raise Unavailable(f"cannot read the audit log: {error!r}") from error
         return models.AuditList(audit=[models.AuditView(**e.model_dump()) for e in entries])
+
+    async def trace(self, key: str) -> models.TraceAnswer:
+        if not key.strip():
+            raise BadRequest("a key is needed: a contact id, an event id or a record id")
+        return self._trace.find(key)
 
     async def ready(self) -> None:
         """Raises Unavailable unless Kafka answers and both control topics were read."""

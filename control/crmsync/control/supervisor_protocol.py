@@ -42,6 +42,9 @@ class Supervisor(Protocol):
 
     async def audit(self, limit: int) -> models.AuditList: ...
 
+    async def trace(self, key: str) -> models.TraceAnswer:
+        """Every event that carried `key` and what each workflow did with it, newest first."""
+
     async def preview(
         self, name: str, config: Mapping[str, Any] | None, limit: int
     ) -> models.PreviewAnswer:

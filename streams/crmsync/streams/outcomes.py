@@ -50,6 +50,8 @@ class EventView(BaseModel):
     #: The fields the event changed (it had a before-image), else every field it carried.
     fields: list[str] = Field(default_factory=list)
     changed: bool = False
+    #: Other ids the record is found by (an email event's contact).
+    also: list[str] = Field(default_factory=list)
 
 
 class Outcome(BaseModel):
@@ -81,6 +83,13 @@ def event_view(
     name = (key or b"").decode("utf-8", "replace")[:MAX_KEY]
     view: dict[str, Any] = {"key": name, "topic": topic, "partition": partition, "offset": offset}
     if event is None:
+        return view
+    if "event_id" in event:  # a Campaign email event: no before/after, its own fields
+        view["key"] = str(event["event_id"])[:MAX_KEY]
+        view["op"] = event.get("type")
+        view["ts_ms"] = event.get("ts_ms")
+        view["fields"] = sorted(f for f, v in event.items() if v is not None)[:MAX_FIELDS]
+        view["also"] = [str(event.get("contact_id") or "")[:MAX_KEY]]
         return view
     after = event.get("after") or {}
     before = event.get("before")

@@ -23,7 +23,7 @@ from faust.types import TP
 
 from crmsync.schemas.codec import DecodeError
 from crmsync.schemas.registry import RegistryCodec, RegistryUnavailable, SchemaRegistry
-from crmsync.streams import catalog, drift, workflows
+from crmsync.streams import catalog, drift, outcomes, workflows
 from crmsync.streams import config as configs
 from crmsync.streams.consumer import Fetched, PausableConsumer
 from crmsync.streams.control_protocol import (
@@ -34,7 +34,7 @@ from crmsync.streams.control_protocol import (
 )
 from crmsync.streams.delivery import Delivery, Item, Pending, SourceRecord
 from crmsync.streams.kafka import topics
-from crmsync.streams.publishers import DeadLetters, StatusReports
+from crmsync.streams.publishers import DeadLetters, Outcomes, StatusReports
 from crmsync.streams.settings import Settings
 from crmsync.streams.sinks.base import BatchingSink
 from crmsync.targets.errors import Fatal, RecordRejected
@@ -75,6 +75,7 @@ class WorkflowRuntime:
     _producer: AIOKafkaProducer | None = None
     _dead_letters: DeadLetters | None = None
     _status: StatusReports | None = None
+    _outcomes: Outcomes | None = None
     _registry: RegistryCodec | None = None
     _epoch: int = -1
     #: Fetched batches put into the agent's channel and not taken yet, and their records.
@@ -106,6 +107,7 @@ class WorkflowRuntime:
         await self._producer.start()
         self._dead_letters = DeadLetters(self._producer, self.name)
         self._status = StatusReports(self._producer)
+        self._outcomes = Outcomes(self._producer, self.name, self.worker_id)
 
     async def close(self) -> None:
         """Abandons any in-flight batch without acking it, then releases every resource."""
@@ -429,6 +431,7 @@ class WorkflowRuntime:
         if fatal is not None:
             await self.fail(fatal)
             return
+        await self._report_parked(pending)
         refusals = [i.error.reason for i, _ in pending if isinstance(i.error, RecordRejected)]
         if refusals and self.drift_watch is not None and self.gate.is_set():
             # A refusal naming a column, key or field the config needs may be drift: checked at
@@ -444,7 +447,8 @@ class WorkflowRuntime:
             if item.record.value is None:
                 # A tombstone (a deleted key, for compaction): the delete event before it
                 # carried the change, so there is nothing to write.
-                item.planned = workflows.Planned([])
+                item.planned = workflows.Planned([], note=_TOMBSTONE)
+                _view(item)
                 continue
             try:
                 value = await self._decode(item.record.value)
@@ -456,6 +460,7 @@ class WorkflowRuntime:
                 item.error = RecordRejected(f"undecodable: {type(error).__name__}: {error}")
             else:
                 decoded.append((item, item.record.topic, value))
+            _view(item, value if item.error is None else None)
         planned = await self.workflow.plan([(topic, value) for _, topic, value in decoded])
         for (item, _, _), plan in zip(decoded, planned, strict=True):
             if isinstance(plan.error, Fatal):
@@ -495,17 +500,68 @@ class WorkflowRuntime:
         """Dead-letters and commits each partition's written records from the head, then
         tells the consumer how far each partition is written."""
         assert self.consumer is not None and self._dead_letters is not None
+        traced: list[dict[str, Any]] = []
         for topic, partition, done in self._delivery.acked():
             for item in done:
                 if item.error is not None:
                     await self._dead_letters.send(item)
                     self.dead_lettered += 1
+                    traced.append(outcomes.outcome(_view(item), "dead-lettered", item.error.reason))
                 elif item.planned is not None:
                     if item.planned.after_written is not None:
                         await item.planned.after_written()
                     if item.planned.writes:
                         self.records_written += 1
+                        traced.append(
+                            outcomes.outcome(
+                                _view(item), "written", item.planned.note, item.planned.writes
+                            )
+                        )
+                    else:
+                        traced.append(outcomes.outcome(_view(item), "skipped", _why_skipped(item)))
             self.consumer.acknowledge(TP(topic, partition), done[-1].record.offset + 1)
+        if self._outcomes is not None:
+            await self._outcomes.send(traced)
+
+    async def _report_parked(self, pending: list[Pending]) -> None:
+        """Records that just waited for their parent show in the trace as parked (once)."""
+        parked = [
+            item
+            for item in {id(item): item for item, _ in pending}.values()
+            if item.parent_missing_since is not None and not item.parked_shown and not item.done
+        ]
+        for item in parked:
+            item.parked_shown = True
+        if parked and self._outcomes is not None:
+            await self._outcomes.send(
+                [
+                    outcomes.outcome(_view(item), "parked", "its parent does not exist yet")
+                    for item in parked
+                ]
+            )
+
+
+_TOMBSTONE = "a tombstone (a deleted key, for compaction): the delete before it carried it"
+
+
+def _view(item: Item, event: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The trace's view of the item's event (made once, when it is decoded)."""
+    if item.view is None:
+        record = item.record
+        item.view = outcomes.event_view(
+            record.topic, record.partition, record.offset, record.key, event
+        )
+    return item.view
+
+
+def _why_skipped(item: Item) -> str:
+    assert item.planned is not None
+    if item.planned.note:
+        return item.planned.note
+    op = (item.view or {}).get("op")
+    if op == "d":
+        return "a delete, and the config does not propagate deletes"
+    return "filtered out by the config, or it carries no mapped field"
 
 
 def merge(fetched: Sequence[Fetched], max_records: int) -> list[tuple[int, list[SourceRecord]]]:
