@@ -84,11 +84,11 @@ def test_only_the_control_plane_writes_control_and_audit(principal: str, topic: 
     assert not allowed(principal, "topic", topic, "Write")
 
 
-def test_a_worker_writes_only_its_status_its_dead_letters_and_its_state() -> None:
+def test_a_worker_writes_only_its_status_its_dead_letters_its_outcomes_and_its_state() -> None:
     for workflow in catalog.NAMES:
         worker = f"crmsync-worker-{workflow}"
         written = {t for t in EVERY_TOPIC if allowed(worker, "topic", t, "Write")}
-        own = {topics.STATUS, topics.dead_letters(workflow)}
+        own = {topics.STATUS, topics.dead_letters(workflow), topics.outcomes(workflow)}
         assert written == own | ({topics.OPTOUT_STATE} if workflow == "opt-in-out" else set())
 
 

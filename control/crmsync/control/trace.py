@@ -207,8 +207,11 @@ class TraceIndex:
                     at=_iso(outcome.at_ms) or "",
                 )
             )
+        # By the event's source time; one without (a tombstone) by when it was handled.
         newest = sorted(
-            events.values(), key=lambda e: (e.time or "", e.topic, e.offset), reverse=True
+            events.values(),
+            key=lambda e: (e.time or e.outcomes[0].at, e.topic, e.offset),
+            reverse=True,
         )
         known = [b for b in self._behind.values() if b is not None]
         return models.TraceAnswer(
