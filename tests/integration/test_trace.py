@@ -68,9 +68,9 @@ async def test_a_contacts_life_shows_every_event_and_what_each_workflow_did(
             await dynamics.upsert("contacts", cid, fields, mode="create")
             await wait_for(lambda: contact_events(1), 60, "the created contact traced")
             for title in ("CFO", "CEO"):
+                after = len(await contact_events(0) or []) + 1
                 await dynamics.upsert("contacts", cid, {"jobtitle": title}, mode="update")
-                seen = len(await contact_events(0) or [])
-                await wait_for(lambda: contact_events(seen + 1), 60, f"the {title} edit traced")
+                await wait_for(lambda n=after: contact_events(n), 60, f"the {title} edit traced")
             # The person opts out in Campaign; Campaign's change reaches its topic.
             await campaign.upsert(PROFILE, cid, {"blackListEmail": True}, mode="update")
             await publish_changes(
