@@ -4,6 +4,7 @@ read it and the control plane's index, asked as ops would ask it (the HTTP API).
 from __future__ import annotations
 
 import uuid
+from functools import partial
 from typing import Any
 
 import pytest
@@ -70,7 +71,7 @@ async def test_a_contacts_life_shows_every_event_and_what_each_workflow_did(
             for title in ("CFO", "CEO"):
                 after = len(await contact_events(0) or []) + 1
                 await dynamics.upsert("contacts", cid, {"jobtitle": title}, mode="update")
-                await wait_for(lambda n=after: contact_events(n), 60, f"the {title} edit traced")
+                await wait_for(partial(contact_events, after), 60, f"the {title} edit traced")
             # The person opts out in Campaign; Campaign's change reaches its topic.
             await campaign.upsert(PROFILE, cid, {"blackListEmail": True}, mode="update")
             await publish_changes(
