@@ -58,7 +58,7 @@ class Item:
     remaining: int = 0  # writes not yet confirmed
     parent_missing_since: float | None = None
     #: What the record trace shows of its event (set when it is decoded).
-    view: dict[str, Any] | None = None
+    view: tuple[Any, ...] | None = None
     parked_shown: bool = False
 
     @property

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
@@ -89,13 +88,13 @@ class Outcomes:
     workflow: str
     worker: str
 
-    async def send(self, entries: list[dict[str, Any]]) -> None:
-        if not entries:
+    async def send(self, trace: outcomes.Trace) -> None:
+        if not trace:
             return
         try:
             await self.producer.send(
                 topics.outcomes(self.workflow),
-                outcomes.encode(self.workflow, self.worker, entries),
+                trace.encode(self.workflow, self.worker),
                 key=self.worker.encode(),
             )
         except Exception as error:  # e.g. a batch past the size limit: the writes still count

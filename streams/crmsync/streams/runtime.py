@@ -500,25 +500,21 @@ class WorkflowRuntime:
         """Dead-letters and commits each partition's written records from the head, then
         tells the consumer how far each partition is written."""
         assert self.consumer is not None and self._dead_letters is not None
-        traced: list[dict[str, Any]] = []
+        traced = outcomes.Trace()
         for topic, partition, done in self._delivery.acked():
             for item in done:
                 if item.error is not None:
                     await self._dead_letters.send(item)
                     self.dead_lettered += 1
-                    traced.append(outcomes.outcome(_view(item), "dead-lettered", item.error.reason))
+                    traced.add(_view(item), "dead-lettered", item.error.reason)
                 elif item.planned is not None:
                     if item.planned.after_written is not None:
                         await item.planned.after_written()
                     if item.planned.writes:
                         self.records_written += 1
-                        traced.append(
-                            outcomes.outcome(
-                                _view(item), "written", item.planned.note, item.planned.writes
-                            )
-                        )
+                        traced.add(_view(item), "written", item.planned.note, item.planned.writes)
                     else:
-                        traced.append(outcomes.outcome(_view(item), "skipped", _why_skipped(item)))
+                        traced.add(_view(item), "skipped", _why_skipped(item))
             self.consumer.acknowledge(TP(topic, partition), done[-1].record.offset + 1)
         if self._outcomes is not None:
             await self._outcomes.send(traced)
@@ -533,18 +529,16 @@ class WorkflowRuntime:
         for item in parked:
             item.parked_shown = True
         if parked and self._outcomes is not None:
-            await self._outcomes.send(
-                [
-                    outcomes.outcome(_view(item), "parked", "its parent does not exist yet")
-                    for item in parked
-                ]
-            )
+            traced = outcomes.Trace()
+            for item in parked:
+                traced.add(_view(item), "parked", "its parent does not exist yet")
+            await self._outcomes.send(traced)
 
 
 _TOMBSTONE = "a tombstone (a deleted key, for compaction): the delete before it carried it"
 
 
-def _view(item: Item, event: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _view(item: Item, event: Mapping[str, Any] | None = None) -> outcomes.EventTuple:
     """The trace's view of the item's event (made once, when it is decoded)."""
     if item.view is None:
         record = item.record
@@ -558,7 +552,7 @@ def _why_skipped(item: Item) -> str:
     assert item.planned is not None
     if item.planned.note:
         return item.planned.note
-    op = (item.view or {}).get("op")
+    op = item.view[4] if item.view is not None else None
     if op == "d":
         return "a delete, and the config does not propagate deletes"
     return "filtered out by the config, or it carries no mapped field"
