@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from crmsync.streams.catalog import default_config
 from crmsync.streams.drift import DriftWatch, reason
@@ -121,3 +122,20 @@ async def test_a_removed_custom_filter_and_a_changed_column_type_break(emulators
             "/_admin/entity-sets/contacts/columns/firstname", json={"max_length": 0}
         )
         assert invalid.status_code == 422
+
+
+WRONG = SecretStr("not-the-secret")
+
+
+@pytest.mark.parametrize("system", ["d365", "campaign"])
+async def test_refused_credentials_are_no_verdict_never_drift(emulators: Any, system: str) -> None:
+    """A target that refuses the worker's credentials hides its metadata: nothing is "missing"
+    (the writes fail the workflow with the credentials' reason instead)."""
+    drift = watch(emulators, "d365-to-campaign")
+    if system == "d365":
+        drift.dynamics = drift.dynamics.model_copy(update={"client_secret": WRONG})
+    else:
+        drift.campaign = drift.campaign.model_copy(update={"client_secret": WRONG})
+    assert await drift.baseline(default_config("d365-to-campaign")) == []
+    assert await drift.check() == []
+    assert drift.differences == []

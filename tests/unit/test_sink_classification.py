@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from crmsync.targets import campaign, dynamics
-from crmsync.targets.errors import Fatal, RecordRejected, Retryable
+from crmsync.targets.errors import Fatal, NotFound, RecordRejected, Retryable
 from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 
 
@@ -140,7 +140,7 @@ GATEWAY_401 = json.dumps({"error_code": "401013", "message": "Oauth token is not
         (429, "", "resource", False, Retryable),
         (401, GATEWAY_401, "resource", False, Fatal),
         (403, "", "resource", False, Fatal),
-        (404, "", "resource", False, Fatal),  # the resource itself is missing
+        (404, "", "resource", False, NotFound),  # the resource itself is missing (a Fatal)
         (404, "", "record", True, None),  # the record is already gone
         (404, "", "record", False, RecordRejected),
         (400, json.dumps({"message": "bad"}), "resource", False, RecordRejected),

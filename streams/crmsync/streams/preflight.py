@@ -18,7 +18,7 @@ from crmsync.streams.config import (
 from crmsync.targets._http import RetryPolicy
 from crmsync.targets.campaign import CampaignClient
 from crmsync.targets.dynamics import DynamicsClient
-from crmsync.targets.errors import Fatal, RecordRejected, Retryable, SinkError
+from crmsync.targets.errors import Fatal, NotFound, RecordRejected, Retryable, SinkError
 from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 
 Kind = Literal["table", "column", "key", "navigation", "resource", "field", "filter"]
@@ -370,7 +370,7 @@ async def _resource_fields(client: CampaignClient, resource: str) -> dict[str, s
     root, _, name = resource.rpartition("/")
     try:
         described = await client.raw_get(client.url(f"{root}/resourceType/{name}"))
-    except (Fatal, RecordRejected):
+    except (NotFound, RecordRejected):
         return None
     content = described.get("content")
     if not isinstance(content, dict):
@@ -386,7 +386,7 @@ async def _resource_fields(client: CampaignClient, resource: str) -> dict[str, s
 async def _answers(client: CampaignClient, url: str) -> bool:
     try:
         await client.raw_get(url)
-    except (Fatal, RecordRejected):
+    except (NotFound, RecordRejected):
         return False
     return True
 

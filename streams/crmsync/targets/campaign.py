@@ -24,7 +24,14 @@ from crmsync.targets._http import (
     short,
     transport_error,
 )
-from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
+from crmsync.targets.errors import (
+    Fatal,
+    NotFound,
+    ParentMissing,
+    RecordRejected,
+    Retryable,
+    SinkError,
+)
 from crmsync.targets.settings import CampaignTarget
 from crmsync.targets.writes import WriteMode, when_created, when_existing
 
@@ -120,7 +127,7 @@ def classify(
         return Fatal(reason)
     if status == 404:
         if place == "resource":
-            return Fatal(reason)
+            return NotFound(reason)
         return None if delete else RecordRejected(reason)
     if 400 <= status < 500:
         return RecordRejected(reason)

@@ -33,6 +33,13 @@ class Fatal(SinkError):
     """
 
 
+class NotFound(Fatal):
+    """The URL names nothing: a table, resource or filter the target does not have (404).
+
+    Writing through it is Fatal like any other; a metadata check reads it as "missing", where
+    any other Fatal (credentials refused, forbidden) means the target could not be read."""
+
+
 class ParentMissing(Retryable):
     """The record links to a parent (a contact or profile) the target does not have yet.
 
