@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
             one.add_argument(
                 "--wait", action="store_true", help="return once the status is RUNNING/STOPPED"
             )
+    from crmsync.control import dlq_cli
+
+    dlq_cli.add_parser(flow_actions, list(WORKFLOWS))
     replay = flow_actions.add_parser(
         "replay", help="move a STOPPED workflow's committed offsets back"
     )
@@ -481,6 +484,10 @@ def _workflows(settings: Settings, args: argparse.Namespace) -> int:
                 detail = client.workflow(args.workflow)
                 print(json.dumps(detail, indent=2) if args.json else _describe(detail))
                 return EXIT_OK
+            if action == "dlq":
+                from crmsync.control import dlq_cli
+
+                return dlq_cli.run(client, args)
             if action == "replay":
                 answer = client.replay(args.workflow, args.from_)
                 print(
