@@ -9,10 +9,10 @@ from typing import Any
 from crmsync.control import models
 from crmsync.control.auth import Principal
 from crmsync.control.dead_letters import DeadLetterFilter, RedriveAnswer, RedriveBody
-from crmsync.control.history import HistoryAnswer, HistoryEta
-from crmsync.control.sources import SourceList
 from crmsync.control.errors import Conflict, ControlError, Invalid, UnknownWorkflow
+from crmsync.control.history import HistoryAnswer, HistoryEta
 from crmsync.control.server import SupervisorFactory
+from crmsync.control.sources import SourceList
 from crmsync.control.supervisor_protocol import Figures, Supervisor
 from crmsync.streams import catalog
 from crmsync.streams import config as configs
