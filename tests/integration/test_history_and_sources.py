@@ -76,7 +76,7 @@ async def test_the_source_shows_its_state_a_missing_heartbeat_and_its_failure(
     source = start_source(cluster)
     running: dict[str, Any] = await wait_for(lambda: _source(plane, "RUNNING"), 60, "RUNNING")
     assert running["name"] == "d365" and running["last_poll_at"] is not None
-    assert [e["entity"] for e in running["entities"]][0] == "contact"
+    assert "contact" in {e["entity"] for e in running["entities"]}
     assert running["error"] is None and running["lag_s"] < 30
 
     source.kill()  # no goodbye: its last record still says RUNNING
