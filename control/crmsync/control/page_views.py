@@ -24,17 +24,17 @@ def _points(pairs: list[tuple[float, float]], since: float, span: float, top: fl
 
 def chart(history: HistoryAnswer, now: float) -> dict[str, Any]:
     """The polylines (backlog; records written per second) over the span and their captions."""
-    span = max(now - history.since, 1.0)
     samples = history.samples
+    # A control plane younger than the span draws what it has over the whole width.
+    since = max(history.since, samples[0].at) if samples else history.since
+    span = max(now - since, 1.0)
     peak = max((s.backlog for s in samples), default=0)
     peak_rate = max((s.written_per_s for s in samples), default=0.0)
     latest_rate = samples[-1].written_per_s if samples else 0.0
     eta = history.eta.text
     return {
-        "backlog_points": _points([(s.at, s.backlog) for s in samples], history.since, span, peak),
-        "rate_points": _points(
-            [(s.at, s.written_per_s) for s in samples], history.since, span, peak_rate
-        ),
+        "backlog_points": _points([(s.at, s.backlog) for s in samples], since, span, peak),
+        "rate_points": _points([(s.at, s.written_per_s) for s in samples], since, span, peak_rate),
         "eta_text": eta,
         "eta_trend": history.eta.trend,
         "peak_text": f"{peak:,}",

@@ -2,7 +2,7 @@
 "use strict";
 
 (function () {
-  const table = document.querySelector("table.workflows");
+  const table = document.querySelector("table.workflows[data-poll]");
   if (table) workflowsPage(table);
   const form = document.querySelector("form.config");
   if (form) editPage(form);
