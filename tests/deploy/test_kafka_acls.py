@@ -40,6 +40,7 @@ def _needs() -> list[tuple[str, str, str, str]]:
         worker = f"crmsync-worker-{workflow}"
         for topic in default_config(workflow).source_topics():
             needs += [(worker, "topic", topic, "Read"), ("crmsync-control", "topic", topic, "Read")]
+            needs += [("crmsync-control", "topic", topic, "Write")]  # a re-drive
         needs += [
             (worker, "topic", topics.CONTROL, "Read"),
             (worker, "topic", topics.STATUS, "Write"),
@@ -47,6 +48,7 @@ def _needs() -> list[tuple[str, str, str, str]]:
             (worker, "group", f"crmsync.{workflow}", "Read"),
             *((worker, "topic", t, "Describe") for t in EVERY_TOPIC),
             ("crmsync-control", "topic", topics.dead_letters(workflow), "Read"),
+            ("crmsync-control", "topic", topics.dead_letters(workflow), "Write"),  # markers
             ("crmsync-control", "group", f"crmsync.{workflow}", "Read"),  # a replay's commit
             ("crmsync-control", "group", f"crmsync.{workflow}", "Describe"),  # backlog
         ]

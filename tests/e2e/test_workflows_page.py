@@ -38,7 +38,7 @@ async def test_stop_publish_start_without_reloading(
         await stack.ensure(name, "RUNNING")
     await sign_in(page, stack)
     await expect(page.get_by_role("heading", name="Workflows")).to_be_visible()
-    await expect(page.locator("tbody tr")).to_have_count(3)
+    await expect(page.locator("tbody tr[data-name]")).to_have_count(3)
     for name in WORKFLOWS:
         await expect(_status(page, name)).to_have_text("RUNNING")
         await expect(_row(page, name).locator('[data-field="backlog"]')).to_have_text(
@@ -171,7 +171,7 @@ async def test_edit_error_then_pending_mark_until_stop_start(
 
 async def test_viewer_and_operator_see_only_what_they_may_use(page: Page, stack: Stack) -> None:
     await sign_in(page, stack, VIEWER)
-    await expect(page.locator("tbody tr")).to_have_count(3)
+    await expect(page.locator("tbody tr[data-name]")).to_have_count(3)
     await expect(page.locator("form.toggle")).to_have_count(0)
     await expect(page.get_by_role("button", name=re.compile("^(Start|Stop)"))).to_have_count(0)
     await page.get_by_role("link", name="View the config of Opt-in/Opt-out").click()

@@ -8,8 +8,11 @@ from typing import Any
 
 from crmsync.control import models
 from crmsync.control.auth import Principal
+from crmsync.control.dead_letters import DeadLetterFilter, RedriveAnswer, RedriveBody
 from crmsync.control.errors import Conflict, ControlError, Invalid, UnknownWorkflow
+from crmsync.control.history import HistoryAnswer, HistoryEta
 from crmsync.control.server import SupervisorFactory
+from crmsync.control.sources import SourceList
 from crmsync.control.supervisor_protocol import Figures, Supervisor
 from crmsync.streams import catalog
 from crmsync.streams import config as configs
@@ -64,6 +67,29 @@ class FakeSupervisor:
     async def dead_letters(self, name: str, limit: int) -> models.DeadLetterList:
         self._check(name)
         return models.DeadLetterList(workflow=name, dead_letters=[])
+
+    async def dead_letter_listing(
+        self, name: str, where: DeadLetterFilter, limit: int
+    ) -> models.DeadLetterList:
+        self._check(name)
+        return models.DeadLetterList(workflow=name, dead_letters=[])
+
+    async def redrive(self, name: str, body: RedriveBody, who: Principal) -> RedriveAnswer:
+        self._check(name)
+        self.actions.append(("redrive", name, who.name))
+        return RedriveAnswer(
+            workflow=name, redrive_id=None if body.dry_run else "r1", dry_run=body.dry_run,
+            matched=0, redriven=[], skipped=[], complete=True,
+        )  # fmt: skip
+
+    def sources(self) -> SourceList:
+        self._check()
+        return SourceList(sources=[])
+
+    def history(self, name: str, span_s: float = 3600.0) -> HistoryAnswer:
+        self._check(name)
+        eta = HistoryEta(trend="unknown", eta_s=None, text="no samples yet")
+        return HistoryAnswer(workflow=name, since=0, sample_interval_s=5, eta=eta, samples=[])
 
     async def audit(self, limit: int) -> models.AuditList:
         self._check()

@@ -7,7 +7,8 @@ import base64
 
 from aiokafka.structs import ConsumerRecord
 
-from crmsync.control.supervisor import VALUE_PREVIEW_BYTES, _dead_letter
+from crmsync.control.dead_letters import VALUE_PREVIEW_BYTES
+from crmsync.control.dead_letters import dead_letter as _dead_letter
 from crmsync.schemas.codec import CHANGE_EVENT
 from crmsync.streams.kafka.events import change_event
 

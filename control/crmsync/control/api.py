@@ -18,9 +18,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from crmsync.control import limits, models
+from crmsync.control import dead_letters, limits, models
 from crmsync.control.auth import Authenticator, Principal, Role, require
 from crmsync.control.errors import BadRequest, ControlError, Invalid, Unauthenticated, Unavailable
+from crmsync.control.history import CHART_S, KEEP_S, HistoryAnswer
+from crmsync.control.sources import SourceList
 from crmsync.control.supervisor_protocol import Supervisor
 from crmsync.control.throttle import FailureThrottle
 
@@ -174,9 +176,52 @@ async def _preview(call: Call) -> Response:
     return _answer(await call.supervisor.preview(call.name, body.config, body.limit))
 
 
+_FILTER_QUERY = ("reason", "error_class", "key", "since", "until")
+
+
+def _query_filter(call: Call) -> dead_letters.DeadLetterFilter:
+    """The listing's filter from the query string; a bad value is a 400 naming the parameter."""
+    given = {k: v for k, v in call.request.query_params.items() if k in _FILTER_QUERY}
+    try:
+        return dead_letters.DeadLetterFilter.model_validate(given)
+    except ValidationError as error:
+        errors = [
+            {"loc": ["query", *e["loc"]], "msg": e["msg"].removeprefix("Value error, ")}
+            for e in error.errors()
+        ]
+        names = ", ".join(str(e["loc"][-1]) for e in errors)
+        raise BadRequest(f"invalid query parameter(s): {names}", errors) from None
+
+
 async def _dead_letters(call: Call) -> Response:
     limit = call.limit()
-    return _answer(await call.supervisor.dead_letters(call.name, limit))
+    where = _query_filter(call)
+    return _answer(await call.supervisor.dead_letter_listing(call.name, where, limit))
+
+
+async def _redrive(call: Call) -> Response:
+    call.supervisor.config(call.name)  # an unknown workflow is a 404 before the body is read
+    body: dead_letters.RedriveBody = await call.body(dead_letters.RedriveBody)
+    return _answer(await call.supervisor.redrive(call.name, body, call.principal))
+
+
+async def _sources(call: Call) -> Response:
+    return _answer(call.supervisor.sources())
+
+
+async def _history(call: Call) -> Response:
+    raw = call.request.query_params.get("minutes")
+    span_s = CHART_S
+    if raw is not None:
+        most = int(KEEP_S // 60)
+        try:
+            minutes = int(raw)
+        except ValueError:
+            raise BadRequest(f"minutes must be a whole number, got {raw!r}") from None
+        if not 1 <= minutes <= most:
+            raise BadRequest(f"minutes must be between 1 and {most}, got {minutes}")
+        span_s = minutes * 60.0
+    return _answer(call.supervisor.history(call.name, span_s))
 
 
 async def _audit(call: Call) -> Response:
@@ -273,7 +318,23 @@ ENDPOINTS: list[Endpoint] = [
     ),
     Endpoint(
         "GET", f"{_W}/dead-letters", _dead_letters, "The newest dead letters with their reasons",
-        Role.viewer, models.DeadLetterList, query=("limit",), refusals=(400, 404),
+        Role.viewer, models.DeadLetterList, query=("limit", *_FILTER_QUERY), refusals=(400, 404),
+    ),
+    Endpoint(
+        "POST", f"{_W}/dead-letters/redrive", _redrive,
+        "Send the matching dead letters through the workflow again, once each (audited)",
+        Role.operator, dead_letters.RedriveAnswer, body=dead_letters.RedriveBody,
+        refusals=(400, 404, 413, 422),
+    ),
+    Endpoint(
+        "GET", f"{_W}/history", _history,
+        "Backlog and records written per second, sampled over the last hour",
+        Role.viewer, HistoryAnswer, query=("minutes",), refusals=(400, 404),
+    ),
+    Endpoint(
+        "GET", "/api/v1/sources", _sources,
+        "The change sources (the Dynamics source): state, last poll, lag, per entity",
+        Role.viewer, SourceList,
     ),
     Endpoint(
         "GET", "/api/v1/audit", _audit, "The newest audit entries",

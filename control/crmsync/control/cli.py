@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON"
     )
+    from crmsync.control import dlq_cli
+
+    dlq_cli.add_parser(flow_actions, list(WORKFLOWS))
     replay = flow_actions.add_parser(
         "replay", help="move a STOPPED workflow's committed offsets back"
     )
@@ -510,6 +513,10 @@ def _workflows(settings: Settings, args: argparse.Namespace) -> int:
 
                     print_preview(answer)
                 return EXIT_OK
+            if action == "dlq":
+                from crmsync.control import dlq_cli
+
+                return dlq_cli.run(client, args)
             if action == "replay":
                 answer = client.replay(args.workflow, args.from_)
                 print(

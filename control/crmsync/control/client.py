@@ -83,6 +83,18 @@ class ControlClient:
         )
         return result
 
+    def dead_letters(self, name: str, query: dict[str, str]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "GET", f"/api/v1/workflows/{name}/dead-letters", params=query
+        )
+        return result
+
+    def redrive(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "POST", f"/api/v1/workflows/{name}/dead-letters/redrive", json=body
+        )
+        return result
+
     def ready(self) -> bool:
         try:
             return self._http.get("/readyz", timeout=2).status_code == 200

@@ -231,6 +231,13 @@ class PreviewAnswer(_Answer):
     note: str | None = Field(description="how far the dry run can tell (kept state)")
 
 
+class RedriveMark(_Answer):
+    redrive_id: str
+    at: str
+    by: str = Field(description="the token's name")
+    to: str = Field(description="<topic>/<partition>/<offset> the event was sent to again")
+
+
 class DeadLetter(_Answer):
     topic: str
     partition: int
@@ -245,6 +252,20 @@ class DeadLetter(_Answer):
     value_size: int = Field(default=0, description="bytes of the original value")
     value_truncated: bool = Field(
         default=False, description="value_base64 holds only the first 8 KiB of the value"
+    )
+    reason: str | None = Field(default=None, description="the error message (the server's)")
+    error_class: str | None = None
+    attempts: int | None = None
+    failed_at: str | None = Field(default=None, description="when it was dead-lettered")
+    source_topic: str | None = None
+    source_partition: int | None = None
+    source_offset: int | None = None
+    redriven: RedriveMark | None = Field(
+        default=None, description="set once re-driven: a second re-drive skips it"
+    )
+    returned_from: Any = Field(
+        default=None,
+        description="{partition, offset} of the dead letter whose re-drive failed again as this",
     )
 
 

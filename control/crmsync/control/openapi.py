@@ -26,6 +26,17 @@ _REASONS = {
 }
 
 
+#: The query parameters besides `limit`.
+_QUERY: dict[str, dict[str, Any]] = {
+    "reason": {"type": "string", "maxLength": 500, "description": "text in the error message"},
+    "error_class": {"type": "string", "maxLength": 200},
+    "key": {"type": "string", "maxLength": 500},
+    "since": {"type": "string", "format": "date-time", "description": "with a zone"},
+    "until": {"type": "string", "format": "date-time", "description": "with a zone"},
+    "minutes": {"type": "integer", "minimum": 1, "maximum": 120, "default": 60},
+}
+
+
 def _ref(model: type[BaseModel]) -> dict[str, str]:
     return {"$ref": _REF.format(model=model.__name__)}
 
@@ -77,6 +88,11 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
              "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
                         "default": DEFAULT_LIMIT}}
         )  # fmt: skip
+    for name in endpoint.query:
+        if name in _QUERY:
+            parameters.append(
+                {"name": name, "in": "query", "required": False, "schema": _QUERY[name]}
+            )
     if parameters:
         operation["parameters"] = parameters
     if endpoint.body is not None:

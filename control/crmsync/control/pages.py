@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from pydantic import ValidationError
 from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -21,9 +22,10 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from crmsync.control import config_form, limits, models, preview_table
+from crmsync.control import config_form, limits, models, page_views, preview_table
 from crmsync.control.api import error_response
 from crmsync.control.auth import Authenticator, Principal, Role
+from crmsync.control.dead_letters import DeadLetterFilter, RedriveBody
 from crmsync.control.errors import ControlError, Invalid, TooManyAttempts
 from crmsync.control.supervisor_protocol import Supervisor
 from crmsync.control.throttle import FailureThrottle
@@ -324,12 +326,15 @@ class _Pages:
         if session.principal is None:
             return self._redirect(request, session, "/login")
         rows: list[dict[str, Any]] = []
+        sources: list[dict[str, Any]] = []
         problem = None
         try:
             rows = [row(s) for s in await self._supervisor(request).summaries()]
+            sources = self._insight(request, rows)
         except ControlError as error:
             problem = error.message
-        return self._page(request, session, "index.html", {"rows": rows, "problem": problem})
+        context = {"rows": rows, "problem": problem, "sources": sources}
+        return self._page(request, session, "index.html", context)
 
     async def rows(self, request: Request) -> Response:
         session = self._sessions.read(request)
@@ -341,7 +346,9 @@ class _Pages:
             response = error_response(error)
             response.headers.update(_HEADERS)
             return response
-        return JSONResponse({"workflows": [row(s) for s in summaries]}, headers=_HEADERS)
+        rows = [row(s) for s in summaries]
+        sources = self._insight(request, rows)
+        return JSONResponse({"workflows": rows, "sources": sources}, headers=_HEADERS)
 
     async def toggle(self, request: Request) -> Response:
         session = self._sessions.read(request)
@@ -496,6 +503,85 @@ class _Pages:
                 return self._refuse_error(request, session, error)
         return self._page(request, session, "trace.html", context)
 
+    # -- history, source and dead letters (issue 20) -----------------------------------
+
+    def _insight(self, request: Request, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Adds each row's history chart; returns the source rows."""
+        supervisor = self._supervisor(request)
+        now = time.time()
+        for r in rows:
+            r["history"] = page_views.chart(supervisor.history(r["name"]), now)
+        return page_views.source_rows(supervisor.sources())
+
+    async def dead_letter_page(self, request: Request) -> Response:
+        session = self._sessions.read(request)
+        if session.principal is None:
+            return self._redirect(request, session, f"/login?next={request.url.path}")
+        name = request.path_params["name"]
+        query = {k: v for k, v in request.query_params.items() if v}
+        where, problems = _filter(query)
+        supervisor = self._supervisor(request)
+        try:
+            summary = await supervisor.summary(name)
+            listing = await supervisor.dead_letter_listing(name, where, 200)
+        except ControlError as error:
+            return self._refuse_error(request, session, error)
+        context = {
+            "row": row(summary), "letters": listing.dead_letters, "complete": listing.complete,
+            "filter": query, "problems": problems, "confirm": None,
+        }  # fmt: skip
+        return self._page(request, session, "dead_letters.html", context, 400 if problems else 200)
+
+    async def redrive(self, request: Request) -> Response:
+        session = self._sessions.read(request)
+        form = await _form(request)
+        if not _csrf_ok(session, form):
+            return self._refuse(request, session, 403, "The form expired: reload it and retry.")
+        principal = session.principal
+        if principal is None or principal.role < Role.operator:
+            return self._refuse(request, session, 403, "Re-driving dead letters needs an operator.")
+        name = request.path_params["name"]
+        fields = {k: v for k, v in form.items() if isinstance(v, str) and v and k in _FILTERS}
+        selected = [v for v in form.getlist("selected") if isinstance(v, str)]
+        data: dict[str, Any] = dict(fields)
+        if selected:
+            try:
+                data["offsets"] = [
+                    {"partition": int(p), "offset": int(o)}
+                    for p, o in (item.split("/", 1) for item in selected)
+                ]
+            except ValueError:
+                return self._refuse(request, session, 400, "selected: not partition/offset pairs")
+        confirmed = form.get("confirm") == "yes"
+        try:
+            body = RedriveBody.model_validate({**data, "dry_run": not confirmed})
+        except ValueError as error:
+            return self._refuse(request, session, 400, f"invalid filter: {error}")
+        supervisor = self._supervisor(request)
+        try:
+            answer = await supervisor.redrive(name, body, principal)
+            if confirmed:
+                session.flash = (
+                    f"Re-drove {len(answer.redriven)} dead letter(s) of {name}"
+                    + (f"; skipped {len(answer.skipped)}" if answer.skipped else "")
+                    + "."
+                )
+                session.changed = True
+                return self._redirect(request, session, f"/workflows/{name}/dead-letters")
+            summary = await supervisor.summary(name)
+            listing = await supervisor.dead_letter_listing(name, DeadLetterFilter(), 200)
+        except ControlError as error:
+            return self._refuse_error(request, session, error)
+        confirm = {
+            "count": len(answer.redriven), "skipped": answer.skipped, "fields": fields,
+            "selected": selected,
+        }  # fmt: skip
+        context = {
+            "row": row(summary), "letters": listing.dead_letters, "complete": listing.complete,
+            "filter": fields, "problems": [], "confirm": confirm,
+        }  # fmt: skip
+        return self._page(request, session, "dead_letters.html", context)
+
     def routes(self) -> list[BaseRoute]:
         return [
             Route("/", self.index, methods=["GET"]),
@@ -511,6 +597,8 @@ class _Pages:
                 _by_method(self.edit_form, self.edit),
                 methods=["GET", "POST"],
             ),
+            Route("/workflows/{name}/dead-letters", self.dead_letter_page, methods=["GET"]),
+            Route("/workflows/{name}/dead-letters/redrive", self.redrive, methods=["POST"]),
             Mount("/static", StaticFiles(directory=_HERE / "static"), name="static"),
         ]
 
@@ -533,6 +621,21 @@ def routes(
     """The page's routes; without a secret, sessions last as long as this process."""
     secret = session_secret or secrets.token_bytes(32)
     return _Pages(authenticator, secret, throttle or FailureThrottle(), public_url).routes()
+
+
+_FILTERS = ("reason", "error_class", "key", "since", "until")
+
+
+def _filter(query: dict[str, str]) -> tuple[DeadLetterFilter, list[str]]:
+    """The page's filter fields; a bad one is named and left out."""
+    given = {k: v for k, v in query.items() if k in _FILTERS}
+    try:
+        return DeadLetterFilter.model_validate(given), []
+    except ValidationError as error:
+        bad = {str(e["loc"][0]) for e in error.errors()}
+        problems = [f"{e['loc'][0]}: {e['msg']}" for e in error.errors()]
+        kept = {k: v for k, v in given.items() if k not in bad}
+        return DeadLetterFilter.model_validate(kept), problems
 
 
 def _client(request: Request) -> str:

@@ -8,7 +8,6 @@ every state-changing action is also written to `crmsync.audit`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
@@ -21,15 +20,25 @@ from typing import Any, Literal
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
+from crmsync.control import dead_letters as dlq
 from crmsync.control import models
 from crmsync.control.audit import AuditEntry, AuditLog
 from crmsync.control.auth import Principal, Role
 from crmsync.control.backlog import TrendWindow
 from crmsync.control.errors import BadRequest, Conflict, Invalid, Unavailable, UnknownWorkflow
+from crmsync.control.history import (
+    CHART_S,
+    HistoryAnswer,
+    HistorySample,
+    HistoryStore,
+    Sample,
+    WrittenRate,
+    eta,
+)
+from crmsync.control.sources import SourceList, view
 from crmsync.control.status import Derived, derive, live_workers
 from crmsync.control.supervisor_protocol import Figures
 from crmsync.control.trace import TraceIndex
-from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT, DecodeError
 from crmsync.schemas.registry import RegistryUnavailable
 from crmsync.streams import catalog, drift, preflight
 from crmsync.streams import config as configs
@@ -44,6 +53,8 @@ from crmsync.streams.kafka.follower import CompactedTopicFollower
 from crmsync.streams.kafka.offsets import Backlog, OffsetReader, TopicTail
 from crmsync.streams.preview import STATEFUL_NOTE, Row, Side, dry_run
 from crmsync.streams.settings import Settings
+from crmsync.streams.source import STATUS_KEY as SOURCE_KEY
+from crmsync.streams.source import SourceStatus
 from crmsync.targets.campaign import CampaignClient
 from crmsync.targets.dynamics import DynamicsClient
 from crmsync.targets.errors import SinkError
@@ -54,6 +65,10 @@ log = logging.getLogger(__name__)
 _ECHO_TIMEOUT_S = 15.0
 #: How old a backlog sample may be and still answer a request.
 _SAMPLE_REUSE_S = 1.0
+#: How many of a DLQ's newest records a listing or a re-drive reads (markers included).
+MAX_DLQ_READ = 1000
+#: How many re-driven records an audit entry lists one by one (the count is always there).
+AUDITED_RECORDS = 100
 
 
 #: Who the audit log names for what the workers did by themselves.
@@ -99,6 +114,10 @@ class KafkaSupervisor:
             NAMES,
             retention_h=settings.outcomes_retention_h,
         )
+        self._source: SourceStatus | None = None
+        self._history = HistoryStore(settings.local_dir / "control" / "history.sqlite")
+        self._written = WrittenRate()
+        self._redriving = {name: asyncio.Lock() for name in NAMES}
         self.started_at = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -112,6 +131,7 @@ class KafkaSupervisor:
             ),
             replication=self.settings.topic_replication,
         )
+        await self._history.open()
         await self._producer.start()
         await self._offsets.start()
         await self._tail.start()
@@ -136,6 +156,7 @@ class KafkaSupervisor:
         await self._tail.close()
         await self._offsets.close()
         await self._producer.stop()
+        await self._history.close()
 
     async def __aenter__(self) -> KafkaSupervisor:
         try:
@@ -181,7 +202,14 @@ class KafkaSupervisor:
     def _on_status(self, key: str, value: bytes | None) -> None:
         if value is None:
             self._reports.pop(key, None)
+            if key == SOURCE_KEY:
+                self._source = None
             return
+        if key == SOURCE_KEY:
+            try:
+                self._source = SourceStatus.model_validate_json(value)
+            except ValueError as error:
+                log.warning("event=bad_source_status key=%s error=%r", key, error)
         try:
             self._reports[key] = WorkerStatus.decode(value)
         except ValueError as error:
@@ -253,14 +281,24 @@ class KafkaSupervisor:
             return backlog
 
     async def sample(self) -> None:
-        """Samples every workflow's backlog once (a failure keeps the previous sample)."""
+        """Samples every workflow's backlog once (a failure keeps the previous sample), and
+        records it with the written rate in the history."""
+        taken: list[tuple[str, Sample]] = []
         for name in NAMES:
             if name not in self._records:
                 continue
             try:
-                await self.backlog(name, fresh=True)
+                backlog = await self.backlog(name, fresh=True)
             except Unavailable as error:
                 log.warning("event=backlog_unavailable workflow=%s error=%s", name, error)
+                continue
+            counters = {w.worker_id: w.records_written for w in self.workers(name)}
+            rate = self._written.rate(name, backlog.at, counters)
+            taken.append((name, Sample(backlog.at, backlog.total, rate)))
+        try:
+            await self._history.add(taken)
+        except Exception as error:  # sqlite3.Error, OSError: the history must not stop sampling
+            log.warning("event=history_not_stored error=%r", error)
 
     async def _sample_forever(self) -> None:
         while True:
@@ -380,13 +418,185 @@ class KafkaSupervisor:
         )
 
     async def dead_letters(self, name: str, limit: int) -> models.DeadLetterList:
+        return await self.dead_letter_listing(name, dlq.DeadLetterFilter(), limit)
+
+    async def dead_letter_listing(
+        self, name: str, where: dlq.DeadLetterFilter, limit: int
+    ) -> models.DeadLetterList:
+        """The newest dead letters matching `where`, each marked when it was re-driven."""
+        letters, _, complete = await self._read_dead_letters(name)
+        chosen = [letter for letter in letters if where.matches(letter)][:limit]
+        return models.DeadLetterList(workflow=name, dead_letters=chosen, complete=complete)
+
+    async def _read_dead_letters(
+        self, name: str
+    ) -> tuple[list[models.DeadLetter], dict[tuple[int, int], bytes], bool]:
+        """The dead letters (newest first), their values as stored, whether that is all."""
         self._record(name)
         try:
-            records, complete = await self._tail.newest_within(topics.dead_letters(name), limit)
+            records, complete = await self._tail.newest_within(
+                topics.dead_letters(name), MAX_DLQ_READ
+            )
         except (KafkaError, TimeoutError) as error:
             raise Unavailable(f"cannot read the dead letters: {error!r}") from error
-        letters = [_dead_letter(r) for r in records]
-        return models.DeadLetterList(workflow=name, dead_letters=letters, complete=complete)
+        values = {(r.partition, r.offset): r.value or b"" for r in records}
+        return dlq.letters(records), values, complete and len(records) < MAX_DLQ_READ
+
+    async def redrive(self, name: str, body: dlq.RedriveBody, who: Principal) -> dlq.RedriveAnswer:
+        """Sends the matching dead letters not re-driven yet back to their source partitions,
+        oldest first (each key's order), then marks each in the DLQ; audited."""
+        async with self._redriving[self._known(name)]:
+            record = self._record(name)
+            letters, values, complete = await self._read_dead_letters(name)
+            matched = [letter for letter in letters if body.matches(letter)]
+            sources = set(self._active_topics(record))
+            chosen: list[models.DeadLetter] = []
+            skipped: list[dlq.SkippedItem] = []
+            for letter in matched:
+                why = _not_redrivable(letter, sources)
+                if why is None:
+                    chosen.append(letter)
+                else:
+                    skipped.append(
+                        dlq.SkippedItem(
+                            partition=letter.partition,
+                            offset=letter.offset,
+                            key=letter.key,
+                            why=why,
+                        )
+                    )
+            chosen.sort(
+                key=lambda x: (
+                    x.source_topic or "",
+                    x.source_partition or 0,
+                    x.source_offset or 0,
+                    x.partition,
+                    x.offset,
+                )
+            )
+            redrive_id = None if body.dry_run else uuid.uuid4().hex
+            sent = (
+                await self._send_again(name, chosen, values, redrive_id, who)
+                if redrive_id
+                else [
+                    dlq.RedrivenItem(
+                        partition=x.partition,
+                        offset=x.offset,
+                        key=x.key,
+                        to_topic=x.source_topic or "",
+                        to_partition=x.source_partition or 0,
+                        to_offset=None,
+                    )
+                    for x in chosen
+                ]
+            )
+            answer = dlq.RedriveAnswer(
+                workflow=name,
+                redrive_id=redrive_id,
+                dry_run=body.dry_run,
+                matched=len(matched),
+                redriven=sent,
+                skipped=skipped,
+                complete=complete,
+            )
+            if redrive_id is not None:
+                where = body.model_dump(mode="json", exclude={"dry_run"}, exclude_none=True)
+                await self._audited(
+                    who,
+                    "redrive",
+                    name,
+                    {
+                        "redrive_id": redrive_id,
+                        "filter": where,
+                        "count": len(sent),
+                        "skipped": len(skipped),
+                        "records": [
+                            {
+                                "dlq": f"{x.partition}/{x.offset}",
+                                "key": x.key,
+                                "to": f"{x.to_topic}/{x.to_partition}/{x.to_offset}",
+                            }
+                            for x in sent[:AUDITED_RECORDS]
+                        ],
+                    },
+                )
+            return answer
+
+    async def _send_again(
+        self,
+        name: str,
+        chosen: list[models.DeadLetter],
+        values: dict[tuple[int, int], bytes],
+        redrive_id: str,
+        who: Principal,
+    ) -> list[dlq.RedrivenItem]:
+        """Events first (in order, all acknowledged), then the markers."""
+        dlq_topic = topics.dead_letters(name)
+        try:
+            pending = [
+                await self._producer.send(
+                    letter.source_topic or "",
+                    values[(letter.partition, letter.offset)],
+                    key=letter.key.encode() if letter.key is not None else None,
+                    partition=letter.source_partition,
+                    headers=dlq.event_headers(
+                        redrive_id, dlq_topic, letter.partition, letter.offset
+                    ),
+                )
+                for letter in chosen
+            ]
+            acked = [await future for future in pending]
+            sent = []
+            for letter, meta in zip(chosen, acked, strict=True):
+                to = f"{meta.topic}/{meta.partition}/{meta.offset}"
+                await self._producer.send(
+                    dlq_topic,
+                    b"",
+                    key=letter.key.encode() if letter.key is not None else None,
+                    partition=letter.partition,
+                    headers=dlq.marker_headers(redrive_id, letter.offset, to, who.name),
+                )
+                sent.append(
+                    dlq.RedrivenItem(
+                        partition=letter.partition,
+                        offset=letter.offset,
+                        key=letter.key,
+                        to_topic=meta.topic,
+                        to_partition=meta.partition,
+                        to_offset=meta.offset,
+                    )
+                )
+            await self._producer.flush()
+        except KafkaError as error:
+            raise Unavailable(f"re-drive {redrive_id} did not complete: {error!r}") from error
+        log.info("event=redriven workflow=%s redrive_id=%s records=%s", name, redrive_id, len(sent))
+        return sent
+
+    def sources(self) -> SourceList:
+        """The Dynamics source's last status record, STALE once it stops heartbeating."""
+        now = int(time.time() * 1000)
+        found = [] if self._source is None else [view(self._source, now, self.settings.liveness_s)]
+        return SourceList(sources=found)
+
+    def history(self, name: str, span_s: float = CHART_S) -> HistoryAnswer:
+        self._known(name)
+        since = time.time() - span_s
+        samples = self._history.samples(name, since)
+        return HistoryAnswer(
+            workflow=name,
+            since=since,
+            sample_interval_s=self.settings.backlog_sample_s,
+            eta=eta(samples),
+            samples=[
+                HistorySample(at=s.at, backlog=s.backlog, written_per_s=s.written_per_s)
+                for s in samples
+            ],
+        )
+
+    def _known(self, name: str) -> str:
+        if name not in NAMES:
+            raise UnknownWorkflow(f"no workflow {name!r}", {"workflows": list(NAMES)})
+        return name
 
     async def preview(
         self, name: str, config: Mapping[str, Any] | None, limit: int
@@ -816,39 +1026,6 @@ def _preview_record(row: Row) -> models.PreviewRecord:
     )
 
 
-#: How much of a dead letter's value and of each header the listing shows.
-VALUE_PREVIEW_BYTES = 8 * 1024
-HEADER_PREVIEW_CHARS = 2048
-
-
-def _dead_letter(record: Any) -> models.DeadLetter:
-    headers = {
-        k: _shortened(v.decode(errors="replace"), HEADER_PREVIEW_CHARS)
-        for k, v in record.headers or ()
-    }
-    value: dict[str, Any] | None = None
-    raw: bytes = record.value or b""
-    for schema in (CHANGE_EVENT, EMAIL_EVENT) if len(raw) <= VALUE_PREVIEW_BYTES else ():
-        try:
-            value = schema.decode(raw)
-            break
-        except DecodeError:
-            continue
-    shown = raw[:VALUE_PREVIEW_BYTES]
-    return models.DeadLetter(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        timestamp=_when(record.timestamp),
-        key=record.key.decode(errors="replace") if record.key is not None else None,
-        headers=headers,
-        value=value,
-        value_base64=None if value is not None else base64.b64encode(shown).decode(),
-        value_size=len(raw),
-        value_truncated=value is None and len(shown) < len(raw),
-    )
-
-
 def _when(timestamp_ms: int) -> str:
     """A record's timestamp in ISO-8601; a producer may set any long, so one out of range
     is shown as it is rather than failing the listing."""
@@ -858,5 +1035,17 @@ def _when(timestamp_ms: int) -> str:
         return str(timestamp_ms)
 
 
-def _shortened(text: str, most: int) -> str:
-    return text if len(text) <= most else f"{text[:most]}… ({len(text)} characters)"
+def _not_redrivable(letter: models.DeadLetter, sources: set[str]) -> str | None:
+    """Why a matched dead letter is not sent again (None: it is)."""
+    if letter.redriven is not None:
+        return f"already re-driven ({letter.redriven.redrive_id}, {letter.redriven.at})"
+    if letter.source_topic is None or letter.source_partition is None:
+        return "its headers do not name a source topic and partition"
+    if letter.source_topic not in sources:
+        return f"{letter.source_topic} is not a source topic of the active config"
+    if "crmsync.value.omitted" in letter.headers:
+        return (
+            "too large for the DLQ: its value was left out; the original is at "
+            f"{letter.source_topic}/{letter.source_partition}/{letter.source_offset}"
+        )
+    return None

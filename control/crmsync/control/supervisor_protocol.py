@@ -9,6 +9,9 @@ from typing import Any, Protocol
 
 from crmsync.control import models
 from crmsync.control.auth import Principal
+from crmsync.control.dead_letters import DeadLetterFilter, RedriveAnswer, RedriveBody
+from crmsync.control.history import HistoryAnswer
+from crmsync.control.sources import SourceList
 from crmsync.streams.preflight import Requirement
 
 
@@ -39,6 +42,18 @@ class Supervisor(Protocol):
     def figures(self) -> list[Figures]: ...
 
     async def dead_letters(self, name: str, limit: int) -> models.DeadLetterList: ...
+
+    async def dead_letter_listing(
+        self, name: str, where: DeadLetterFilter, limit: int
+    ) -> models.DeadLetterList:
+        """The newest dead letters matching `where`, each marked when it was re-driven."""
+
+    async def redrive(self, name: str, body: RedriveBody, who: Principal) -> RedriveAnswer:
+        """Sends the matching dead letters not re-driven yet through the workflow again."""
+
+    def sources(self) -> SourceList: ...
+
+    def history(self, name: str, span_s: float = ...) -> HistoryAnswer: ...
 
     async def audit(self, limit: int) -> models.AuditList: ...
 

@@ -2,7 +2,7 @@
 "use strict";
 
 (function () {
-  const table = document.querySelector("table.workflows");
+  const table = document.querySelector("table.workflows[data-poll]");
   if (table) workflowsPage(table);
   const form = document.querySelector("form.config");
   if (form) editPage(form);
@@ -74,6 +74,37 @@
       drift.hidden = changes.length === 0;
     }
 
+    // The last hour's chart of one row, and the source rows (issue 20).
+    function renderHistory(w) {
+      const tr = rows.get(w.name);
+      const h = w.history;
+      if (!tr || !h) return;
+      field(tr, "backlog-line").setAttribute("points", h.backlog_points);
+      field(tr, "rate-line").setAttribute("points", h.rate_points);
+      field(tr, "chart").setAttribute("aria-label", h.label);
+      field(tr, "chart-title").textContent = h.label;
+      const eta = field(tr, "eta");
+      eta.textContent = h.eta_text;
+      eta.className = "eta eta-" + h.eta_trend;
+      field(tr, "peak").textContent = h.peak_text;
+      field(tr, "rate").textContent = h.rate_text;
+      field(tr, "history").dataset.samples = String(h.samples);
+    }
+
+    function renderSources(sources) {
+      sources.forEach((s) => {
+        const tr = document.querySelector(`tr[data-source="${s.name}"]`);
+        if (!tr) return;
+        tr.dataset.status = s.status;
+        field(tr, "status").className = "status status-" + s.status.toLowerCase();
+        field(tr, "status-text").textContent = s.status_text;
+        show(field(tr, "reason"), s.error);
+        field(tr, "lag").textContent = s.lag_text;
+        field(tr, "published").textContent = s.published_text;
+        field(tr, "entities").textContent = s.entities_text;
+      });
+    }
+
     function announce(messages) {
       if (messages.length) live.textContent = messages.join(". ");
     }
@@ -99,6 +130,8 @@
         const body = await response.json();
         if (!response.ok) throw new Error(body.error || response.statusText);
         announce(body.workflows.map(render).filter(Boolean));
+        body.workflows.forEach(renderHistory);
+        renderSources(body.sources || []);
         freshness.textContent = "";
       } catch (error) {
         freshness.textContent = `Live updates paused: ${error.message}. Retrying…`;
