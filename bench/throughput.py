@@ -249,6 +249,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         )
         console.print("(b) workflow, discarding sink")
         results["b_workflow_discard"] = await _workflow(bootstrap, settings, True)
+        console.print("(b') the same without outcome records (CRMSYNC_TRACE_OUTCOMES=false)")
+        untraced = settings.model_copy(update={"trace_outcomes": False})
+        results["b_workflow_discard_untraced"] = await _workflow(bootstrap, untraced, True)
         dport, cport = _free_port(), _free_port()
         emulators = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -107,7 +107,8 @@ class WorkflowRuntime:
         await self._producer.start()
         self._dead_letters = DeadLetters(self._producer, self.name)
         self._status = StatusReports(self._producer)
-        self._outcomes = Outcomes(self._producer, self.name, self.worker_id)
+        if self.settings.trace_outcomes:
+            self._outcomes = Outcomes(self._producer, self.name, self.worker_id)
 
     async def close(self) -> None:
         """Abandons any in-flight batch without acking it, then releases every resource."""
@@ -431,7 +432,8 @@ class WorkflowRuntime:
         if fatal is not None:
             await self.fail(fatal)
             return
-        await self._report_parked(pending)
+        if self._outcomes is not None:
+            await self._report_parked(pending)
         refusals = [i.error.reason for i, _ in pending if isinstance(i.error, RecordRejected)]
         if refusals and self.drift_watch is not None and self.gate.is_set():
             # A refusal naming a column, key or field the config needs may be drift: checked at
@@ -448,7 +450,6 @@ class WorkflowRuntime:
                 # A tombstone (a deleted key, for compaction): the delete event before it
                 # carried the change, so there is nothing to write.
                 item.planned = workflows.Planned([], note=_TOMBSTONE)
-                _view(item)
                 continue
             try:
                 value = await self._decode(item.record.value)
@@ -460,7 +461,8 @@ class WorkflowRuntime:
                 item.error = RecordRejected(f"undecodable: {type(error).__name__}: {error}")
             else:
                 decoded.append((item, item.record.topic, value))
-            _view(item, value if item.error is None else None)
+            if self._outcomes is not None:  # made while the decoded event is at hand
+                _view(item, value if item.error is None else None)
         planned = await self.workflow.plan([(topic, value) for _, topic, value in decoded])
         for (item, _, _), plan in zip(decoded, planned, strict=True):
             if isinstance(plan.error, Fatal):
@@ -500,23 +502,27 @@ class WorkflowRuntime:
         """Dead-letters and commits each partition's written records from the head, then
         tells the consumer how far each partition is written."""
         assert self.consumer is not None and self._dead_letters is not None
-        traced = outcomes.Trace()
+        traced = outcomes.Trace() if self._outcomes is not None else None
         for topic, partition, done in self._delivery.acked():
             for item in done:
                 if item.error is not None:
                     await self._dead_letters.send(item)
                     self.dead_lettered += 1
-                    traced.add(_view(item), "dead-lettered", item.error.reason)
+                    if traced is not None:
+                        traced.add(_view(item), "dead-lettered", item.error.reason)
                 elif item.planned is not None:
                     if item.planned.after_written is not None:
                         await item.planned.after_written()
                     if item.planned.writes:
                         self.records_written += 1
-                        traced.add(_view(item), "written", item.planned.note, item.planned.writes)
-                    else:
+                        if traced is not None:
+                            traced.add(
+                                _view(item), "written", item.planned.note, item.planned.writes
+                            )
+                    elif traced is not None:
                         traced.add(_view(item), "skipped", _why_skipped(item))
             self.consumer.acknowledge(TP(topic, partition), done[-1].record.offset + 1)
-        if self._outcomes is not None:
+        if traced is not None and self._outcomes is not None:
             await self._outcomes.send(traced)
 
     async def _report_parked(self, pending: list[Pending]) -> None:

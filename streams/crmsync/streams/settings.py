@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     parent_wait_s: float = Field(
         default=300.0, ge=0, description="how long a record waits for its parent before the DLQ"
     )
+    trace_outcomes: bool = Field(
+        default=True,
+        description="workers publish what they did with each record (the record trace)",
+    )
     outcomes_retention_h: float = Field(
         default=7 * 24, gt=0, description="how long the record trace's outcome records are kept"
     )
