@@ -35,6 +35,7 @@ class CompactedTopicFollower:
         partitions: Iterable[int] | None = (0,),
     ) -> None:
         self.topic = topic
+        self._kafka = kafka
         self.latest: dict[str, bytes] = {}
         self.loaded = asyncio.Event()
         self.changed = asyncio.Event()
@@ -47,18 +48,29 @@ class CompactedTopicFollower:
 
     async def start(self) -> None:
         await self._consumer.start()
-        numbers = self._partitions
-        if numbers is None:
-            found = self._consumer.partitions_for_topic(self.topic)
-            if found is None:
-                await self._consumer.topics()
-                found = self._consumer.partitions_for_topic(self.topic) or {0}
-            numbers = sorted(found)
+        numbers = self._partitions if self._partitions is not None else await self._every()
         tps = [TopicPartition(self.topic, n) for n in numbers]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
         ends = await self._consumer.end_offsets(tps)
         self._task = asyncio.create_task(self._follow(ends), name=f"follow:{self.topic}")
+
+    async def _every(self) -> list[int]:
+        """Every partition of the topic, as the cluster describes it (the consumer's own
+        metadata names only topics it was asked about: it would say none)."""
+        admin = self._kafka.admin()
+        await admin.start()
+        try:
+            (described,) = await admin.describe_topics([self.topic])
+        finally:
+            await admin.close()
+        found = sorted(p["partition"] for p in described.get("partitions") or [])
+        if described["error_code"] != 0 or not found:
+            raise RuntimeError(
+                f"cannot follow {self.topic}: the cluster does not describe it "
+                f"(error {described['error_code']})"
+            )
+        return found
 
     async def _follow(self, ends: dict[TopicPartition, int]) -> None:
         remaining = {tp for tp, end in ends.items() if end > 0}
