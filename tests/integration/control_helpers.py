@@ -16,7 +16,7 @@ from crmsync.control.server import create_app
 from crmsync.deploy.local.kafka import group_lag
 from crmsync.streams.settings import Settings
 from tests.conftest import free_port
-from tests.integration.harness import PARTITIONS, wait_for
+from tests.integration.harness import PARTITIONS, Cluster, wait_for
 
 ADMIN, OPERATOR, VIEWER = (
     "admin-secret-0123456789abcd",
@@ -127,3 +127,17 @@ class ControlPlane:
 def kafka_tool_lag(kafka_cache: Path, bootstrap: str, workflow: str) -> dict[tuple[str, int], str]:
     """LAG per (topic, partition) as Kafka's own kafka-consumer-groups prints it ("-": none)."""
     return group_lag(kafka_cache, bootstrap, f"crmsync.{workflow}")
+
+
+async def plane_on_targets(cluster: Cluster) -> ControlPlane:
+    """A started control plane whose targets are the cluster's emulators (preflight, drift,
+    preview read them)."""
+    settings = control_settings(cluster.bootstrap, cluster.home).model_copy(
+        update={
+            "dynamics_url": cluster.emulators.dynamics_url,
+            "campaign_url": cluster.emulators.campaign_url,
+        }
+    )
+    plane = ControlPlane(settings)
+    await plane.start()
+    return plane

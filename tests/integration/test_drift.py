@@ -9,7 +9,7 @@ import pytest
 from crmsync.streams import preflight
 from crmsync.streams.catalog import NAMES, default_config
 from crmsync.streams.kafka import topics
-from tests.integration.control_helpers import ControlPlane, control_settings
+from tests.integration.control_helpers import plane_on_targets
 from tests.integration.harness import Cluster, contacts, wait_for
 from tests.integration.workflow_helpers import (
     create_contacts_in_dynamics,
@@ -24,24 +24,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 C2D = "campaign-to-d365"
 
 
-async def _plane(cluster: Cluster) -> ControlPlane:
-    settings = control_settings(cluster.bootstrap, cluster.home).model_copy(
-        update={
-            "dynamics_url": cluster.emulators.dynamics_url,
-            "campaign_url": cluster.emulators.campaign_url,
-        }
-    )
-    plane = ControlPlane(settings)
-    await plane.start()
-    return plane
-
-
 async def test_a_mapped_dynamics_column_removed_stops_the_workflow_until_it_is_back(
     cluster: Cluster,
 ) -> None:
     people = contacts(4)
     await create_contacts_in_dynamics(cluster, people)
-    plane = await _plane(cluster)
+    plane = await plane_on_targets(cluster)
     try:
         cluster.start_worker(C2D, CRMSYNC_DRIFT_CHECK_S="2")
         await plane.wait_status(C2D, "RUNNING")

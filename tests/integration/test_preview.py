@@ -15,24 +15,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from crmsync.streams.catalog import default_config
 from crmsync.streams.kafka import topics
-from tests.integration.control_helpers import VIEWER, ControlPlane, control_settings
+from tests.integration.control_helpers import VIEWER, ControlPlane, plane_on_targets
 from tests.integration.harness import Cluster, contacts, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 D2C = "d365-to-campaign"
 PREVIEW = f"/api/v1/workflows/{D2C}/preview"
-
-
-async def _plane(cluster: Cluster) -> ControlPlane:
-    settings = control_settings(cluster.bootstrap, cluster.home).model_copy(
-        update={
-            "dynamics_url": cluster.emulators.dynamics_url,
-            "campaign_url": cluster.emulators.campaign_url,
-        }
-    )
-    plane = ControlPlane(settings)
-    await plane.start()
-    return plane
 
 
 async def _crmsync(plane: ControlPlane, *args: str) -> tuple[int, str, str]:
@@ -71,7 +59,7 @@ def _edited() -> dict[str, Any]:
 async def test_the_preview_of_a_pending_edit_is_what_the_worker_writes_after_start(
     cluster: Cluster,
 ) -> None:
-    plane = await _plane(cluster)
+    plane = await plane_on_targets(cluster)
     try:
         cluster.start_worker(D2C)
         await plane.wait_status(D2C, "RUNNING")
@@ -137,7 +125,7 @@ async def test_the_preview_of_a_pending_edit_is_what_the_worker_writes_after_sta
 async def test_bad_previews_are_refused_with_the_field_and_opt_in_out_says_it_uses_state(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    plane = await _plane(cluster)
+    plane = await plane_on_targets(cluster)
     try:
         invalid = await plane.call("POST", PREVIEW, 422, json={"config": {"mappings": 5}})
         assert invalid["errors"][0]["loc"][:2] == ["config", "mappings"]

@@ -5,21 +5,14 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.integration.control_helpers import VIEWER, ControlPlane, control_settings
+from tests.integration.control_helpers import VIEWER, plane_on_targets
 from tests.integration.harness import Cluster
 
 pytestmark = pytest.mark.integration
 
 
 async def test_targets_lists_every_requirement_of_the_active_configs(cluster: Cluster) -> None:
-    settings = control_settings(cluster.bootstrap, cluster.home).model_copy(
-        update={
-            "dynamics_url": cluster.emulators.dynamics_url,
-            "campaign_url": cluster.emulators.campaign_url,
-        }
-    )
-    plane = ControlPlane(settings)
-    await plane.start()
+    plane = await plane_on_targets(cluster)
     try:
         anonymous = await plane.http.get("/api/v1/targets", headers={"Authorization": ""})
         assert anonymous.status_code == 401
@@ -39,14 +32,7 @@ async def test_targets_lists_every_requirement_of_the_active_configs(cluster: Cl
 
 
 async def test_start_is_refused_while_a_target_lacks_a_piece(cluster: Cluster) -> None:
-    settings = control_settings(cluster.bootstrap, cluster.home).model_copy(
-        update={
-            "dynamics_url": cluster.emulators.dynamics_url,
-            "campaign_url": cluster.emulators.campaign_url,
-        }
-    )
-    plane = ControlPlane(settings)
-    await plane.start()
+    plane = await plane_on_targets(cluster)
     dynamics = cluster.emulators.dynamics_url
     key = f"{dynamics}/_admin/entity-sets/crmsync_emailsends/keys/crmsync_eventid"
     try:

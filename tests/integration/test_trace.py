@@ -70,11 +70,11 @@ async def test_a_contacts_life_shows_every_event_and_what_each_workflow_did(
         try:
             fields = {k: v for k, v in person.items() if k != "contactid"}
             await dynamics.upsert("contacts", cid, fields, mode="create")
-            created = time.time()
+            created_at = time.time()
             await wait_for(lambda: contact_events(1), 60, "the created contact traced")
             # Dynamics keeps modifiedon in whole seconds: an edit within the creation's second
             # reads as a create (README, "the Dynamics source")
-            await asyncio.sleep(max(0.0, math.floor(created) + 1.05 - time.time()))
+            await asyncio.sleep(max(0.0, math.floor(created_at) + 1.05 - time.time()))
             for title in ("CFO", "CEO"):
                 after = len(await contact_events(0) or []) + 1
                 await dynamics.upsert("contacts", cid, {"jobtitle": title}, mode="update")

@@ -350,14 +350,25 @@ class _Pages:
         sources = self._insight(request, rows)
         return JSONResponse({"workflows": rows, "sources": sources}, headers=_HEADERS)
 
-    async def toggle(self, request: Request) -> Response:
+    async def _operator_form(
+        self, request: Request, doing: str
+    ) -> tuple[_Session, FormData, Principal] | Response:
+        """A posted form from a signed-in operator: its session, fields and who; else the
+        refusal (an expired form, or a role too low for `doing`)."""
         session = self._sessions.read(request)
         form = await _form(request)
         if not _csrf_ok(session, form):
             return self._refuse(request, session, 403, "The form expired: reload it and retry.")
         principal = session.principal
         if principal is None or principal.role < Role.operator:
-            return self._refuse(request, session, 403, "Starting and stopping needs an operator.")
+            return self._refuse(request, session, 403, f"{doing} needs an operator.")
+        return session, form, principal
+
+    async def toggle(self, request: Request) -> Response:
+        checked = await self._operator_form(request, "Starting and stopping")
+        if isinstance(checked, Response):
+            return checked
+        session, _, principal = checked
         name, action = request.path_params["name"], request.url.path.rsplit("/", 1)[-1]
         supervisor = self._supervisor(request)
         try:
@@ -533,13 +544,10 @@ class _Pages:
         return self._page(request, session, "dead_letters.html", context, 400 if problems else 200)
 
     async def redrive(self, request: Request) -> Response:
-        session = self._sessions.read(request)
-        form = await _form(request)
-        if not _csrf_ok(session, form):
-            return self._refuse(request, session, 403, "The form expired: reload it and retry.")
-        principal = session.principal
-        if principal is None or principal.role < Role.operator:
-            return self._refuse(request, session, 403, "Re-driving dead letters needs an operator.")
+        checked = await self._operator_form(request, "Re-driving dead letters")
+        if isinstance(checked, Response):
+            return checked
+        session, form, principal = checked
         name = request.path_params["name"]
         fields = {k: v for k, v in form.items() if isinstance(v, str) and v and k in _FILTERS}
         selected = [v for v in form.getlist("selected") if isinstance(v, str)]
