@@ -12,16 +12,21 @@ from crmsync.streams.kafka import topics
 from tests.integration.control_helpers import plane_on_targets
 from tests.integration.harness import Cluster, contacts, wait_for
 from tests.integration.workflow_helpers import (
+    PROFILE,
+    campaign_rows,
+    contact_change,
     create_contacts_in_dynamics,
     dead_letters,
     dynamics_rows,
     email_event,
+    publish_changes,
     publish_email_events,
     wait_drained,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 C2D = "campaign-to-d365"
+D2C = "d365-to-campaign"
 
 
 async def test_a_mapped_dynamics_column_removed_stops_the_workflow_until_it_is_back(
@@ -88,5 +93,107 @@ async def test_a_mapped_dynamics_column_removed_stops_the_workflow_until_it_is_b
             by_id[e["event_id"]]["crmsync_campaignname"] == e["campaign_name"] for e in after
         )
         assert await dead_letters(cluster, C2D) == []
+    finally:
+        await plane.close()
+
+
+async def test_a_shortened_campaign_field_stops_the_workflow_before_a_value_is_cut(
+    cluster: Cluster,
+) -> None:
+    plane = await plane_on_targets(cluster)
+    try:
+        cluster.start_worker(D2C, CRMSYNC_DRIFT_CHECK_S="2")
+        await plane.wait_status(D2C, "RUNNING")
+        before = contacts(4)
+        await publish_changes(
+            cluster, topics.CONTACT_CHANGES, [contact_change(c["contactid"], c) for c in before]
+        )
+        await wait_drained(cluster, D2C, [topics.CONTACT_CHANGES])
+        assert len(await campaign_rows(cluster, PROFILE)) == 4
+
+        # An admin shortens the profile's firstName from 30 to 10 characters in the resource's
+        # Data structure; the names published next fit 30 but not 10.
+        async with httpx.AsyncClient(base_url=cluster.emulators.campaign_url) as admin:
+            shortened = await admin.patch(
+                "/_admin/resources/profile/fields/firstName", json={"max_length": 10}
+            )
+            assert shortened.status_code == 200
+        after = [{**c, "firstname": f"Bartholomew-{n:02}"} for n, c in enumerate(contacts(12))]
+        await publish_changes(
+            cluster, topics.CONTACT_CHANGES, [contact_change(c["contactid"], c) for c in after]
+        )
+
+        stopped = await plane.wait_status(D2C, "STOPPED", within=30)
+        assert stopped["stopped_by"] == "drift"
+        assert stopped["reason"] == (
+            "profileAndServicesExt/profile.firstName: was string(30), now string(10)"
+        )
+        # No name was cut or refused into the dead-letter topic: the later contacts wait.
+        assert len(await campaign_rows(cluster, PROFILE)) == 4
+        assert await dead_letters(cluster, D2C) == []
+        await plane.wait_backlog(D2C, len(after))
+        refused = await plane.http.post(f"/api/v1/workflows/{D2C}/start")
+        assert refused.status_code == 409, refused.text
+        assert "firstName: was string(30), now string(10)" in refused.text
+
+        async with httpx.AsyncClient(base_url=cluster.emulators.campaign_url) as admin:
+            restored = await admin.patch(
+                "/_admin/resources/profile/fields/firstName", json={"max_length": 30}
+            )
+            assert restored.status_code == 200
+        await plane.action(D2C, "start")
+        await plane.wait_status(D2C, "RUNNING")
+        await wait_drained(cluster, D2C, [topics.CONTACT_CHANGES])
+        names = {p["externalId"]: p["firstName"] for p in await campaign_rows(cluster, PROFILE)}
+        assert names == {c["contactid"]: c["firstname"] for c in before + after}
+        assert await dead_letters(cluster, D2C) == []
+    finally:
+        await plane.close()
+
+
+async def test_a_column_added_to_a_mapped_table_is_reported_and_the_workflow_runs_on(
+    cluster: Cluster,
+) -> None:
+    people = contacts(3)
+    await create_contacts_in_dynamics(cluster, people)
+    plane = await plane_on_targets(cluster)
+    try:
+        cluster.start_worker(C2D, CRMSYNC_DRIFT_CHECK_S="2")
+        await plane.wait_status(C2D, "RUNNING")
+        # A new column on crmsync's email-send table, added the way an admin's solution does it
+        # (Web API: POST EntityDefinitions(LogicalName=...)/Attributes).
+        client = cluster.dynamics_client()
+        try:
+            added = await client.raw(
+                "POST",
+                f"{client.api_url}/EntityDefinitions(LogicalName='crmsync_emailsend')/Attributes",
+                what="add a column",
+                body={
+                    "@odata.type": "Microsoft.Dynamics.CRM.StringAttributeMetadata",
+                    "SchemaName": "crmsync_remark",
+                    "MaxLength": 100,
+                    "RequiredLevel": {"Value": "None"},
+                    "DisplayName": {"LocalizedLabels": [{"Label": "remark", "LanguageCode": 1033}]},
+                },
+            )
+        finally:
+            await client.aclose()
+        assert added.status_code < 300, added.text
+
+        async def reported() -> dict[str, object] | None:
+            flow = await plane.workflow(C2D)
+            changes = [(d["name"], d["was"], d["now"], d["breaking"]) for d in flow["drift"]]
+            wanted = ("crmsync_emailsends.crmsync_remark", "absent", "present", False)
+            return flow if wanted in changes else None
+
+        flow = await wait_for(reported, 30, "the added column reported")
+        assert flow["status"] == "RUNNING"
+        assert flow.get("stopped_by") is None
+        events = [email_event("send", p["contactid"], n) for n, p in enumerate(people * 2)]
+        await publish_email_events(cluster, events)
+        await wait_drained(cluster, C2D, [topics.EMAIL_EVENTS])
+        rows = await dynamics_rows(cluster, "crmsync_emailsends")
+        assert sorted(r["crmsync_eventid"] for r in rows) == sorted(e["event_id"] for e in events)
+        assert (await plane.workflow(C2D))["status"] == "RUNNING"
     finally:
         await plane.close()
