@@ -8,9 +8,10 @@ import pytest
 
 from crmsync.streams import preflight
 from crmsync.streams.catalog import NAMES, default_config
+from crmsync.streams.control_protocol import ControlRecord, DriftBaseline
 from crmsync.streams.kafka import topics
 from tests.integration.control_helpers import plane_on_targets
-from tests.integration.harness import Cluster, contacts, wait_for
+from tests.integration.harness import Cluster, contacts, read_topic, wait_for
 from tests.integration.workflow_helpers import (
     PROFILE,
     campaign_rows,
@@ -149,6 +150,7 @@ async def test_a_shortened_campaign_field_stops_the_workflow_before_a_value_is_c
         assert await dead_letters(cluster, D2C) == []
     finally:
         await plane.close()
+        await _first_name_length(cluster, 30)  # a failed test leaves no shortened field
 
 
 async def test_a_column_added_to_a_mapped_table_is_reported_and_the_workflow_runs_on(
@@ -197,3 +199,63 @@ async def test_a_column_added_to_a_mapped_table_is_reported_and_the_workflow_run
         assert (await plane.workflow(C2D))["status"] == "RUNNING"
     finally:
         await plane.close()
+
+
+async def test_a_field_shortened_while_no_worker_ran_stops_the_next_worker_at_once(
+    cluster: Cluster,
+) -> None:
+    plane = await plane_on_targets(cluster)
+    try:
+        first = cluster.start_worker(D2C, CRMSYNC_DRIFT_CHECK_S="2")
+        await plane.wait_status(D2C, "RUNNING")
+
+        async def kept() -> DriftBaseline | None:
+            control = [r for r in await read_topic(cluster.bootstrap, topics.CONTROL) if r.value]
+            record = ControlRecord.decode([r.value for r in control if r.key == D2C.encode()][-1])
+            return record.drift_baseline
+
+        baseline = await wait_for(kept, 30, "the drift baseline kept in the control record")
+        assert baseline.version == 1
+        assert baseline.shapes["campaign|field|profileAndServicesExt/profile.firstName"] == (
+            "string(30)"
+        )
+        first.kill()  # a node lost; the field is shortened before a new worker comes up
+        async with httpx.AsyncClient(base_url=cluster.emulators.campaign_url) as admin:
+            shortened = await admin.patch(
+                "/_admin/resources/profile/fields/firstName", json={"max_length": 10}
+            )
+            assert shortened.status_code == 200
+        waiting = contacts(5)
+        await publish_changes(
+            cluster, topics.CONTACT_CHANGES, [contact_change(c["contactid"], c) for c in waiting]
+        )
+        cluster.start_worker(D2C, CRMSYNC_DRIFT_CHECK_S="2")
+        stopped = await plane.wait_status(D2C, "STOPPED", within=40)
+        assert stopped["stopped_by"] == "drift"
+        assert stopped["reason"] == (
+            "profileAndServicesExt/profile.firstName: was string(30), now string(10)"
+        )
+        assert await campaign_rows(cluster, PROFILE) == []
+        refused = await plane.http.post(f"/api/v1/workflows/{D2C}/start")
+        assert refused.status_code == 409, refused.text
+
+        async with httpx.AsyncClient(base_url=cluster.emulators.campaign_url) as admin:
+            restored = await admin.patch(
+                "/_admin/resources/profile/fields/firstName", json={"max_length": 30}
+            )
+            assert restored.status_code == 200
+        await plane.action(D2C, "start")
+        await plane.wait_status(D2C, "RUNNING")
+        await wait_drained(cluster, D2C, [topics.CONTACT_CHANGES])
+        assert len(await campaign_rows(cluster, PROFILE)) == len(waiting)
+    finally:
+        await plane.close()
+        await _first_name_length(cluster, 30)  # a failed test leaves no shortened field
+
+
+async def _first_name_length(cluster: Cluster, length: int) -> None:
+    async with httpx.AsyncClient(base_url=cluster.emulators.campaign_url) as admin:
+        changed = await admin.patch(
+            "/_admin/resources/profile/fields/firstName", json={"max_length": length}
+        )
+        assert changed.status_code == 200, changed.text

@@ -139,3 +139,40 @@ async def test_refused_credentials_are_no_verdict_never_drift(emulators: Any, sy
     assert await drift.baseline(default_config("d365-to-campaign")) == []
     assert await drift.check() == []
     assert drift.differences == []
+
+
+async def test_a_restarted_worker_compares_with_the_shapes_its_config_was_first_started_with(
+    emulators: Any,
+) -> None:
+    first_name = "campaign|field|profileAndServicesExt/profile.firstName"
+    last_name = "campaign|field|profileAndServicesExt/profile.lastName"
+    first = watch(emulators, "d365-to-campaign")
+    assert await first.baseline(default_config("d365-to-campaign")) == []
+    kept = first.shapes()
+    assert (kept[first_name], kept[last_name]) == ("string(30)", "string(50)")
+    async with httpx.AsyncClient(base_url=emulators.campaign_url) as admin:
+        shorter = await admin.patch(
+            "/_admin/resources/profile/fields/firstName", json={"max_length": 10}
+        )
+        longer = await admin.patch(
+            "/_admin/resources/profile/fields/lastName", json={"max_length": 80}
+        )
+        assert (shorter.status_code, longer.status_code) == (200, 200)
+        try:
+            later = watch(emulators, "d365-to-campaign")
+            found = await later.baseline(default_config("d365-to-campaign"), kept)
+            assert reason(found) == (
+                "profileAndServicesExt/profile.firstName: was string(30), now string(10)"
+            )
+            # What it was is what it stays compared with; a longer field is the new baseline.
+            assert (later.shapes()[first_name], later.shapes()[last_name]) == (
+                "string(30)",
+                "string(80)",
+            )
+            assert reason(await later.check()) == reason(found)
+            # Without what was kept, the narrowed field would be taken as normal.
+            unaware = watch(emulators, "d365-to-campaign")
+            assert await unaware.baseline(default_config("d365-to-campaign")) == []
+        finally:
+            await admin.patch("/_admin/resources/profile/fields/firstName", json={"max_length": 30})
+            await admin.patch("/_admin/resources/profile/fields/lastName", json={"max_length": 50})

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from crmsync.streams.drift import Difference, Snapshot, compare, fits, reason, still_breaking
+from crmsync.streams.drift import (
+    Difference,
+    Snapshot,
+    compare,
+    fits,
+    reason,
+    still_breaking,
+    widens,
+)
 from crmsync.streams.preflight import Requirement
 
 WF = "d365-to-campaign"
@@ -63,3 +71,11 @@ def test_differences_travel_as_dicts() -> None:
     difference = Difference("d365", "key", "crmsync_emailsends(crmsync_eventid)", "present",
                             "missing", True)  # fmt: skip
     assert Difference.from_dict(difference.as_dict()) == difference
+
+
+def test_a_kept_baseline_is_widened_by_a_longer_field_never_narrowed() -> None:
+    kept = {"campaign|field|p.firstName": "string(30)", "d365|column|c.name": "String(100)"}
+    assert widens(kept, {**kept, "campaign|field|p.firstName": "string(80)"})
+    assert not widens(kept, {**kept, "campaign|field|p.firstName": "string(10)"})
+    assert not widens(kept, kept)  # nothing to write
+    assert not widens(kept, {"campaign|field|p.firstName": "string(30)"})  # a piece not reported

@@ -305,6 +305,43 @@ class KafkaSupervisor:
             await asyncio.sleep(self.settings.backlog_sample_s)
             await self.sample()
             await self.audit_drift_stops()
+            await self.keep_drift_baselines()
+
+    async def keep_drift_baselines(self) -> None:
+        """Keeps in each control record the drift baseline its active config was first started
+        with, as the workers report it: a worker started later compares with that, so a column
+        shortened while no worker ran is still caught. It is replaced only by one that widens it
+        (a longer field), never narrowed; a new config version takes a new one."""
+        for name in NAMES:
+            record = self._records.get(name)
+            if record is None:
+                continue
+            kept = record.drift_baseline
+            if kept is not None and kept.version != record.active_version:
+                kept = None
+            reported = next(
+                (
+                    w.baseline
+                    for w in self._live(name)
+                    if w.baseline is not None
+                    and w.baseline.version == record.active_version
+                    and w.config_version == record.active_version
+                    and (kept is None or drift.widens(kept.shapes, w.baseline.shapes))
+                ),
+                None,
+            )
+            if reported is None:
+                continue
+            try:
+                async with self._lock(name):
+                    latest = self._record(name)
+                    if latest.active_version != reported.version or latest.drift_baseline != kept:
+                        continue
+                    await self._write(latest.model_copy(update={"drift_baseline": reported}))
+            except Unavailable as error:
+                log.warning("event=drift_baseline_not_kept workflow=%s error=%s", name, error)
+                continue
+            log.info("event=drift_baseline_kept workflow=%s version=%s", name, reported.version)
 
     async def audit_drift_stops(self) -> None:
         """An audit entry for each workflow that stopped itself on drift (once per generation)."""

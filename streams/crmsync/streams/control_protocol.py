@@ -33,6 +33,19 @@ class ReplayRequest(BaseModel):
     from_: str = Field(alias="from", description='"earliest" or an ISO-8601 time')
 
 
+class DriftBaseline(BaseModel):
+    """The shapes of what a config needs, as its targets showed them when it was first started:
+    what drift checks compare with, kept in the control record so a worker started later (a
+    restart, a new pod) still knows what a column or field *was*."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: int = Field(ge=1, description="the config version the shapes were taken for")
+    shapes: dict[str, str] = Field(
+        default_factory=dict, description='"<target>|<kind>|<name>" → shape ("String(200)")'
+    )
+
+
 class ControlRecord(BaseModel):
     """What the control plane wants of one workflow."""
 
@@ -46,6 +59,8 @@ class ControlRecord(BaseModel):
     pending_config: dict[str, Any] | None = None
     pending_version: int | None = None
     replay: ReplayRequest | None = None
+    #: Written by the control plane from what the workers report (never by a person).
+    drift_baseline: DriftBaseline | None = None
     updated_by: str = "crmsync"
     updated_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
 
@@ -78,6 +93,9 @@ class WorkerStatus(BaseModel):
     reason: str | None = Field(default=None, description='why, when stopped_by is "drift"')
     drift: list[dict[str, Any]] = Field(
         default_factory=list, description="the differences of the last drift check"
+    )
+    baseline: DriftBaseline | None = Field(
+        default=None, description="what the drift checks compare with (control plane keeps it)"
     )
     heartbeat_ms: int = Field(default_factory=lambda: int(time.time() * 1000))
     host: str = ""

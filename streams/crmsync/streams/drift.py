@@ -14,8 +14,8 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from crmsync.streams import preflight
@@ -104,6 +104,14 @@ def fits(was: str, now: str) -> bool:
     return int(after["bound"]) >= int(before["bound"])
 
 
+def widens(kept: Mapping[str, str], reported: Mapping[str, str]) -> bool:
+    """Whether a worker's baseline shapes replace the kept ones: different, and every kept
+    shape still fits (a longer field), so a baseline is never narrowed."""
+    return reported != kept and all(
+        key in reported and fits(shape, reported[key]) for key, shape in kept.items()
+    )
+
+
 def compare(was: Snapshot, now: Snapshot) -> list[Difference]:
     """Every difference between two snapshots of one workflow's needs, breaking ones first."""
     found: list[Difference] = []
@@ -126,6 +134,10 @@ def compare(was: Snapshot, now: Snapshot) -> list[Difference]:
             kind = "column" if target == "d365" else "field"
             found.append(Difference(target, kind, f"{container}.{added}", ABSENT, "present", False))
     return sorted(found, key=lambda d: not d.breaking)
+
+
+def _text(key: _Key) -> str:
+    return "|".join(key)
 
 
 def breaking(differences: Iterable[Difference]) -> list[Difference]:
@@ -187,29 +199,57 @@ class DriftWatch:
     differences: list[Difference] = field(default_factory=list)
     _config: WorkflowConfig | None = None
     _baseline: Snapshot | None = None
+    _kept: dict[str, str] | None = None
     _refusal_checked_at: float = float("-inf")
     _names: set[str] = field(default_factory=set)
 
-    async def baseline(self, config: WorkflowConfig) -> list[Difference]:
+    async def baseline(
+        self, config: WorkflowConfig, kept: Mapping[str, str] | None = None
+    ) -> list[Difference]:
         """At Start: takes what the targets show now as the baseline; returns what is missing
-        (breaking) — nothing when a target cannot be reached (the next check takes it)."""
+        or, against `kept` (the shapes this config version was first started with, from the
+        control record), no longer fits (breaking) — nothing when a target cannot be reached
+        (the next check takes it). A shape that grew since is taken as the new baseline."""
         self._config = config
+        self._kept = dict(kept) if kept else None
         self._baseline = None
         self.differences = []
         snapshot = await self._snapshot(config)
         if snapshot is None:
             return []
-        self._baseline = snapshot
-        self._names = {n.lower() for r in snapshot.requirements.values() for n in _names(r)}
-        self.differences = snapshot.missing()
+        base = snapshot
+        if kept:
+            earlier = {
+                key: replace(requirement, present=True, shape=kept[_text(key)])
+                for key, requirement in snapshot.requirements.items()
+                if _text(key) in kept
+                and not (requirement.present and fits(kept[_text(key)], requirement.shape))
+            }
+            base = Snapshot({**snapshot.requirements, **earlier}, snapshot.inventory)
+        self._baseline = base
+        self._names = {n.lower() for r in base.requirements.values() for n in _names(r)}
+        found = compare(base, snapshot)
+        seen = {(d.target, d.kind, d.name) for d in found}
+        found += [d for d in snapshot.missing() if (d.target, d.kind, d.name) not in seen]
+        self.differences = sorted(found, key=lambda d: not d.breaking)
         return list(self.differences)
+
+    def shapes(self) -> dict[str, str]:
+        """The baseline's shapes, for the control record (empty until one was taken)."""
+        if self._baseline is None:
+            return {}
+        return {
+            _text(key): requirement.shape
+            for key, requirement in self._baseline.requirements.items()
+            if requirement.present and requirement.shape
+        }
 
     async def check(self) -> list[Difference]:
         """Compares the targets with the baseline; returns the breaking differences."""
         if self._config is None:
             return []
         if self._baseline is None:
-            return breaking(await self.baseline(self._config))
+            return breaking(await self.baseline(self._config, self._kept))
         now = await self._snapshot(self._config)
         if now is None:
             return []

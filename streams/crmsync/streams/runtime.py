@@ -28,6 +28,7 @@ from crmsync.streams import config as configs
 from crmsync.streams.consumer import Fetched, PausableConsumer
 from crmsync.streams.control_protocol import (
     ControlRecord,
+    DriftBaseline,
     ReplayRequest,
     WorkerState,
     WorkerStatus,
@@ -86,6 +87,8 @@ class WorkflowRuntime:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _delivery: Delivery = field(init=False)
     _baseline_task: asyncio.Task[None] | None = None
+    #: What the control record keeps of the shapes the active config was first started with.
+    _kept_baseline: DriftBaseline | None = None
 
     def __post_init__(self) -> None:
         self._delivery = Delivery(
@@ -135,6 +138,7 @@ class WorkflowRuntime:
         version = record.active_version if record else 1
         if record is not None and record.replay is not None and desired == "stopped":
             await self._replay(record.replay)
+        self._kept_baseline = record.drift_baseline if record else None
         if self._applied == (desired, generation, version):
             return  # already there; a FAILED worker stays so until a new generation
         if desired == "stopped":
@@ -202,6 +206,14 @@ class WorkflowRuntime:
                 f"({', '.join(sorted(new.source_topics()))}): restart the workers to apply it"
             )
             return
+        kept = self._kept_baseline
+        shapes = kept.shapes if kept is not None and kept.version == version else None
+        early: list[drift.Difference] | None = None
+        if self.drift_watch is not None and shapes:
+            # This config ran before (a restart, a new worker, a Start after a Stop): compared
+            # with what it was first started with before the first write, so a field narrowed
+            # while no worker ran stops it here.
+            early = await self._baseline(config, shapes)
         async with self.lock:
             if self.workflow is not None:
                 await self.workflow.stop()
@@ -219,22 +231,33 @@ class WorkflowRuntime:
             self.state = "RUNNING"
             self._stopping.clear()
             self.gate.set()
+            if early is not None and drift.breaking(early):
+                await self._drift_stop(early)
+                return
         log.info("event=running workflow=%s config_version=%s", self.name, version)
-        if self.drift_watch is not None:
+        if self.drift_watch is not None and early is None:
             # Off the Start's path (the control plane checked the targets before this Start):
-            # what the targets show now is the baseline later checks compare with.
+            # what the targets show now is the baseline later checks compare with. Also when
+            # the targets did not answer the check above: taken as soon as they do.
             if self._baseline_task is not None:
                 self._baseline_task.cancel()
-            self._baseline_task = asyncio.create_task(self._take_baseline(config))
+            self._baseline_task = asyncio.create_task(self._take_baseline(config, shapes))
 
-    async def _take_baseline(self, config: configs.WorkflowConfig) -> None:
+    async def _baseline(
+        self, config: configs.WorkflowConfig, shapes: Mapping[str, str] | None
+    ) -> list[drift.Difference] | None:
         assert self.drift_watch is not None
         try:
-            found = await self.drift_watch.baseline(config)
+            return await self.drift_watch.baseline(config, shapes)
         except Exception:  # a drift check never takes the worker down
             log.exception("event=drift_baseline_failed workflow=%s", self.name)
-            return
-        if drift.breaking(found):
+            return None
+
+    async def _take_baseline(
+        self, config: configs.WorkflowConfig, shapes: Mapping[str, str] | None
+    ) -> None:
+        found = await self._baseline(config, shapes)
+        if found is not None and drift.breaking(found):
             async with self.lock:
                 if self.gate.is_set():
                     await self._drift_stop(found)
@@ -295,10 +318,15 @@ class WorkflowRuntime:
             stopped_by=self.stopped_by if self.state == "STOPPED" else None,
             reason=self.drift_reason if self.state == "STOPPED" else None,
             drift=[d.as_dict() for d in self.drift_watch.differences] if self.drift_watch else [],
+            baseline=self._baseline_report(),
             host=socket.gethostname(),
             pid=os.getpid(),
         )
         await self._status.send(status, left=left)
+
+    def _baseline_report(self) -> DriftBaseline | None:
+        shapes = self.drift_watch.shapes() if self.drift_watch is not None else {}
+        return DriftBaseline(version=self.config_version, shapes=shapes) if shapes else None
 
     def _partitions(self) -> list[str]:
         if self.consumer is None:
