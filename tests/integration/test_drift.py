@@ -114,11 +114,7 @@ async def test_a_shortened_campaign_field_stops_the_workflow_before_a_value_is_c
 
         # An admin shortens the profile's firstName from 30 to 10 characters in the resource's
         # Data structure; the names published next fit 30 but not 10.
-        async with httpx.AsyncClient(base_url=cluster.emulators.campaign_url) as admin:
-            shortened = await admin.patch(
-                "/_admin/resources/profile/fields/firstName", json={"max_length": 10}
-            )
-            assert shortened.status_code == 200
+        await _first_name_length(cluster, 10)
         after = [{**c, "firstname": f"Bartholomew-{n:02}"} for n, c in enumerate(contacts(12))]
         await publish_changes(
             cluster, topics.CONTACT_CHANGES, [contact_change(c["contactid"], c) for c in after]
@@ -137,11 +133,7 @@ async def test_a_shortened_campaign_field_stops_the_workflow_before_a_value_is_c
         assert refused.status_code == 409, refused.text
         assert "firstName: was string(30), now string(10)" in refused.text
 
-        async with httpx.AsyncClient(base_url=cluster.emulators.campaign_url) as admin:
-            restored = await admin.patch(
-                "/_admin/resources/profile/fields/firstName", json={"max_length": 30}
-            )
-            assert restored.status_code == 200
+        await _first_name_length(cluster, 30)
         await plane.action(D2C, "start")
         await plane.wait_status(D2C, "RUNNING")
         await wait_drained(cluster, D2C, [topics.CONTACT_CHANGES])
@@ -220,11 +212,7 @@ async def test_a_field_shortened_while_no_worker_ran_stops_the_next_worker_at_on
             "string(30)"
         )
         first.kill()  # a node lost; the field is shortened before a new worker comes up
-        async with httpx.AsyncClient(base_url=cluster.emulators.campaign_url) as admin:
-            shortened = await admin.patch(
-                "/_admin/resources/profile/fields/firstName", json={"max_length": 10}
-            )
-            assert shortened.status_code == 200
+        await _first_name_length(cluster, 10)
         waiting = contacts(5)
         await publish_changes(
             cluster, topics.CONTACT_CHANGES, [contact_change(c["contactid"], c) for c in waiting]
@@ -239,11 +227,7 @@ async def test_a_field_shortened_while_no_worker_ran_stops_the_next_worker_at_on
         refused = await plane.http.post(f"/api/v1/workflows/{D2C}/start")
         assert refused.status_code == 409, refused.text
 
-        async with httpx.AsyncClient(base_url=cluster.emulators.campaign_url) as admin:
-            restored = await admin.patch(
-                "/_admin/resources/profile/fields/firstName", json={"max_length": 30}
-            )
-            assert restored.status_code == 200
+        await _first_name_length(cluster, 30)
         await plane.action(D2C, "start")
         await plane.wait_status(D2C, "RUNNING")
         await wait_drained(cluster, D2C, [topics.CONTACT_CHANGES])
