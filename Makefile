@@ -25,8 +25,13 @@ $(KAFKA_STAMP): $(STAMP) deploy/crmsync/deploy/local/pom.xml
 run: setup
 	$(BIN)/crmsync up
 
+# Tests run on TEST_WORKERS pytest-xdist workers, each with its own broker (`TEST_WORKERS=0`: one
+# process, e.g. against an external KAFKA_BOOTSTRAP_SERVERS).
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
+
 test: setup browser
-	$(BIN)/python -m pytest -p no:cacheprovider
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup
 
 test-e2e: setup browser
 	$(BIN)/python -m pytest -p no:cacheprovider tests/e2e

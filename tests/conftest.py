@@ -53,6 +53,17 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` spreads tests over pytest-xdist workers (`--dist loadgroup`), each with its own
+    broker. The tests of a module that share a module-scoped fixture (a running stack, a secured
+    broker, a server) stay on one worker, so the fixture is set up once."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d.scope == "module" for chain in defs for d in chain):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session")
 def kafka_cache() -> Path:
     return ROOT / ".cache"
@@ -80,6 +91,11 @@ def bootstrap(request: pytest.FixtureRequest) -> str:
     """Bootstrap servers of the test cluster: KAFKA_BOOTSTRAP_SERVERS, or the session's broker."""
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if external:
+        if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+            pytest.fail(
+                "KAFKA_BOOTSTRAP_SERVERS would be shared by every pytest-xdist worker, and the "
+                "tests recreate the same topics: run them one at a time (`-n 0`)"
+            )
         return external
     kafka: LocalKafka = request.getfixturevalue("local_kafka")
     return kafka.bootstrap_servers

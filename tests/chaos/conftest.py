@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Generator, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ if TIER not in ("short", "medium", "full"):
     raise pytest.UsageError(f"CRMSYNC_CHAOS={TIER!r}: short, medium or full")
 
 _OUTCOMES: list[Outcome] = []
+_IN_XDIST_WORKER = False
 
 
 def pick(short: Any, full: Any, medium: Any = None) -> Any:
@@ -45,6 +47,8 @@ def record(outcome: Outcome) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    global _IN_XDIST_WORKER
+    _IN_XDIST_WORKER = hasattr(config, "workerinput")
     config.addinivalue_line("markers", "chaos: the chaos tier (real processes, faults, counts)")
 
 
@@ -53,6 +57,34 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "tests/chaos" in str(item.fspath):
             item.add_marker(pytest.mark.chaos)
             item.add_marker(pytest.mark.integration)
+
+
+
+_outcome = pytest.StashKey[pytest.TestReport]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keeps the call's report for the teardown's worker logs. Under pytest-xdist a scenario runs
+    in a worker process: its outcome travels on the report to the controller, which prints and
+    writes the table."""
+    report: pytest.TestReport = yield
+    if report.when == "call":
+        item.stash[_outcome] = report
+        if _IN_XDIST_WORKER:
+            report.user_properties.extend(("chaos-outcome", asdict(o)) for o in _OUTCOMES)
+            _OUTCOMES.clear()
+    return report
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if _IN_XDIST_WORKER:
+        return
+    for name, value in report.user_properties:
+        if name == "chaos-outcome":
+            _OUTCOMES.append(Outcome(**value))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -103,15 +135,3 @@ def own_cluster(bootstrap: str, emulators: EmulatorProcess, home: Path, **env: s
     emulators.reset()
     return Cluster(bootstrap, emulators, home, env=dict(env))
 
-
-_outcome = pytest.StashKey[pytest.TestReport]()
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report_: pytest.TestReport = yield
-    if report_.when == "call":
-        item.stash[_outcome] = report_
-    return report_
