@@ -59,7 +59,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
-
 _outcome = pytest.StashKey[pytest.TestReport]()
 
 
@@ -134,4 +133,3 @@ def own_cluster(bootstrap: str, emulators: EmulatorProcess, home: Path, **env: s
     """A Cluster on a broker of the scenario's own (the session broker stays untouched)."""
     emulators.reset()
     return Cluster(bootstrap, emulators, home, env=dict(env))
-
