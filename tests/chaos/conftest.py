@@ -10,7 +10,7 @@ import os
 from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -83,7 +83,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     for name, value in report.user_properties:
         if name == "chaos-outcome":
-            _OUTCOMES.append(Outcome(**value))
+            _OUTCOMES.append(Outcome(**cast(dict[str, Any], value)))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
