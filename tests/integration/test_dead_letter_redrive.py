@@ -8,14 +8,20 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from crmsync.streams.kafka import topics
 from tests.integration.control_helpers import OPERATOR, VIEWER, ControlPlane, control_settings
 from tests.integration.harness import Cluster, contacts, wait_for
 from tests.integration.workflow_helpers import (
+    ACTIVITY_SETS,
     contact_change,
+    create_contacts_in_dynamics,
+    dynamics_rows,
+    email_event,
     publish_changes,
+    publish_email_events,
     requests,
     start_running,
     total_end_offset,
@@ -24,6 +30,7 @@ from tests.integration.workflow_helpers import (
 
 pytestmark = pytest.mark.timeout(180)
 D2C = "d365-to-campaign"
+C2D = "campaign-to-d365"
 DLQ = f"/api/v1/workflows/{D2C}/dead-letters"
 
 
@@ -129,6 +136,57 @@ async def test_a_re_driven_record_that_fails_again_returns_with_the_new_reason(
     assert newest["key"] == refused["contactid"] and newest["redriven"] is None
     assert newest["returned_from"] == {"partition": first["partition"], "offset": first["offset"]}
     assert "HTTP 400" in older["reason"] and "HTTP 409" in newest["reason"], newest["reason"]
+
+
+async def test_an_email_event_dynamics_refused_is_re_driven_once_as_its_activity(
+    cluster: Cluster, plane: ControlPlane
+) -> None:
+    """The other direction: Dynamics refuses an activity whose campaign name is longer than its
+    column (200); an admin widens the column, and the re-drive writes that one activity."""
+    dlq = f"/api/v1/workflows/{C2D}/dead-letters"
+    (person,) = contacts(1, tag="e")
+    await create_contacts_in_dynamics(cluster, [person])
+    await start_running(cluster, C2D)
+    warm = email_event("open", person["contactid"], 1)
+    refused = email_event("open", person["contactid"], 2, campaign_name="Spring " * 40)
+    await publish_email_events(cluster, [warm, refused])
+    await wait_drained(cluster, C2D, [topics.EMAIL_EVENTS])
+
+    (letter,) = (await plane.call("GET", dlq))["dead_letters"]
+    assert letter["value"]["event_id"] == refused["event_id"]
+    assert "crmsync_campaignname" in letter["reason"] and "200" in letter["reason"], letter
+    assert await _opened(cluster) == [warm["event_id"]]
+
+    async with httpx.AsyncClient(base_url=cluster.emulators.dynamics_url) as admin:
+        widened = await admin.patch(
+            f"/_admin/entity-sets/{ACTIVITY_SETS['open']}/columns/crmsync_campaignname",
+            json={"max_length": 400},
+        )
+        assert widened.status_code == 200, widened.text
+    body = {"error_class": letter["error_class"]}
+    operator = {"Authorization": f"Bearer {OPERATOR}"}
+    answer = await plane.call("POST", f"{dlq}/redrive", json=body, headers=operator)
+    assert len(answer["redriven"]) == 1
+    await wait_for(lambda: _opened_count(cluster, 2), 60, "the re-driven activity")
+    await wait_drained(cluster, C2D, [topics.EMAIL_EVENTS])
+    assert sorted(await _opened(cluster)) == sorted([warm["event_id"], refused["event_id"]])
+    (listed,) = (await plane.call("GET", dlq))["dead_letters"]
+    assert listed["redriven"]["redrive_id"] == answer["redrive_id"]
+
+    sent_before = await total_end_offset(cluster, topics.EMAIL_EVENTS)
+    again = await plane.call("POST", f"{dlq}/redrive", json=body, headers=operator)
+    assert again["redriven"] == [] and again["matched"] == 1
+    await asyncio.sleep(2)
+    assert await total_end_offset(cluster, topics.EMAIL_EVENTS) == sent_before, "nothing re-sent"
+    assert sorted(await _opened(cluster)) == sorted([warm["event_id"], refused["event_id"]])
+
+
+async def _opened(cluster: Cluster) -> list[str]:
+    return [row["crmsync_eventid"] for row in await dynamics_rows(cluster, ACTIVITY_SETS["open"])]
+
+
+async def _opened_count(cluster: Cluster, count: int) -> bool:
+    return len(await _opened(cluster)) >= count
 
 
 async def test_bad_filters_are_refused_naming_the_field(
