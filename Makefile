@@ -31,7 +31,7 @@ TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 
 test: setup browser
-	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --durations=20
 
 test-e2e: setup browser
 	$(BIN)/python -m pytest -p no:cacheprovider tests/e2e
