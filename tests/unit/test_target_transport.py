@@ -130,13 +130,9 @@ async def session(request: pytest.FixtureRequest) -> AsyncIterator[SessionFactor
         )
         opened.append(sender)
         tokens = _Tokens()
-        return (
-            Session(
-                "test", sender, TokenCache(tokens.fetch), Throttle(max_connections), FAST, _transient
-            ),
-            sender,
-            tokens,
-        )
+        throttle = Throttle(max_connections)
+        client = Session("test", sender, TokenCache(tokens.fetch), throttle, FAST, _transient)
+        return client, sender, tokens
 
     yield make
     for sender in opened:
