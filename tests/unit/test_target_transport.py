@@ -69,12 +69,12 @@ class Server:
             return web.json_response({"slow": True})
         if name == "half":
             # Headers and part of the body, then the server stalls.
-            answer = web.StreamResponse(headers={"Content-Length": "100"})
-            await answer.prepare(request)
-            await answer.write(b'{"partial": ')
+            stalled = web.StreamResponse(headers={"Content-Length": "100"})
+            await stalled.prepare(request)
+            await stalled.write(b'{"partial": ')
             self.slow_started.set()
             await self.release.wait()
-            return answer
+            return stalled
         return web.json_response({"error": "no such endpoint"}, status=404)
 
     async def start(self) -> None:
