@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     campaign_client_id: str = "crmsync-local"
     campaign_client_secret: SecretStr = SecretStr("crmsync-local")
     campaign_ims_url: str | None = None
-    http_client: HttpClient = Field(
+    target_http_client: HttpClient = Field(
         default="aiohttp",
         description="the HTTP client the target clients send through: aiohttp, or httpx",
     )
@@ -181,7 +181,7 @@ class Settings(BaseSettings):
             client_id=self.dynamics_client_id,
             client_secret=self.dynamics_client_secret,
             authority=self.dynamics_authority,
-            http_client=self.http_client,
+            http_client=self.target_http_client,
         )
 
     @cached_property
@@ -192,5 +192,5 @@ class Settings(BaseSettings):
             client_id=self.campaign_client_id,
             client_secret=self.campaign_client_secret,
             ims_url=self.campaign_ims_url,
-            http_client=self.http_client,
+            http_client=self.target_http_client,
         )
