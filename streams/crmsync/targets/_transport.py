@@ -266,14 +266,3 @@ class HttpxTransport:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-__all__ = [
-    "AiohttpTransport",
-    "HttpClient",
-    "HttpxTransport",
-    "Response",
-    "Transport",
-    "transport",
-    "transport_error",
-]
