@@ -86,6 +86,12 @@ class PausableConsumer(faust_aiokafka.Consumer):
         self,
         timeout: float,  # noqa: ASYNC109 - Faust's signature
     ) -> tuple[RecordMap | None, set[TP] | None]:
+        if not self.flow_active and not self.stopped:
+            # Faust's own wait for the flow (stopped by a rebalance until recovery has sought
+            # the committed offsets), outside the fetch lock: the seek takes the lock, and an
+            # epoch read before it would drop the first records fetched after it — records of
+            # the sought positions, never read again.
+            await self.wait(self.can_resume_flow)  # type: ignore[arg-type]
         # One fetch at a time, never during a seek: a fetch running while the position is
         # moved would consume records from the new position that the epoch check then drops.
         async with self._fetch_lock():
@@ -108,6 +114,8 @@ class PausableConsumer(faust_aiokafka.Consumer):
                 else:
                     await self.sleep(1)
                 return {}, set()
+            if not self.flow_active:
+                return {}, set()  # stopped again since: back to the wait above
             records, active = await super()._wait_next_records(timeout)
             if epoch != self.fetch_epoch:
                 return {}, active  # fetched across a stop: read again after the next start
