@@ -63,6 +63,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/codec.py
 	$(BIN)/python bench/sinks.py
+	$(BIN)/python bench/http_clients.py
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/control.py
 	$(BIN)/python bench/resources.py

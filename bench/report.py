@@ -1,7 +1,8 @@
 """Every benchmark figure in one markdown table, next to the issue's targets; all in latest.json.
 
 Run: .venv/bin/python bench/report.py [--results DIR] [--check]. Reads the JSON that codec.py,
-sinks.py, throughput.py, control.py and resources.py wrote into DIR (default bench/results),
+sinks.py, http_clients.py, throughput.py, control.py and resources.py wrote into DIR (default
+bench/results),
 writes them merged into DIR/latest.json together with the table's rows, and prints the table.
 Each target is judged met or missed from the measured number; a figure whose script has not run
 shows "not run". With --check the exit code is 1 unless every target is met.
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("codec", "sinks", "throughput", "control", "resources")
+SOURCES = ("codec", "sinks", "http_clients", "throughput", "control", "resources")
+REQUEST_CPU_LIMIT_US = 250.0  # worker CPU per target request (issue 18)
 RSS_LIMIT_BYTES = 300e6  # the issue's 300 MB, as 10^6 bytes (the stricter reading)
 
 
@@ -63,6 +65,10 @@ def _at_most(limit: float) -> Callable[[float], bool]:
 
 def _ms(value: float) -> str:
     return f"{value:.1f} ms"
+
+
+def _us(value: float) -> str:
+    return f"{value:,.0f} µs"
 
 
 def _mb(value: float) -> str:
@@ -151,12 +157,40 @@ def _throughput(table: Table, data: Any) -> None:
         _get(data, "c_workflow_emulator", "records_per_s"),
         _rate,
     )
+    table.judged(
+        area,
+        "(c) worker CPU per target request",
+        _get(data, "c_workflow_emulator", "worker_cpu_us_per_request"),
+        _us,
+        f"≤ {REQUEST_CPU_LIMIT_US:.0f} µs",
+        _at_most(REQUEST_CPU_LIMIT_US),
+    )
+    table.info(
+        area,
+        "(c) emulator CPU per request (its process)",
+        _get(data, "c_workflow_emulator", "emulator_cpu_us_per_request"),
+        _us,
+    )
     table.info(
         area,
         "(d) Kafka's consumer perf tool",
         _get(data, "d_kafka_perf_tool", "records_per_s"),
         _rate,
     )
+
+
+def _http_clients(table: Table, data: Any) -> None:
+    variants = _get(data, "variants") or {}
+    if not variants:
+        table.info("http", "client CPU per request", None, _us)
+    for name, row in variants.items():
+        figure = f"{name}: client CPU per request"
+        value = _get(row, "client_cpu_us_per_request")
+        if name.startswith("crmsync") and name.endswith("aiohttp"):
+            limit = f"≤ {REQUEST_CPU_LIMIT_US:.0f} µs"
+            table.judged("http", figure, value, _us, limit, _at_most(REQUEST_CPU_LIMIT_US))
+        else:
+            table.info("http", figure, value, _us)
 
 
 def _control(table: Table, data: Any) -> None:
@@ -274,6 +308,7 @@ def _resources(table: Table, data: Any) -> None:
 def build(results: dict[str, Any]) -> list[Row]:
     table = Table()
     _throughput(table, results.get("throughput"))
+    _http_clients(table, results.get("http_clients"))
     _control(table, results.get("control"))
     _resources(table, results.get("resources"))
     _codec(table, results.get("codec"))

@@ -3,7 +3,8 @@
 Run: .venv/bin/python bench/throughput.py [--records N]. One run measures, over the same topic:
   (a) a plain aiokafka consumer + fastavro decode loop (the client-side baseline);
   (b) the workflow with a discarding sink (decode, map, batch, ack, commit — no HTTP);
-  (c) the workflow writing to the Campaign emulator (a separate process);
+  (c) the workflow writing to the Campaign emulator (a separate process), with the worker's CPU
+      per target request apart from the emulator's (requests counted by the emulator);
   (d) Kafka's own consumer perf tool (the broker-side ceiling, a JVM: its CPU is not comparable).
 CPU µs per record counts the consuming process only (user + sys), the stable figure on a shared
 machine; ratios against (a) measured in the same run are what to compare across machines.
@@ -24,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from rich.console import Console
@@ -156,8 +159,26 @@ class DrainTooShort(Exception):
         )
 
 
+class _Emulator:
+    """The Campaign emulator's process, seen from outside: requests served and CPU spent."""
+
+    def __init__(self, pid: int, url: str) -> None:
+        self.process = psutil.Process(pid)
+        self.url = url
+
+    async def reading(self) -> tuple[int, float]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            stats = (await client.get(f"{self.url}/_admin/stats")).json()
+        times = self.process.cpu_times()
+        return int(stats["requests"]), times.user + times.system
+
+
 async def _workflow(
-    bootstrap: str, settings: Settings, discard: bool, tail: int | None = None
+    bootstrap: str,
+    settings: Settings,
+    discard: bool,
+    tail: int | None = None,
+    emulator: _Emulator | None = None,
 ) -> dict[str, float]:
     await _reset_group(bootstrap, tail)
     stop = asyncio.Event()
@@ -177,15 +198,32 @@ async def _workflow(
             await asyncio.sleep(0.05)
             start_lag = await _lag(admin, probe, tps)
         # The clock starts at the lag just read, so the records it counts are the ones timed.
+        served = await emulator.reading() if emulator is not None else None
+        # The lag probe runs in this process, so its CPU counts as the worker's: against the
+        # emulator (a drain of tens of seconds) it looks less often.
+        probe_s = 0.1 if emulator is None else 0.5
         cpu, wall = time.process_time(), time.perf_counter()
         while await _lag(admin, probe, tps) > 0:
             if worker.done():
                 worker.result()
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(probe_s)
         seconds = time.perf_counter() - wall
+        used = time.process_time() - cpu
         if start_lag < MIN_TIMED_RECORDS or seconds < MIN_TIMED_SECONDS:
             raise DrainTooShort(initial, start_lag, seconds)
-        return _figures(start_lag, seconds, time.process_time() - cpu)
+        figures = _figures(start_lag, seconds, used)
+        if emulator is not None and served is not None:
+            requests, emulator_cpu = await emulator.reading()
+            # API requests only (the emulator counts neither tokens nor its admin endpoints).
+            requests, emulator_cpu = requests - served[0], emulator_cpu - served[1]
+            if requests > 0:
+                figures |= {
+                    "requests": requests,
+                    "requests_per_record": requests / start_lag,
+                    "worker_cpu_us_per_request": used / requests * 1e6,
+                    "emulator_cpu_us_per_request": emulator_cpu / requests * 1e6,
+                }
+        return figures
     finally:
         stop.set()
         await worker
@@ -279,7 +317,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if n_emulator:
             try:
                 results["c_workflow_emulator"] = await _workflow(
-                    bootstrap, emulator_settings, False, tail=n_emulator
+                    bootstrap,
+                    emulator_settings,
+                    False,
+                    tail=n_emulator,
+                    emulator=_Emulator(emulators.pid, f"http://127.0.0.1:{cport}"),
                 )
             except DrainTooShort as error:
                 console.print(f"(c) skipped: {error} (--emulator-records)")
@@ -313,6 +355,14 @@ def main() -> int:
         print(
             f"| {name} | {row['records_per_s']:,.0f} | {row['cpu_us_per_record']:.1f} "
             f"| {ratio:.2f} |"
+        )
+    emulated = results.get("c_workflow_emulator") or {}
+    if "worker_cpu_us_per_request" in emulated:
+        print(
+            f"\n(c) per target request ({emulated['requests']:,} requests, "
+            f"{emulated['requests_per_record']:.2f} per record): worker "
+            f"{emulated['worker_cpu_us_per_request']:,.0f} µs CPU, emulator "
+            f"{emulated['emulator_cpu_us_per_request']:,.0f} µs CPU"
         )
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(results, indent=2))

@@ -6,9 +6,10 @@ campaign-standard.en on GitHub, the source of experienceleague.adobe.com's API p
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from crmsync.streams.config import D365ToCampaignConfig
 from crmsync.streams.sinks.base import SinkRecord
 from crmsync.streams.sinks.campaign import CampaignSink
 from crmsync.targets._http import RetryPolicy
+from crmsync.targets._transport import AiohttpTransport, Response
 from crmsync.targets.campaign import CampaignClient
 from crmsync.targets.errors import Fatal, RecordRejected
 from crmsync.targets.settings import CampaignTarget
@@ -97,22 +99,34 @@ async def test_a_duplicate_key_means_look_the_record_up_again_and_patch_it(
     profile = await client.upsert(PROFILE, "c-2", {"lastName": "K"})
     raced = False
 
-    class ConcurrentWriter(httpx.AsyncBaseTransport):
-        def __init__(self) -> None:
-            self.inner = httpx.AsyncHTTPTransport()
+    class ConcurrentWriter:
+        """The client's own transport, with another writer's create slipped in before its POST."""
 
-        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        def __init__(self) -> None:
+            self.inner = AiohttpTransport(
+                timeout_s=10,
+                max_connections=4,
+                headers={"Accept": "application/json", "X-Api-Key": emulators.client_id},
+            )
+
+        async def send(
+            self,
+            method: str,
+            url: str,
+            headers: Mapping[str, str],
+            content: bytes | None,
+            what: str,
+        ) -> Response:
             nonlocal raced
-            if request.method == "POST" and request.url.path.endswith("/cusPurchase"):
-                if not raced:
-                    raced = True
-                    await other.upsert(
-                        "profileAndServicesExt/cusPurchase",
-                        "P-9",
-                        {"product": "theirs", "profile": {"PKey": profile}},
-                        key_field="purchaseId",
-                    )
-            return await self.inner.handle_async_request(request)
+            if method == "POST" and urlsplit(url).path.endswith("/cusPurchase") and not raced:
+                raced = True
+                await other.upsert(
+                    "profileAndServicesExt/cusPurchase",
+                    "P-9",
+                    {"product": "theirs", "profile": {"PKey": profile}},
+                    key_field="purchaseId",
+                )
+            return await self.inner.send(method, url, headers, content, what)
 
         async def aclose(self) -> None:
             await self.inner.aclose()

@@ -66,3 +66,21 @@ def test_faust_never_pauses_or_resumes_aiokafka_itself() -> None:
     driver = inspect.getsource(faust_aiokafka)
     assert ".pause(" not in driver.replace("def pause", "")
     assert ".resume(" not in driver.replace("def resume", "")
+
+
+def test_recovery_still_seeks_through_perform_seek_which_we_replace() -> None:
+    # Recovery's seek after a rebalance; aiokafka's seek_to_committed, which Faust's version
+    # calls, leaves a partition without a commit (or at 0) where it is: ours seeks it too.
+    from faust.tables.recovery import Recovery
+
+    resume = inspect.getsource(Recovery._resume_streams)
+    assert "consumer.perform_seek()" in resume
+    assert "seek_to_committed" in inspect.getsource(faust_consumer.Consumer.perform_seek)
+    assert "if offset and offset > 0:" in inspect.getsource(
+        aiokafka.AIOKafkaConsumer.seek_to_committed
+    )
+    assert "perform_seek" in vars(PausableConsumer)
+    theirs = inspect.signature(faust_consumer.Consumer.perform_seek)
+    assert list(theirs.parameters) == list(
+        inspect.signature(PausableConsumer.perform_seek).parameters
+    )

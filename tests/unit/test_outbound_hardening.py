@@ -4,6 +4,7 @@ emulators' admin endpoints refusing cross-site form posts."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -18,11 +19,16 @@ from crmsync.deploy.emulators.admin import admin_routes
 from crmsync.deploy.emulators.faults import Faults
 from crmsync.streams.settings import Settings
 from crmsync.targets._http import MAX_RETRY_AFTER_S, parse_retry_after
+from crmsync.targets._transport import Response
 from crmsync.targets.campaign import CampaignClient
 from crmsync.targets.dynamics import DynamicsClient
 from crmsync.targets.errors import Fatal
 from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 from tests.unit.fake_supervisor import FakeSupervisor, factory
+
+
+def _json(body: Any) -> Response:
+    return Response(200, {"content-type": "application/json"}, json.dumps(body).encode())
 
 
 class _PagedDynamics(DynamicsClient):
@@ -33,10 +39,10 @@ class _PagedDynamics(DynamicsClient):
         self.asked: list[str] = []
         self.elsewhere = elsewhere
 
-    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def _request(self, method: str, url: str, **kwargs: Any) -> Response:
         self.asked.append(url)
         page = {"value": [{"n": len(self.asked)}], "@odata.nextLink": self.elsewhere}
-        return httpx.Response(200, json=page if len(self.asked) == 1 else {"value": []})
+        return _json(page if len(self.asked) == 1 else {"value": []})
 
 
 async def test_dynamics_follows_a_paging_link_to_another_host_never() -> None:
@@ -61,10 +67,10 @@ class _PagedCampaign(CampaignClient):
         self.asked: list[str] = []
         self.elsewhere = elsewhere
 
-    async def _call(self, method: str, url: str, **kwargs: Any) -> httpx.Response | None:
+    async def _call(self, method: str, url: str, **kwargs: Any) -> Response | None:
         self.asked.append(url)
         page = {"content": [{"n": 1}], "next": {"href": self.elsewhere}}
-        return httpx.Response(200, json=page if len(self.asked) == 1 else {"content": []})
+        return _json(page if len(self.asked) == 1 else {"content": []})
 
 
 @pytest.mark.parametrize(

@@ -193,9 +193,9 @@ def create_app(
             None,
             None,
             None,
-            generation_id=app.consumer_generation_id,
+            generation_id=fetched.generation,
         )
-        runtime.queued(fetched.size)
+        runtime.queued(fetched.size, fetched.generation)
         await batches.put(app.create_event(None, fetched, None, message))
 
     @app.agent(batches, name=spec.group_id, concurrency=1)

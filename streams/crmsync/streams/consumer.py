@@ -32,11 +32,13 @@ from faust.types import TP, Message
 
 
 class Fetched(NamedTuple):
-    """One fetched batch: the fetch epoch it was read in, its records per partition, how many."""
+    """One fetched batch: the fetch epoch it was read in, its records per partition, how many,
+    and the group generation it was read in (Faust's stream drops a batch of an older one)."""
 
     epoch: int
     records: RecordMap
     size: int
+    generation: int = 0
 
 
 #: Takes each fetched batch (to the agent's channel).
@@ -84,6 +86,12 @@ class PausableConsumer(faust_aiokafka.Consumer):
         self,
         timeout: float,  # noqa: ASYNC109 - Faust's signature
     ) -> tuple[RecordMap | None, set[TP] | None]:
+        if not self.flow_active and not self.stopped:
+            # Faust's own wait for the flow (stopped by a rebalance until recovery has sought
+            # the committed offsets), outside the fetch lock: the seek takes the lock, and an
+            # epoch read before it would drop the first records fetched after it — records of
+            # the sought positions, never read again.
+            await self.wait(self.can_resume_flow)  # type: ignore[arg-type]
         # One fetch at a time, never during a seek: a fetch running while the position is
         # moved would consume records from the new position that the epoch check then drops.
         async with self._fetch_lock():
@@ -106,6 +114,8 @@ class PausableConsumer(faust_aiokafka.Consumer):
                 else:
                     await self.sleep(1)
                 return {}, set()
+            if not self.flow_active:
+                return {}, set()  # stopped again since: back to the wait above
             records, active = await super()._wait_next_records(timeout)
             if epoch != self.fetch_epoch:
                 return {}, active  # fetched across a stop: read again after the next start
@@ -128,7 +138,8 @@ class PausableConsumer(faust_aiokafka.Consumer):
             for tp, batch in records.items():
                 self._read_offset[tp] = batch[-1].offset
                 count += len(batch)
-            await self.deliver(Fetched(epoch, records, size=count))
+            generation = self.app.consumer_generation_id
+            await self.deliver(Fetched(epoch, records, size=count, generation=generation))
         return
         yield  # an async generator, as Faust's fetch loop expects
 
@@ -203,7 +214,7 @@ class PausableConsumer(faust_aiokafka.Consumer):
         )
         return positions
 
-    async def _seek_in_thread(self) -> dict[TP, int]:
+    async def _seek_in_thread(self, resume: bool = True) -> dict[TP, int]:
         consumer = self._thread._ensure_consumer()
         assigned = list(consumer.assignment())
         positions: dict[TP, int] = {}
@@ -213,11 +224,34 @@ class PausableConsumer(faust_aiokafka.Consumer):
                 await consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, committed)
-        if assigned:
+        if assigned and resume:
             consumer.resume(*assigned)
         for tp in assigned:
             positions[cast(TP, tp)] = await consumer.position(tp)
         return positions
+
+    async def perform_seek(self) -> None:
+        """After a rebalance (Faust's recovery calls this before fetching resumes): every
+        assigned partition back to its committed offset, the beginning where none was
+        committed, and what was fetched before dropped.
+
+        Faust's own version goes through aiokafka's `seek_to_committed`, which leaves a
+        partition with no commit (or a commit of 0) where it is. aiokafka starts fetching a new
+        assignment before recovery runs, so a batch fetched in between — dropped by the fetch
+        epoch, or by Faust's stream as of an older generation — had moved such a partition's
+        position past records never written: they were never read again, and the partition's
+        lag never reached 0. Partitions paused while stopped stay paused.
+        """
+        async with self._fetch_lock():
+            self.fetch_epoch += 1
+            positions: dict[TP, int] = await self._thread.call_thread(self._seek_in_thread, False)
+        for tp, offset in positions.items():
+            self._read_offset[tp] = offset if offset else None
+            self._committed_offset[tp] = offset if offset else None
+        log.info(
+            "event=sought_committed partitions=%s",
+            ",".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(positions.items())),
+        )
 
     async def rewind(self, from_ms: int | None) -> dict[TP, int]:
         """Commits, for every assigned partition, the offset of the first record at or after

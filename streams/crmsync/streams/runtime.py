@@ -79,9 +79,11 @@ class WorkflowRuntime:
     _outcomes: Outcomes | None = None
     _registry: RegistryCodec | None = None
     _epoch: int = -1
-    #: Fetched batches put into the agent's channel and not taken yet, and their records.
+    #: Fetched batches put into the agent's channel and not taken yet, and their records; only
+    #: those of the latest group generation (Faust's stream drops the older ones untaken).
     _queued_batches: int = 0
     _queued_records: int = 0
+    _queued_generation: int = -1
     _applied: tuple[str, int, int] | None = None
     #: Set while no write may start: wakes retry waits at once.
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -343,8 +345,17 @@ class WorkflowRuntime:
         self.consumer = consumer
         consumer.backlogged = self.backlogged
 
-    def queued(self, records: int) -> None:
-        """A fetched batch of `records` was put into the agent's channel."""
+    def queued(self, records: int, generation: int = 0) -> None:
+        """A fetched batch of `records` was put into the agent's channel.
+
+        Batches of an older group generation still in the channel never reach the agent
+        (Faust's stream skips them after a rebalance): they stop counting, or their count
+        would hold fetching back for good once it reached the limit."""
+        if generation < self._queued_generation:
+            return
+        if generation > self._queued_generation:
+            self._queued_generation = generation
+            self._queued_records = self._queued_batches = 0
         self._queued_records += records
         self._queued_batches += 1
 
@@ -358,8 +369,9 @@ class WorkflowRuntime:
         """Writes what the agent took from its channel: same-epoch batches merged up to
         `batch_max_records`, in the order they were fetched."""
         for batch in fetched:
-            self._queued_records -= batch.size
-            self._queued_batches -= 1
+            if batch.generation == self._queued_generation:
+                self._queued_records -= batch.size
+                self._queued_batches -= 1
         for epoch, records in merge(fetched, self.settings.batch_max_records):
             await self.handle_batch(epoch, records)
 

@@ -11,6 +11,7 @@ from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from crmsync.streams.kafka.clients import KafkaClients
+from crmsync.targets._transport import HttpClient
 from crmsync.targets.settings import CampaignTarget, DynamicsTarget
 
 LOCAL_BOOTSTRAP = "127.0.0.1:9092"
@@ -121,6 +122,10 @@ class Settings(BaseSettings):
     campaign_client_id: str = "crmsync-local"
     campaign_client_secret: SecretStr = SecretStr("crmsync-local")
     campaign_ims_url: str | None = None
+    target_http_client: HttpClient = Field(
+        default="aiohttp",
+        description="the HTTP client the target clients send through: aiohttp, or httpx",
+    )
 
     @property
     def bootstrap_servers(self) -> str:
@@ -176,6 +181,7 @@ class Settings(BaseSettings):
             client_id=self.dynamics_client_id,
             client_secret=self.dynamics_client_secret,
             authority=self.dynamics_authority,
+            http_client=self.target_http_client,
         )
 
     @cached_property
@@ -186,4 +192,5 @@ class Settings(BaseSettings):
             client_id=self.campaign_client_id,
             client_secret=self.campaign_client_secret,
             ims_url=self.campaign_ims_url,
+            http_client=self.target_http_client,
         )

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import httpx
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -22,6 +21,7 @@ from tenacity import (
     stop_before_delay,
 )
 
+from crmsync.targets._transport import Response, Transport
 from crmsync.targets.errors import Fatal, Retryable, SinkError
 from crmsync.targets.retry import backoff
 
@@ -65,7 +65,23 @@ async def with_retries(policy: RetryPolicy, call: Callable[[], Awaitable[T]], wh
     """Run ``call`` until it stops raising ``Retryable`` or the policy's bound is reached.
 
     ``RecordRejected`` and ``Fatal`` pass through at once; the last ``Retryable`` is re-raised.
+    The first try is a plain call: most requests succeed at once, and tenacity's bookkeeping
+    (state objects, an async generator) is only set up once one has failed.
     """
+    started = time.monotonic()
+    try:
+        return await call()
+    except Retryable as error:
+        if policy.attempts <= 1:
+            raise
+        failed: Retryable | None = error
+
+    async def again() -> T:
+        nonlocal failed
+        if failed is not None:  # tenacity's first attempt is the one that just failed
+            error, failed = failed, None
+            raise error
+        return await call()
 
     def before_sleep(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
@@ -79,8 +95,10 @@ async def with_retries(policy: RetryPolicy, call: Callable[[], Awaitable[T]], wh
             extra={"what": what, "attempt": state.attempt_number, "wait_s": wait_s},
         )
 
+    # The budget counts from the first try, which ran before tenacity's clock started.
+    budget_s = max(0.0, policy.budget_s - (time.monotonic() - started))
     retrying = AsyncRetrying(
-        stop=stop_after_attempt(policy.attempts) | stop_before_delay(policy.budget_s),
+        stop=stop_after_attempt(policy.attempts) | stop_before_delay(budget_s),
         wait=policy.wait,
         retry=retry_if_exception_type(Retryable),
         before_sleep=before_sleep,
@@ -88,7 +106,7 @@ async def with_retries(policy: RetryPolicy, call: Callable[[], Awaitable[T]], wh
     )
     async for attempt in retrying:
         with attempt:
-            return await call()
+            return await again()
     raise AssertionError("unreachable: tenacity re-raises the last error")
 
 
@@ -227,16 +245,6 @@ class TokenCache:
         self._refresh_at = time.monotonic() + lifetime - margin
 
 
-def transport_error(error: httpx.HTTPError, what: str) -> Retryable | Fatal:
-    """Network errors and timeouts are transient; a malformed URL or protocol misuse is not."""
-    reason = f"{what}: {type(error).__name__}: {error}"
-    if isinstance(error, httpx.UnsupportedProtocol | httpx.LocalProtocolError):
-        return Fatal(reason)
-    if isinstance(error, httpx.TransportError):
-        return Retryable(reason)
-    return Fatal(reason)
-
-
 def short(text: str, limit: int = 500) -> str:
     """A server message trimmed for an error reason or a log line."""
     text = " ".join(text.split())
@@ -244,7 +252,7 @@ def short(text: str, limit: int = 500) -> str:
 
 
 class Session:
-    """Requests to one API through one pooled client: bearer token, throttle, bounded retries.
+    """Requests to one API through one transport: bearer token, throttle, bounded retries.
 
     ``transient`` says which answers are worth another try (each API has its own view of a 500).
     A 401 gets one new token and one more try, then it is ``Fatal``. A 429 pauses the whole
@@ -254,11 +262,11 @@ class Session:
     def __init__(
         self,
         name: str,
-        http: httpx.AsyncClient,
+        http: Transport,
         tokens: TokenCache,
         throttle: Throttle,
         retry: RetryPolicy,
-        transient: Callable[[httpx.Response], Retryable | None],
+        transient: Callable[[Response], Retryable | None],
     ) -> None:
         self.name = name
         self.http = http
@@ -269,20 +277,14 @@ class Session:
 
     async def send_once(
         self, method: str, url: str, headers: Mapping[str, str], content: bytes | None, what: str
-    ) -> httpx.Response:
+    ) -> Response:
         """One request (plus one more with a new token after a 401); transient answers raise."""
         token = await self.tokens.get()
         for refreshed in (False, True):
             async with self.throttle.slot():
-                try:
-                    response = await self.http.request(
-                        method,
-                        url,
-                        content=content,
-                        headers={**headers, "Authorization": f"Bearer {token}"},
-                    )
-                except httpx.HTTPError as error:
-                    raise transport_error(error, what) from error
+                response = await self.http.send(
+                    method, url, {**headers, "Authorization": f"Bearer {token}"}, content, what
+                )
             await self._observe(response)
             if response.status_code != 401:
                 break
@@ -295,7 +297,7 @@ class Session:
             raise prefixed(transient, what)  # keeps the subclass (a Campaign server fault)
         return response
 
-    async def _observe(self, response: httpx.Response) -> None:
+    async def _observe(self, response: Response) -> None:
         if response.status_code == 429:
             pause = parse_retry_after(response.headers.get("retry-after"))
             pause = self.retry.backoff_base_s if pause is None else pause
@@ -316,7 +318,7 @@ class Session:
         headers: Mapping[str, str] | None = None,
         what: str,
         retry: RetryPolicy | None = None,
-    ) -> httpx.Response:
+    ) -> Response:
         """A request retried within the policy; non-transient answers are returned as they are."""
         all_headers = dict(headers or {})
         if body is not None:

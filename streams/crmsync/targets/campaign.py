@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote, urlencode, urljoin, urlsplit
 
-import httpx
-
 from crmsync.targets._http import (
     TRANSIENT_STATUSES,
     RetryPolicy,
@@ -22,8 +20,9 @@ from crmsync.targets._http import (
     parse_retry_after,
     prefixed,
     short,
-    transport_error,
 )
+from crmsync.targets._transport import Response, Transport
+from crmsync.targets._transport import transport as _transport
 from crmsync.targets.errors import (
     Fatal,
     NotFound,
@@ -134,7 +133,7 @@ def classify(
     return Fatal(f"unexpected answer: {reason}")
 
 
-def _transient(response: httpx.Response) -> Retryable | None:
+def _transient(response: Response) -> Retryable | None:
     outcome = classify(response.status_code, response.text, response.headers)
     return outcome if isinstance(outcome, Retryable) else None
 
@@ -219,7 +218,7 @@ class CampaignClient:
         retry: RetryPolicy | None = None,
         lookups: Mapping[str, Lookup] | None = None,
         pkey_cache_size: int = 100_000,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.target = target
         self.retry = retry or RetryPolicy()
@@ -227,13 +226,10 @@ class CampaignClient:
         self.api_url = f"{target.url.rstrip('/')}/{quote(target.org, safe='')}/campaign/"
         self.ims_url = default_ims_url(target)
         self._pkeys = _PKeys(pkey_cache_size)
-        limits = httpx.Limits(
-            max_connections=target.max_concurrency, max_keepalive_connections=target.max_concurrency
-        )
-        self._http = httpx.AsyncClient(
-            timeout=target.timeout_s,
-            limits=limits,
-            transport=transport,
+        self._http = transport or _transport(
+            target.http_client,
+            timeout_s=target.timeout_s,
+            max_connections=target.max_concurrency,
             headers={"Accept": "application/json", "X-Api-Key": target.client_id},
         )
         self._session = Session(
@@ -262,10 +258,13 @@ class CampaignClient:
             "grant_type": "client_credentials",
             "scope": self.target.scope,
         }
-        try:
-            response = await self._http.post(f"{self.ims_url}/ims/token/v3", data=form)
-        except httpx.HTTPError as error:
-            raise transport_error(error, "campaign token") from error
+        response = await self._http.send(
+            "POST",
+            f"{self.ims_url}/ims/token/v3",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            urlencode(form).encode(),
+            "campaign token",
+        )
         if response.status_code == 200:
             data = response.json()
             lifetime = float(data.get("expires_in", 86399))
@@ -292,7 +291,7 @@ class CampaignClient:
         place: Place,
         delete: bool = False,
         what: str,
-    ) -> httpx.Response | None:
+    ) -> Response | None:
         """A request; its answer when it succeeded, None for an absent record (place="record").
 
         A 500 that names no cause is tried again within the retry policy; one still there after

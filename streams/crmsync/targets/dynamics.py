@@ -24,7 +24,6 @@ from crmsync.targets._http import (
     parse_retry_after,
     prefixed,
     short,
-    transport_error,
 )
 from crmsync.targets._multipart import (
     BatchRequest,
@@ -34,6 +33,8 @@ from crmsync.targets._multipart import (
     decode_batch,
     encode_batch,
 )
+from crmsync.targets._transport import Response, Transport, tls_context, transport_error
+from crmsync.targets._transport import transport as _transport
 from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
 from crmsync.targets.settings import DynamicsTarget
 from crmsync.targets.writes import WriteMode, creates_first, when_created, when_existing
@@ -128,7 +129,7 @@ def classify(
 ) -> SinkError | None:
     """What a Dataverse answer means for the record: None = done, else the typed failure.
 
-    ``headers`` must have lower-case names (as httpx and the batch parser give them).
+    ``headers`` must have lower-case names (as the transports and the batch parser give them).
     """
     if 200 <= status < 300:
         return None
@@ -183,7 +184,7 @@ def parent_missing(
     return None
 
 
-def _transient(response: httpx.Response) -> Retryable | None:
+def _transient(response: Response) -> Retryable | None:
     outcome = classify(response.status_code, response.text, response.headers)
     return outcome if isinstance(outcome, Retryable) else None
 
@@ -206,7 +207,7 @@ class BulkUnsupported(RecordRejected):
     """The table does not take a bulk message (``UpsertMultiple``...): write through $batch."""
 
 
-def _bulk_unsupported(response: httpx.Response) -> bool:
+def _bulk_unsupported(response: Response) -> bool:
     if response.status_code == 501:
         return True
     if response.status_code not in (400, 404):
@@ -244,7 +245,7 @@ class _MsalHttp:
     """
 
     def __init__(self, timeout_s: float, plain_origin: str | None) -> None:
-        self._client = httpx.Client(timeout=timeout_s)
+        self._client = httpx.Client(timeout=timeout_s, verify=tls_context())
         self._plain = plain_origin  # "host:port" served over plain http, or None
 
     def _wire_url(self, url: str) -> str:
@@ -376,7 +377,7 @@ class _EntraTokens:
 
 
 class DynamicsClient:
-    """Dataverse Web API v9.2 over one pooled HTTP/1.1 connection pool.
+    """Dataverse Web API v9.2 over one pool of HTTP/1.1 connections.
 
     Every method raises ``Retryable`` (after the ``retry`` policy's bounded tries),
     ``RecordRejected`` or ``Fatal``; ``batch`` answers one response per request instead. A 429
@@ -390,7 +391,7 @@ class DynamicsClient:
         *,
         retry: RetryPolicy | None = None,
         max_batch_requests: int = MAX_BATCH_REQUESTS,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.target = target
         self.retry = retry or RetryPolicy()
@@ -399,13 +400,10 @@ class DynamicsClient:
         self._api_path = urlsplit(self.api_url).path
         self._origin = self.api_url[: len(self.api_url) - len(self._api_path)]
         self._throttle = Throttle(target.max_concurrency)
-        limits = httpx.Limits(
-            max_connections=target.max_concurrency, max_keepalive_connections=target.max_concurrency
-        )
-        self._http = httpx.AsyncClient(
-            timeout=target.timeout_s,
-            limits=limits,
-            transport=transport,
+        self._http = transport or _transport(
+            target.http_client,
+            timeout_s=target.timeout_s,
+            max_connections=target.max_concurrency,
             headers={
                 "Accept": "application/json",
                 "OData-MaxVersion": "4.0",
@@ -457,7 +455,7 @@ class DynamicsClient:
         body: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
         what: str,
-    ) -> httpx.Response:
+    ) -> Response:
         full = url if url.startswith("http") else self._origin + url
         return await self._session.request(method, full, body=body, headers=headers, what=what)
 
@@ -469,12 +467,12 @@ class DynamicsClient:
         what: str,
         headers: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
-    ) -> httpx.Response:
+    ) -> Response:
         """One request with retries and the token, its answer unclassified (metadata)."""
         return await self._request(method, url, body=body, headers=headers, what=what)
 
     @staticmethod
-    def _raise_for(response: httpx.Response, what: str, **how: Any) -> None:
+    def _raise_for(response: Response, what: str, **how: Any) -> None:
         outcome = classify(response.status_code, response.text, response.headers, **how)
         if outcome is not None:
             raise prefixed(outcome, what)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from crmsync.targets._transport import HttpClient
+
 
 class DynamicsTarget(BaseModel):
     """Where and how to reach a Dynamics 365 / Dataverse Web API."""
@@ -23,6 +25,9 @@ class DynamicsTarget(BaseModel):
     scope: str | None = Field(default=None, description="None → {url}/.default")
     max_concurrency: int = Field(default=16, ge=1, le=52)
     timeout_s: float = Field(default=30.0, gt=0)
+    http_client: HttpClient = Field(
+        default="aiohttp", description="the HTTP client requests go through: aiohttp or httpx"
+    )
 
 
 class CampaignTarget(BaseModel):
@@ -40,3 +45,6 @@ class CampaignTarget(BaseModel):
     scope: str = "openid,AdobeID,read_organizations,additional_info.projectedProductContext"
     max_concurrency: int = Field(default=16, ge=1, le=256)
     timeout_s: float = Field(default=30.0, gt=0)
+    http_client: HttpClient = Field(
+        default="aiohttp", description="the HTTP client requests go through: aiohttp or httpx"
+    )
