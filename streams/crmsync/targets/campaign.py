@@ -184,8 +184,8 @@ def default_ims_url(target: CampaignTarget) -> str:
 
 #: Records per page when warming the PKey cache (the emulator's and, in practice, the API's most).
 WARM_PAGE_SIZE = 1000
-#: Uncached keys written before a warm-up is considered: a trickle is cheaper looked up one by one.
-WARM_MIN_MISSES = 200
+#: Uncached keys written before the resource is counted to decide on a warm-up (two requests).
+WARM_MIN_MISSES = 20
 #: How long a warm-up's "every record is known" holds: records others create meanwhile are found
 #: by the duplicate-key answer to a create, or by a lookup after this time.
 WARM_TTL_S = 600.0
@@ -450,7 +450,9 @@ class CampaignClient:
         lookup = self.lookup_for(resource, key_field)
         warmth = self._warm_state(resource, lookup)
         where = lookup.on or resource
-        uncached = [v for v in values if self._pkeys.get(self._cache_key(resource, lookup, v)) is None]
+        uncached = [
+            v for v in values if self._pkeys.get(self._cache_key(resource, lookup, v)) is None
+        ]
         if self._fresh(warmth):
             if all(v.casefold() in warmth.seen for v in uncached):
                 return  # nothing would be taken as absent

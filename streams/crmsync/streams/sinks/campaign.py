@@ -73,7 +73,9 @@ class CampaignSink:
             try:
                 await self.client.expect(resource, values, key_field=key_field)
             except SinkError as error:  # the writes look their records up one by one instead
-                log.warning("event=campaign_cache_warm_failed resource=%s error=%s", resource, error)
+                log.warning(
+                    "event=campaign_cache_warm_failed resource=%s error=%s", resource, error
+                )
 
     async def write(self, record: SinkRecord) -> Outcome:
         """One record's outcome (never raises but for cancellation)."""
