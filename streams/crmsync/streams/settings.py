@@ -115,12 +115,18 @@ class Settings(BaseSettings):
     dynamics_client_id: str = "crmsync-local"
     dynamics_client_secret: SecretStr = SecretStr("crmsync-local")
     dynamics_authority: str | None = None
+    dynamics_max_concurrency: int = Field(
+        default=16, ge=1, le=52, description="Dynamics requests in flight per worker (≤ 52)"
+    )
 
     campaign_url: str = "http://127.0.0.1:8082"
     campaign_org: str = "local"
     campaign_client_id: str = "crmsync-local"
     campaign_client_secret: SecretStr = SecretStr("crmsync-local")
     campaign_ims_url: str | None = None
+    campaign_max_concurrency: int = Field(
+        default=16, ge=1, le=256, description="Campaign requests in flight per worker"
+    )
 
     @property
     def bootstrap_servers(self) -> str:
@@ -176,6 +182,7 @@ class Settings(BaseSettings):
             client_id=self.dynamics_client_id,
             client_secret=self.dynamics_client_secret,
             authority=self.dynamics_authority,
+            max_concurrency=self.dynamics_max_concurrency,
         )
 
     @cached_property
@@ -186,4 +193,5 @@ class Settings(BaseSettings):
             client_id=self.campaign_client_id,
             client_secret=self.campaign_client_secret,
             ims_url=self.campaign_ims_url,
+            max_concurrency=self.campaign_max_concurrency,
         )
