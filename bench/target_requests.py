@@ -1,6 +1,7 @@
 """(g) Requests per record the targets see: opt-in-out on a realistic mix, and profile creates.
 
-Run: .venv/bin/python bench/target_requests.py [--contacts N] [--changes N] [--load N] [--json-out FILE]
+Run: .venv/bin/python bench/target_requests.py [--contacts N] [--changes N] [--load N]
+[--json-out FILE].
 Counted by the emulators (`/_admin/stats` requests), against workers running in this process on a
 broker of their own, with the periodic drift check off (its metadata reads are not per record):
 
@@ -262,7 +263,9 @@ def main() -> int:
     parser.add_argument("--contacts", type=int, default=2000)
     parser.add_argument("--changes", type=int, default=10000)
     parser.add_argument("--load", type=int, default=5000)
-    parser.add_argument("--json-out", type=Path, default=ROOT / "bench/results/target_requests.json")
+    parser.add_argument(
+        "--json-out", type=Path, default=ROOT / "bench/results/target_requests.json"
+    )
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
