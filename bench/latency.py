@@ -210,9 +210,12 @@ async def _campaign_to_d365(
     async with DynamicsClient(_dynamics(settings)) as client:
         written = [row["crmsync_eventid"] async for row in client.query("crmsync_emailopens")]
     missing = len(set(events) - set(written))
-    concurrency = _dynamics(settings).max_concurrency
+    # The client follows the server's x-ms-dop-hint (the emulator says 8, as Dataverse may):
+    # the concurrency it really had is the limit's, not the configured maximum.
+    concurrency = sink.client.concurrency
     return {
         **_judged(figures, concurrency, args.latency_ms),
+        "configured_concurrency": _dynamics(settings).max_concurrency,
         "missing": missing,
         "duplicated": len(written) - len(set(written)),
     }
