@@ -165,10 +165,15 @@ async def _d365_to_campaign(bootstrap: str, settings: Settings, args: argparse.N
 
 
 async def _campaign_to_d365(
-    bootstrap: str, settings: Settings, args: argparse.Namespace, contacts: list[str], chunks: int
+    bootstrap: str,
+    settings: Settings,
+    args: argparse.Namespace,
+    contacts: list[str],
+    *,
+    chunked: bool,
 ) -> Any:
-    """One drain of `--email-records` email events; `chunks` = 1 writes each batch in one
-    request (the previous sink), else up to the client's concurrency of chunks side by side."""
+    """One drain of `--email-records` email events; each batch in one request (the previous
+    sink) or, `chunked`, split over the client's concurrency (chunks side by side)."""
     await _latency([settings.dynamics_url], args.latency_ms)
     events = []
     async with EventProducer(bootstrap) as producer:
@@ -196,7 +201,7 @@ async def _campaign_to_d365(
                 await producer.send_encoded(topics.EMAIL_EVENTS, contact, value, wait=False)
             )
         await asyncio.gather(*pending)
-    least = MIN_CHUNK_RECORDS if chunks > 1 else 10**9
+    least = MIN_CHUNK_RECORDS if chunked else 10**9
     sink = DynamicsSink.for_target(_dynamics(settings), min_chunk_records=least)
     figures = await _drain(
         "campaign-to-d365",
@@ -284,11 +289,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 f"(e) campaign-to-d365 → Dynamics at {args.latency_ms} ms, one request per batch"
             )
             results["campaign_to_d365_one_request"] = await _campaign_to_d365(
-                bootstrap, settings, args, contacts, chunks=1
+                bootstrap, settings, args, contacts, chunked=False
             )
             console.print(f"(e) campaign-to-d365 → Dynamics at {args.latency_ms} ms, chunked")
             results["campaign_to_d365"] = await _campaign_to_d365(
-                bootstrap, settings, args, contacts, chunks=0
+                bootstrap, settings, args, contacts, chunked=True
             )
             return results
         except BaseException:

@@ -89,7 +89,7 @@ class BulkDynamics(DynamicsClient):
 
 async def test_a_batch_goes_out_as_concurrent_bulk_calls_within_the_cap() -> None:
     client = BulkDynamics(concurrency=8)
-    sink = DynamicsSink(client)
+    sink = DynamicsSink(client, min_chunk_records=25)
 
     outcomes = await sink.write_batch([event(n) for n in range(500)])
 
@@ -102,7 +102,7 @@ async def test_a_batch_goes_out_as_concurrent_bulk_calls_within_the_cap() -> Non
 
 async def test_a_failed_chunk_fails_only_its_records() -> None:
     client = BulkDynamics(concurrency=4, fail="evt-3")
-    sink = DynamicsSink(client)
+    sink = DynamicsSink(client, min_chunk_records=25)
 
     outcomes = await sink.write_batch([event(n) for n in range(200)])
 
@@ -114,7 +114,7 @@ async def test_a_failed_chunk_fails_only_its_records() -> None:
 
 async def test_repeated_keys_are_written_in_order_across_concurrent_chunks() -> None:
     client = BulkDynamics(concurrency=4)
-    sink = DynamicsSink(client)
+    sink = DynamicsSink(client, min_chunk_records=25)
     records = [event(n, key=n % 20) for n in range(200)]  # ten versions of each of 20 keys
 
     assert await sink.write_batch(records) == [None] * 200

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 #: The smallest chunk a batch is split into to fill the client's concurrency: smaller ones
 #: would spend Dataverse's request budget (6,000 per user per 5 minutes) for little gain.
-MIN_CHUNK_RECORDS = 25
+MIN_CHUNK_RECORDS = 100
 
 
 def record_key(record: SinkRecord) -> Key:
