@@ -33,8 +33,7 @@ OPT = "opt-in-out"
 C2D = "campaign-to-d365"
 PROFILE = "profileAndServicesExt/profile"
 OPT_TOPICS = [topics.CONTACT_CHANGES, topics.PROFILE_CHANGES]
-#: No drift check during a count: its metadata reads are requests too (one a minute).
-QUIET = {"CRMSYNC_DRIFT_CHECK_S": "0"}
+# Workers run with CRMSYNC_DRIFT_CHECK_S=0: a drift check's metadata reads are requests too.
 
 
 async def test_opt_in_out_sends_nothing_for_changes_that_move_no_opt_out(
@@ -46,7 +45,7 @@ async def test_opt_in_out_sends_nothing_for_changes_that_move_no_opt_out(
         cluster,
         [{"externalId": p["contactid"], "email": p["emailaddress1"]} for p in people],
     )
-    await start_running(cluster, OPT, **QUIET)
+    await start_running(cluster, OPT, CRMSYNC_DRIFT_CHECK_S="0")
     ts = now_ms()
     opted = people[:5]
     await publish_changes(
@@ -116,7 +115,7 @@ async def test_chunked_activity_writes_keep_each_keys_order(cluster: Cluster) ->
     await publish_email_events(cluster, events)
     before = requests(cluster, "d365")
 
-    await start_running(cluster, C2D, **QUIET)
+    await start_running(cluster, C2D, CRMSYNC_DRIFT_CHECK_S="0")
     await wait_drained(cluster, C2D, [topics.EMAIL_EVENTS], within=120)
 
     opens = {r["crmsync_eventid"]: r for r in await dynamics_rows(cluster, ACTIVITY_SETS["open"])}

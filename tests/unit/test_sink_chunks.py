@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,6 +49,11 @@ def test_small_batches_stay_whole_and_no_chunk_is_below_the_minimum() -> None:
     assert len(key_chunks([event(n) for n in range(100)], ways=16, least=25)) == 4
 
 
+def _event_id(key: Key) -> str:
+    assert isinstance(key, Mapping)
+    return str(key["crmsync_eventid"])
+
+
 class BulkDynamics(DynamicsClient):
     """UpsertMultiple and `$batch` answered in-process after a pause, counting calls in flight."""
 
@@ -75,7 +79,7 @@ class BulkDynamics(DynamicsClient):
     ) -> None:
         self.bulk_calls.append(list(items))
         await self._held()
-        if self.fail and any(dict(k).get("crmsync_eventid") == self.fail for k, _ in items):
+        if self.fail and any(_event_id(k) == self.fail for k, _ in items):
             raise Retryable("HTTP 503: scripted outage of one chunk")
 
     async def batch(
@@ -96,7 +100,7 @@ async def test_a_batch_goes_out_as_concurrent_bulk_calls_within_the_cap() -> Non
     assert outcomes == [None] * 500
     assert len(client.bulk_calls) == 8
     assert client.most_in_flight == 8  # every slot used, none more
-    written = [dict(k)["crmsync_eventid"] for call in client.bulk_calls for k, _ in call]
+    written = [_event_id(k) for call in client.bulk_calls for k, _ in call]
     assert sorted(written) == sorted(f"evt-{n}" for n in range(500))
 
 
