@@ -67,6 +67,8 @@ bench: setup
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/control.py
 	$(BIN)/python bench/resources.py
+	$(BIN)/python bench/latency.py
+	$(BIN)/python bench/target_requests.py
 	$(BIN)/python bench/report.py
 
 clean:

@@ -1,8 +1,8 @@
 """Every benchmark figure in one markdown table, next to the issue's targets; all in latest.json.
 
 Run: .venv/bin/python bench/report.py [--results DIR] [--check]. Reads the JSON that codec.py,
-sinks.py, http_clients.py, throughput.py, control.py and resources.py wrote into DIR (default
-bench/results),
+sinks.py, http_clients.py, throughput.py, control.py, resources.py, latency.py and
+target_requests.py wrote into DIR (default bench/results),
 writes them merged into DIR/latest.json together with the table's rows, and prints the table.
 Each target is judged met or missed from the measured number; a figure whose script has not run
 shows "not run". With --check the exit code is 1 unless every target is met.
@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("codec", "sinks", "http_clients", "throughput", "control", "resources")
+SOURCES = (
+    "codec",
+    "sinks",
+    "http_clients",
+    "throughput",
+    "control",
+    "resources",
+    "latency",
+    "target_requests",
+)
 REQUEST_CPU_LIMIT_US = 250.0  # worker CPU per target request (issue 18)
 RSS_LIMIT_BYTES = 300e6  # the issue's 300 MB, as 10^6 bytes (the stricter reading)
 
@@ -305,6 +314,54 @@ def _resources(table: Table, data: Any) -> None:
     table.info(area, "2 workers / 1 worker", _get(scale, "ratio"), lambda v: f"{v:.2f}x")
 
 
+def _latency(table: Table, data: Any) -> None:
+    area = "latency"
+    latency = _get(data, "d365_to_campaign", "latency_ms") or _get(
+        data, "campaign_to_d365", "latency_ms"
+    )
+    at = f" at {latency:.0f} ms" if isinstance(latency, int | float) else ""
+    for key, label in (
+        ("d365_to_campaign", "d365-to-campaign"),
+        ("campaign_to_d365", "campaign-to-d365"),
+    ):
+        figures = _get(data, key)
+        table.judged(
+            area,
+            f"{label}{at}, requests/s ÷ (concurrency ÷ latency)",
+            _get(figures, "ratio_of_limit"),
+            lambda v: f"{v:.0%}",
+            "≥ 80 %",
+            lambda v: v >= 0.8,
+        )
+        table.info(area, f"{label}{at}, records/s", _get(figures, "records_per_s"), _rate)
+
+
+def _requests(table: Table, data: Any) -> None:
+    area = "requests"
+    table.judged(
+        area,
+        "opt-in-out, requests per record (1 % opt-out changes)",
+        _get(data, "opt_in_out", "requests_per_record"),
+        lambda v: f"{v:.4f}",
+        "≤ 0.02",
+        _at_most(0.02),
+    )
+    table.info(
+        area,
+        "profile load, requests per created profile, a lookup each (before)",
+        _get(data, "load_lookup_each", "requests_per_profile"),
+        lambda v: f"{v:.3f}",
+    )
+    table.judged(
+        area,
+        "profile load, requests per created profile, cache warmed by paging",
+        _get(data, "load_warmed", "requests_per_profile"),
+        lambda v: f"{v:.3f}",
+        "≈ 1 (≤ 1.05)",
+        _at_most(1.05),
+    )
+
+
 def build(results: dict[str, Any]) -> list[Row]:
     table = Table()
     _throughput(table, results.get("throughput"))
@@ -313,6 +370,8 @@ def build(results: dict[str, Any]) -> list[Row]:
     _resources(table, results.get("resources"))
     _codec(table, results.get("codec"))
     _sinks(table, results.get("sinks"))
+    _latency(table, results.get("latency"))
+    _requests(table, results.get("target_requests"))
     return table.rows
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from typing import Any
 
@@ -430,3 +431,46 @@ async def test_a_decision_stored_while_an_older_one_is_pending_never_carries_it(
     (again,) = await workflow.plan([("campaign.profile.changes", opt_out)])
 
     assert written(again) == [("d365", "contacts", {"donotbulkemail": True}, "update")]
+
+
+def test_a_mix_of_contact_edits_writes_only_for_the_opt_out_flips() -> None:
+    """Whole Dynamics rows (no before-image), most editing other fields: with the kept state,
+    only the 1 % that move the flag write anything (one update of the other side each)."""
+    rng = random.Random(3)
+    contacts = [str(uuid.UUID(int=1000 + n)) for n in range(50)]
+    flags = {c: rng.random() < 0.2 for c in contacts}
+    states: dict[str, OptOutState] = {}
+    cfg = config(direction="bidirectional")
+
+    def row(key: str, ts: int, n: int) -> dict[str, Any]:
+        after = {"donotbulkemail": flags[key], "lastname": f"Edit{n}"}
+        return {
+            "op": "u",
+            "entity": "contact",
+            "key": key,
+            "before": None,
+            "after": after,
+            "source": {"system": "d365", "ts_ms": ts, "user": None, "txid": None},
+            "ts_ms": ts,
+        }
+
+    def apply(key: str, event: dict[str, Any], now: int) -> int:
+        decision = decide(event, "d365", states.get(key), cfg)
+        if decision.state is not None:
+            states[key] = decision.state.acknowledged(now)
+        return len(decision.writes)
+
+    ts = 1_714_564_800_000
+    for c in contacts:  # the kept state learns each flag (the opted-out ones are synced once)
+        apply(c, row(c, ts, 0), ts + 500)
+    writes = flips = 0
+    for n in range(5000):
+        key = rng.choice(contacts)
+        if rng.random() < 0.01:
+            flags[key] = not flags[key]
+            flips += 1
+        at = ts + 1000 + n * 10
+        writes += apply(key, row(key, at, n + 1), at + 5)
+
+    assert flips > 20
+    assert writes == flips

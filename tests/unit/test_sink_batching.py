@@ -305,6 +305,9 @@ class FakeCampaign:
     async def delete(self, resource: str, value: str, *, key_field: str | None = None) -> None:
         self.log.append((value, "deleted"))
 
+    async def expect(self, resource: str, values: Any, *, key_field: str | None = None) -> None:
+        return None  # no PKey cache to warm
+
     async def aclose(self) -> None:
         return None
 

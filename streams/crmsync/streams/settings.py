@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     dynamics_client_id: str = "crmsync-local"
     dynamics_client_secret: SecretStr = SecretStr("crmsync-local")
     dynamics_authority: str | None = None
+    dynamics_max_concurrency: int = Field(
+        default=16, ge=1, le=52, description="Dynamics requests in flight per worker (≤ 52)"
+    )
 
     campaign_url: str = "http://127.0.0.1:8082"
     campaign_org: str = "local"
@@ -125,6 +128,9 @@ class Settings(BaseSettings):
     target_http_client: HttpClient = Field(
         default="aiohttp",
         description="the HTTP client the target clients send through: aiohttp, or httpx",
+    )
+    campaign_max_concurrency: int = Field(
+        default=16, ge=1, le=256, description="Campaign requests in flight per worker"
     )
 
     @property
@@ -182,6 +188,7 @@ class Settings(BaseSettings):
             client_secret=self.dynamics_client_secret,
             authority=self.dynamics_authority,
             http_client=self.target_http_client,
+            max_concurrency=self.dynamics_max_concurrency,
         )
 
     @cached_property
@@ -193,4 +200,5 @@ class Settings(BaseSettings):
             client_secret=self.campaign_client_secret,
             ims_url=self.campaign_ims_url,
             http_client=self.target_http_client,
+            max_concurrency=self.campaign_max_concurrency,
         )

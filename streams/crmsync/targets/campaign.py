@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote, urlencode, urljoin, urlsplit
 
@@ -179,10 +181,33 @@ def default_ims_url(target: CampaignTarget) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+#: Records per page when warming the PKey cache (the emulator's and, in practice, the API's most).
+WARM_PAGE_SIZE = 1000
+#: Uncached keys written before the resource is counted to decide on a warm-up (two requests).
+WARM_MIN_MISSES = 20
+#: How long a warm-up's "every record is known" holds: records others create meanwhile are found
+#: by the duplicate-key answer to a create, or by a lookup after this time.
+WARM_TTL_S = 600.0
+
+
+@dataclass
+class _Warmth:
+    """What is known of one lookup's whole resource (resource, key field) for warming."""
+
+    misses: int = 0  # uncached keys written since the last warm-up
+    count: int | None = None  # the resource's size, when last counted
+    counted_at: float = -math.inf
+    complete_at: float | None = None  # when a warm-up last listed every record
+    expected: int = 0  # records the resource holds if nobody else wrote: listed + our creates
+    #: Casefolded keys that are (or may be) in the resource: from the warm-up, or written since.
+    seen: set[str] = field(default_factory=set)
+
+
 class _PKeys:
     """A bounded LRU of (lookup resource, field, key) → PKey: saves a lookup per known record."""
 
     def __init__(self, size: int) -> None:
+        self.size = size
         self._size = size
         self._entries: OrderedDict[tuple[str, str, str], str] = OrderedDict()
 
@@ -219,6 +244,8 @@ class CampaignClient:
         lookups: Mapping[str, Lookup] | None = None,
         pkey_cache_size: int = 100_000,
         transport: Transport | None = None,
+        warm_page_size: int = WARM_PAGE_SIZE,
+        warm_min_misses: int = WARM_MIN_MISSES,
     ) -> None:
         self.target = target
         self.retry = retry or RetryPolicy()
@@ -226,6 +253,11 @@ class CampaignClient:
         self.api_url = f"{target.url.rstrip('/')}/{quote(target.org, safe='')}/campaign/"
         self.ims_url = default_ims_url(target)
         self._pkeys = _PKeys(pkey_cache_size)
+        self._warmth: dict[tuple[str, str], _Warmth] = {}
+        self._count_links: dict[str, str] = {}
+        self.warm_ttl_s = WARM_TTL_S
+        self.warm_page_size = warm_page_size
+        self.warm_min_misses = warm_min_misses
         self._http = transport or _transport(
             target.http_client,
             timeout_s=target.timeout_s,
@@ -352,8 +384,122 @@ class CampaignClient:
         cached = self._pkeys.get(self._cache_key(resource, lookup, value))
         if cached is not None:
             return cached
+        if self._known_absent(resource, lookup, value):
+            return None
         record = await self.find(resource, value, key_field=lookup.field)
         return None if record is None else str(record["PKey"])
+
+    # -- warming the PKey cache ---------------------------------------------------------------
+
+    def _warm_state(self, resource: str, lookup: Lookup) -> _Warmth:
+        return self._warmth.setdefault((lookup.on or resource, lookup.field), _Warmth())
+
+    def _fresh(self, warmth: _Warmth) -> bool:
+        if warmth.complete_at is None:
+            return False
+        if time.monotonic() - warmth.complete_at < self.warm_ttl_s:
+            return True
+        warmth.complete_at, warmth.seen = None, set()  # stale: forget it (and its memory)
+        return False
+
+    def _maybe_there(self, resource: str, lookup: Lookup, value: str) -> None:
+        """A create of ``value`` is under way: it may exist from now on, whatever we hear."""
+        warmth = self._warmth.get((lookup.on or resource, lookup.field))
+        if warmth is not None and warmth.complete_at is not None:
+            warmth.seen.add(value.casefold())
+
+    def _created(self, resource: str, lookup: Lookup) -> None:
+        warmth = self._warmth.get((lookup.on or resource, lookup.field))
+        if warmth is not None:
+            warmth.expected += 1
+
+    def _forget_warmth(self, resource: str, lookup: Lookup) -> None:
+        """Someone else wrote the resource (or we deleted from it): no key is known absent."""
+        warmth = self._warmth.get((lookup.on or resource, lookup.field))
+        if warmth is not None:
+            warmth.complete_at, warmth.seen = None, set()
+
+    def _known_absent(self, resource: str, lookup: Lookup, value: str) -> bool:
+        """Whether a fresh warm-up says no record has this key. Said once per key: whatever is
+        then tried (a create that may land although its answer is lost) makes the key "maybe
+        there", so a retry looks it up, and a create stays idempotent."""
+        warmth = self._warmth.get((lookup.on or resource, lookup.field))
+        if warmth is None or not self._fresh(warmth):
+            return False
+        folded = value.casefold()
+        if folded in warmth.seen:
+            return False
+        warmth.seen.add(folded)
+        if len(warmth.seen) > self._pkeys.size:  # past what a warm-up is worth keeping
+            warmth.complete_at, warmth.seen = None, set()
+        return True
+
+    async def expect(
+        self, resource: str, values: Collection[str], *, key_field: str | None = None
+    ) -> None:
+        """Records with these keys are about to be written: warm the PKey cache first when
+        that is cheaper than their lookups.
+
+        Paging the resource costs one request per 1,000 records; looking up a key not cached
+        costs one each. Once the keys written without a cached PKey (these, and those since the
+        last warm-up) reach ``warm_min_misses`` and the pages the resource needs, the resource
+        is counted and paged through (``warm``): then a key it does not hold is created without
+        a lookup. A resource larger than half the cache is never warmed (it could not hold it).
+        """
+        lookup = self.lookup_for(resource, key_field)
+        warmth = self._warm_state(resource, lookup)
+        where = lookup.on or resource
+        uncached = [
+            v for v in values if self._pkeys.get(self._cache_key(resource, lookup, v)) is None
+        ]
+        if self._fresh(warmth):
+            if all(v.casefold() in warmth.seen for v in uncached):
+                return  # nothing would be taken as absent
+            # One request says whether anyone else created (or deleted) records since the
+            # warm-up (another replica after a rebalance, an import): then nothing is known
+            # absent any more, and the keys are looked up (or the resource paged again).
+            warmth.count, warmth.counted_at = await self.count(where), time.monotonic()
+            if warmth.count == warmth.expected:
+                return
+            log.info(
+                "event=campaign_cache_stale resource=%s expected=%d count=%d",
+                where,
+                warmth.expected,
+                warmth.count,
+            )
+            self._forget_warmth(resource, lookup)
+        warmth.misses += len(uncached)
+        if warmth.misses < self.warm_min_misses:
+            return
+        now = time.monotonic()
+        if warmth.count is None or now - warmth.counted_at >= self.warm_ttl_s:
+            warmth.count, warmth.counted_at = await self.count(where), now
+        if warmth.count > self._pkeys.size // 2:
+            return
+        if warmth.misses >= math.ceil(warmth.count / self.warm_page_size) + 2:
+            await self.warm(resource, key_field=lookup.field)
+
+    async def warm(self, resource: str, *, key_field: str | None = None) -> int:
+        """Page through every record of a resource (``warm_page_size`` at a time, following
+        ``next``), caching each key's PKey; afterwards, for ``warm_ttl_s``, a key it does not
+        hold is taken as absent (created without a lookup). Returns the records listed."""
+        lookup = self.lookup_for(resource, key_field)
+        where = lookup.on or resource
+        started = time.monotonic()
+        seen: set[str] = set()
+        listed = 0
+        async for record in self.list(where, page_size=self.warm_page_size):
+            listed += 1
+            value = record.get(lookup.field)
+            if value is None or record.get("PKey") is None:
+                continue
+            seen.add(str(value).casefold())
+            self._pkeys.put(self._cache_key(resource, lookup, str(value)), str(record["PKey"]))
+        warmth = self._warm_state(resource, lookup)
+        warmth.seen |= seen
+        warmth.misses, warmth.complete_at, warmth.expected = 0, started, listed
+        log.info("event=campaign_cache_warmed resource=%s records=%d", where, listed)
+        return listed
 
     async def upsert(
         self,
@@ -424,6 +570,8 @@ class CampaignClient:
                         "(update only: not created)"
                     )
                 body = {**when_created(fields, create_fields), lookup.field: value}
+                # From now on the record may exist (the answer can be lost): never known absent.
+                self._maybe_there(resource, lookup, value)
                 try:
                     response = await self._call(
                         "POST",
@@ -439,6 +587,7 @@ class CampaignClient:
                 assert response is not None
                 created = str(response.json()["PKey"])
                 self._pkeys.put(cache_key, created)
+                self._created(resource, lookup)
                 return created
             existing = when_existing(fields, mode)
             if existing is None:
@@ -461,6 +610,7 @@ class CampaignClient:
         pkey = await self._pkey(resource, lookup, value)
         self._pkeys.drop(self._cache_key(resource, lookup, value))
         if pkey is not None:
+            self._forget_warmth(resource, lookup)
             await self._call(
                 "DELETE",
                 self.url(resource, pkey),
@@ -502,13 +652,17 @@ class CampaignClient:
             url = self._own_link(urljoin(self.api_url, href)) if href else None
 
     async def count(self, resource: str) -> int:
-        """How many records a resource (or filter path) holds, through its list's ``count``."""
-        url = f"{self.url(resource)}?{urlencode({'_lineCount': 1})}"
-        response = await self._call("GET", url, place="resource", what=f"count {resource}")
-        assert response is not None
-        href = (response.json().get("count") or {}).get("href")
-        if not href:
-            raise Fatal(f"count {resource}: the list carries no count link")
+        """How many records a resource (or filter path) holds, through its list's ``count``
+        (the link is remembered: one request from the second count on)."""
+        href = self._count_links.get(resource)
+        if href is None:
+            url = f"{self.url(resource)}?{urlencode({'_lineCount': 1})}"
+            response = await self._call("GET", url, place="resource", what=f"count {resource}")
+            assert response is not None
+            href = (response.json().get("count") or {}).get("href")
+            if not href:
+                raise Fatal(f"count {resource}: the list carries no count link")
+            self._count_links[resource] = href
         counted = await self._call(
             "GET",
             self._own_link(urljoin(self.api_url, href)),
