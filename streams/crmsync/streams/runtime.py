@@ -460,7 +460,7 @@ class WorkflowRuntime:
         if fatal is not None:
             await self.fail(fatal)
             return
-        if self._outcomes is not None:
+        if self._outcomes is not None and self._delivery.parked:
             await self._report_parked(pending)
         refusals = [i.error.reason for i, _ in pending if isinstance(i.error, RecordRejected)]
         if refusals and self.drift_watch is not None and self.gate.is_set():
