@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from crmsync.control import models
-from crmsync.control.trace_derive import EventView, Planner, event_view
+from crmsync.control.trace_derive import Planner, event_view
 from crmsync.streams import outcomes
 from crmsync.streams.kafka import topics
 from crmsync.streams.kafka.clients import KafkaClients
@@ -37,18 +37,14 @@ from crmsync.streams.kafka.clients import KafkaClients
 log = logging.getLogger(__name__)
 
 #: The store's layout; a store of another one is rebuilt from the topics.
-_LAYOUT = 3
+_LAYOUT = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS event (
     topic TEXT NOT NULL,
     partition INTEGER NOT NULL,
     "offset" INTEGER NOT NULL,
     at_ms INTEGER NOT NULL,
-    key TEXT NOT NULL,
-    op TEXT,
-    ts_ms INTEGER,
-    fields TEXT NOT NULL,
-    changed INTEGER NOT NULL,
+    key BLOB,
     value BLOB,
     PRIMARY KEY (topic, partition, "offset")
 );
@@ -305,40 +301,25 @@ class TraceIndex:
     async def _index_events(
         self, tp: TopicPartition, records: Sequence[ConsumerRecord[bytes, bytes]]
     ) -> None:
+        """Keeps each record as read and the ids it is found by: its key, and for an event
+        whose ids are inside it (an email event: its id and contact), those. The rest (op,
+        fields, what a workflow did) is read from the record when a trace asks for it."""
         assert self._db is not None
-        views: list[EventView] = []
+        inside = self._planner.ids_inside(tp.topic)
+        rows, keys = [], []
         for record in records:
-            event = None
-            if record.value is not None:
-                try:
-                    event = await self._planner.decode(tp.topic, record.value)
-                except Exception:  # the workflows dead-letter it; the trace shows it as read
-                    event = None
-            views.append(event_view(record.key, event))
+            at_ms = record.timestamp if record.timestamp >= 0 else int(time.time() * 1000)
+            rows.append((tp.topic, tp.partition, record.offset, at_ms, record.key, record.value))
+            found = {(record.key or b"").decode("utf-8", "replace")[: outcomes.MAX_KEY]}
+            if inside and record.value is not None:
+                view = event_view(record.key, await self._decoded(tp.topic, record.value))
+                found |= {view.key, view.also}
+            for key in found - {""}:
+                keys.append((key.lower(), tp.topic, tp.partition, record.offset, at_ms))
         with self._db:
-            rows, keys = [], []
-            for record, view in zip(records, views, strict=True):
-                at_ms = record.timestamp if record.timestamp >= 0 else int(time.time() * 1000)
-                rows.append(
-                    (
-                        tp.topic,
-                        tp.partition,
-                        record.offset,
-                        at_ms,
-                        view.key,
-                        view.op,
-                        view.ts_ms,
-                        json.dumps(view.fields),
-                        1 if view.changed else 0,
-                        record.value,
-                    )
-                )
-                name = (record.key or b"").decode("utf-8", "replace")[: outcomes.MAX_KEY]
-                for key in {view.key, view.also, name} - {""}:
-                    keys.append((key.lower(), tp.topic, tp.partition, record.offset, at_ms))
             self._db.executemany(
-                'INSERT OR REPLACE INTO event (topic, partition, "offset", at_ms, key, op, '
-                "ts_ms, fields, changed, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                'INSERT OR REPLACE INTO event (topic, partition, "offset", at_ms, key, value) '
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 rows,
             )
             self._db.executemany(
@@ -348,6 +329,13 @@ class TraceIndex:
             )
             self._advance(tp, records)
         self._positions[tp] = records[-1].offset + 1
+
+    async def _decoded(self, topic: str, value: bytes) -> dict[str, Any] | None:
+        """The event, or None for bytes the workflows dead-letter (a trace shows it as read)."""
+        try:
+            return await self._planner.decode(topic, value)
+        except Exception:
+            return None
 
     def _index_outcomes(
         self, tp: TopicPartition, records: Sequence[ConsumerRecord[bytes, bytes]]
@@ -453,13 +441,14 @@ class TraceIndex:
     async def _event(self, topic: str, partition: int, offset: int) -> models.TraceEvent | None:
         assert self._db is not None
         row = self._db.execute(
-            "SELECT key, op, ts_ms, fields, changed, value FROM event WHERE topic = ? AND "
-            'partition = ? AND "offset" = ?',
+            'SELECT key, value FROM event WHERE topic = ? AND partition = ? AND "offset" = ?',
             (topic, partition, offset),
         ).fetchone()
         if row is None:
             return None  # not indexed yet
-        key, op, ts_ms, fields, changed, value = row
+        key, value = row
+        event = None if value is None else await self._decoded(topic, value)
+        view = event_view(key, event)
         place = (topic, partition, offset)
         found: list[tuple[int, int, models.TraceOutcome]] = []
         told = self._db.execute(
@@ -487,7 +476,7 @@ class TraceIndex:
         ).fetchall():
             if id_ in told_in:
                 continue
-            derived = await self._planner.derive(workflow, version, topic, value)
+            derived = await self._planner.derive(workflow, version, topic, value, event)
             outcome = models.TraceOutcome(
                 workflow=workflow,
                 worker=worker,
@@ -499,14 +488,14 @@ class TraceIndex:
             found.append((at_ms, id_, outcome))
         found.sort(key=lambda f: (f[0], f[1]))
         return models.TraceEvent(
-            key=key,
+            key=view.key,
             topic=topic,
             partition=partition,
             offset=offset,
-            op=op,
-            time=_iso(ts_ms),
-            fields=json.loads(fields),
-            fields_changed=bool(changed),
+            op=view.op,
+            time=_iso(view.ts_ms),
+            fields=list(view.fields),
+            fields_changed=view.changed,
             outcomes=[outcome for _, _, outcome in found],
         )
 

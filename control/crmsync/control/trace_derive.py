@@ -131,6 +131,11 @@ class Planner:
     def configs(self) -> list[tuple[str, int, dict[str, Any]]]:
         return [(w, v, c) for (w, v), c in self._configs.items()]
 
+    def ids_inside(self, topic: str) -> bool:
+        """Whether a record of `topic` is also found by ids inside its event (an email
+        event's id and contact), not only by its key."""
+        return self._schemas.get(topic, CHANGE_EVENT) is not CHANGE_EVENT
+
     def source_topics(self) -> set[str]:
         """Every topic a known config version reads."""
         return set(self._schemas)
@@ -172,9 +177,17 @@ class Planner:
         for codec in self._codecs.values():
             await codec.registry.aclose()
 
-    async def derive(self, workflow: str, version: int, topic: str, value: bytes | None) -> Derived:
+    async def derive(
+        self,
+        workflow: str,
+        version: int,
+        topic: str,
+        value: bytes | None,
+        event: dict[str, Any] | None,
+    ) -> Derived:
         """What `workflow` at config `version` did with a record it acknowledged without
-        telling more: written (its writes), or skipped and why."""
+        telling more: written (its writes), or skipped and why. `event` is the decoded
+        `value` (None: it cannot be decoded here)."""
         if value is None:
             return Derived("skipped", outcomes.TOMBSTONE)
         flow = self.flow(workflow, version)
@@ -183,10 +196,8 @@ class Planner:
         if not isinstance(flow, workflows.StatelessWorkflow):
             # A workflow that keeps state tells every decision in its outcome records.
             return Derived(HANDLED, "its decision was not recorded")
-        try:
-            event = await self.decode(topic, value)
-        except Exception as error:
-            return Derived(HANDLED, f"cannot be decoded now: {type(error).__name__}: {error}")
+        if event is None:
+            return Derived(HANDLED, "it cannot be decoded here")
         (plan,) = await flow.plan([(topic, event)])
         if plan.error is not None:
             kind = "the workflow would fail" if isinstance(plan.error, Fatal) else "refused"
