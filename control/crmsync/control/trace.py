@@ -37,7 +37,7 @@ from crmsync.streams.kafka.clients import KafkaClients
 log = logging.getLogger(__name__)
 
 #: The store's layout; a store of another one is rebuilt from the topics.
-_LAYOUT = 4
+_LAYOUT = 5
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS event (
     topic TEXT NOT NULL,
@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS acked (
     first INTEGER NOT NULL,
     last INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS acked_by_place ON acked (topic, partition, last);
+CREATE INDEX IF NOT EXISTS acked_by_place ON acked (topic, partition, first);
 CREATE TABLE IF NOT EXISTS told (
     batch INTEGER NOT NULL,
     topic TEXT NOT NULL,
@@ -126,6 +126,8 @@ class TraceIndex:
         self._named: set[str] = set()
         self._followed: dict[str, list[int]] = {}
         self._positions: dict[TopicPartition, int] = {}
+        #: Per source partition, the most offsets one acknowledged range spans.
+        self._spans: dict[tuple[str, int], int] = {}
         self._assigned_at = 0.0
         #: Records published and not indexed yet, per partition followed.
         self._behind: dict[TopicPartition, int | None] = {}
@@ -160,6 +162,12 @@ class TraceIndex:
             TopicPartition(topic, partition): offset
             for topic, partition, offset in self._db.execute(
                 "SELECT topic, partition, next_offset FROM position"
+            ).fetchall()
+        }
+        self._spans = {
+            (topic, partition): span
+            for topic, partition, span in self._db.execute(
+                "SELECT topic, partition, MAX(last - first) FROM acked GROUP BY topic, partition"
             ).fetchall()
         }
 
@@ -409,6 +417,8 @@ class TraceIndex:
         )
         for r in batch.ranges:
             self._named.add(r.topic)
+            place = (r.topic, r.partition)
+            self._spans[place] = max(self._spans.get(place, 0), r.last - r.first)
 
     # -- answering -------------------------------------------------------------------------
 
@@ -471,8 +481,9 @@ class TraceIndex:
         for id_, workflow, worker, at_ms, version in self._db.execute(
             "SELECT b.id, b.workflow, b.worker, b.at_ms, b.config_version "
             "FROM acked a JOIN batch b ON b.id = a.batch "
-            "WHERE a.topic = ? AND a.partition = ? AND a.last >= ? AND a.first <= ?",
-            (topic, partition, offset, offset),
+            # the longest range of the partition bounds where one holding `offset` starts
+            "WHERE a.topic = ? AND a.partition = ? AND a.first BETWEEN ? AND ? AND a.last >= ?",
+            (topic, partition, offset - self._spans.get((topic, partition), 0), offset, offset),
         ).fetchall():
             if id_ in told_in:
                 continue
