@@ -8,7 +8,7 @@ import sqlite3
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
@@ -38,7 +38,9 @@ def _record(topic: str, offset: int, key: str, value: bytes | None, partition: i
     )
 
 
-def _contact(offset: int, op: str, after: dict[str, Any] | None, **kw: Any) -> Any:
+def _contact(
+    offset: int, op: Literal["c", "u", "d"], after: dict[str, Any] | None, **kw: Any
+) -> Any:
     event = change_event(op, "contact", CID, after=after, system="d365", **kw)
     return _record(topics.CONTACT_CHANGES, offset, CID, CHANGE_EVENT.encode(event))
 
