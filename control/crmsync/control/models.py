@@ -352,5 +352,5 @@ class TraceAnswer(BaseModel):
     #: Newest first.
     events: list[TraceEvent]
     truncated: bool
-    #: Outcome records published but not indexed yet (None: not known yet).
+    #: Source and outcome records published but not indexed yet (None: not known yet).
     not_indexed_yet: int | None

@@ -113,6 +113,7 @@ class KafkaSupervisor:
             settings.local_dir / "trace.sqlite",
             NAMES,
             retention_h=settings.outcomes_retention_h,
+            registry_url=settings.schema_registry_url,
         )
         self._source: SourceStatus | None = None
         self._history = HistoryStore(settings.local_dir / "control" / "history.sqlite")
@@ -195,9 +196,11 @@ class KafkaSupervisor:
             self._records.pop(key, None)
             return
         try:
-            self._records[key] = ControlRecord.decode(value)
+            record = self._records[key] = ControlRecord.decode(value)
         except ValueError as error:
             log.error("event=bad_control_record workflow=%s error=%r", key, error)
+            return
+        self._trace.remember_config(record.workflow, record.active_version, record.active_config)
 
     def _on_status(self, key: str, value: bytes | None) -> None:
         if value is None:
@@ -716,7 +719,7 @@ class KafkaSupervisor:
     async def trace(self, key: str) -> models.TraceAnswer:
         if not key.strip():
             raise BadRequest("a key is needed: a contact id, an event id or a record id")
-        return self._trace.find(key)
+        return await self._trace.find(key)
 
     async def ready(self) -> None:
         """Raises Unavailable unless Kafka answers and both control topics were read."""

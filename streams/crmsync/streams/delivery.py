@@ -16,7 +16,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from crmsync.streams.mapping import Write
 from crmsync.streams.sinks.base import BatchingSink, Outcome
@@ -57,8 +57,6 @@ class Item:
     attempts: int = 0
     remaining: int = 0  # writes not yet confirmed
     parent_missing_since: float | None = None
-    #: What the record trace shows of its event (set when it is decoded).
-    view: tuple[Any, ...] | None = None
     parked_shown: bool = False
 
     @property

@@ -1,31 +1,51 @@
-"""Outcome records: what a workflow did with each record it read, for the record trace.
+"""Outcome records: what a workflow did with the records it read, for the record trace.
 
-A worker publishes one compact record per written batch to `crmsync.<workflow>.outcomes`: per
-source record, where it was read (topic, partition, offset), its event (op, time, the fields it
-changed, or carried when it has no before-image) and what became of it — written (to which
-target, how, which fields), skipped (and why), parked (its parent missing) or dead-lettered (the
-reason). The control plane indexes them by key (`crmsync.control.trace`). They are published
-without waiting for Kafka's acknowledgement: a crash may lose the last few, never a write.
+A worker publishes one compact record per written batch to `crmsync.<workflow>.outcomes`: the
+config version the batch ran under, per source partition the range of offsets it acknowledged,
+and only the records whose outcome cannot be derived again from the source record and that
+config — dead-lettered (the reason), parked (its parent missing), and records the workflow
+decided with a reason of its own (an opt-out decision: written, or skipped as an echo, stale...),
+with their writes. Nothing is built per record on the worker's path for the rest: the control
+plane reads the source topics itself and re-runs the workflow's own plan for a record in a range
+(`crmsync.control.trace`). Records are published without waiting for Kafka's acknowledgement:
+a crash may lose the last few, never a write.
+
+The record carries its format version (`v`): a reader refuses another one with `OtherVersion`,
+so records of an older or newer release are skipped by name rather than misread.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from crmsync.streams.delivery import SourceRecord
 from crmsync.streams.mapping import Write
+
+#: The format this release writes and reads.
+VERSION = 3
 
 Result = Literal["written", "skipped", "parked", "dead-lettered"]
 
-#: Field names kept per event and per write: a trace shows what changed, not a whole row.
+#: Field names kept per write: a trace shows what was written, not a whole row.
 MAX_FIELDS = 40
-#: The record's key, and the value of each write's key field, are looked up; ids longer than
-#: this are not ids.
+#: The value of each write's key field is looked up; ids longer than this are not ids.
 MAX_KEY = 200
+
+#: Why a tombstone is skipped (a trace derives it: the source record has no value).
+TOMBSTONE = "a tombstone (a deleted key, for compaction): the delete before it carried it"
+
+
+class OtherVersion(ValueError):
+    """An outcome record of another format version (an older or newer release wrote it)."""
+
+    def __init__(self, version: object) -> None:
+        super().__init__(f"outcome record format {version!r}, this release reads {VERSION}")
+        self.version = version
 
 
 class WriteView(BaseModel):
@@ -38,98 +58,56 @@ class WriteView(BaseModel):
     fields: list[str] = Field(default_factory=list)
 
 
-class EventView(BaseModel):
-    """The change event as read: where, its op and source time, the fields it changed."""
+class AckedRange(BaseModel):
+    """Offsets `first`..`last` of one source partition, every record in it acknowledged."""
 
-    key: str
+    topic: str
+    partition: int
+    first: int
+    last: int
+
+
+class Exceptional(BaseModel):
+    """One record whose outcome is told rather than derived."""
+
     topic: str
     partition: int
     offset: int
-    op: str | None = None
-    ts_ms: int | None = None
-    #: The fields the event changed (it had a before-image), else every field it carried.
-    fields: list[str] = Field(default_factory=list)
-    changed: bool = False
-    #: Other ids the record is found by (an email event's contact).
-    also: list[str] = Field(default_factory=list)
-
-
-class Outcome(BaseModel):
-    """What one workflow did with one record."""
-
-    event: EventView
     result: Result
     reason: str | None = None
     writes: list[WriteView] = Field(default_factory=list)
-    at_ms: int
 
 
 class OutcomeBatch(BaseModel):
-    """One published record, read back: a worker's outcomes of one batch."""
+    """One published record, read back."""
 
     workflow: str
     worker: str
-    outcomes: list[Outcome]
+    at_ms: int
+    config_version: int
+    ranges: list[AckedRange]
+    exceptions: list[Exceptional]
 
 
-#: What a trace keeps of one change event, made once per record on the worker's path:
-#: (topic, partition, offset, key, op, ts_ms, fields, fields changed, another id it names).
-EventTuple = tuple[str, int, int, str, str | None, int | None, tuple[str, ...], bool, str]
+def write_op(write: Write) -> str:
+    """How a trace names a write's operation: `upsert`, `delete`, or `upsert (update)`..."""
+    record = write.record
+    return record.op if record.mode == "upsert" else f"{record.op} ({record.mode})"
 
 
-def event_view(
-    topic: str, partition: int, offset: int, key: bytes | None, event: Mapping[str, Any] | None
-) -> EventTuple:
-    """What a trace shows of a change event (`event` None: undecodable or a tombstone)."""
-    name = (key or b"").decode("utf-8", "replace")[:MAX_KEY]
-    if event is None:
-        return (topic, partition, offset, name, None, None, (), False, "")
-    if "event_id" in event:  # a Campaign email event: no before/after, its own fields
-        ts = event.get("ts_ms")
-        return (
-            topic,
-            partition,
-            offset,
-            str(event["event_id"])[:MAX_KEY],
-            event.get("type"),
-            ts if isinstance(ts, int) else None,
-            tuple(f for f, v in event.items() if v is not None)[:MAX_FIELDS],
-            False,
-            str(event.get("contact_id") or "")[:MAX_KEY],
-        )
-    after = event.get("after") or {}
-    before = event.get("before")
-    if before:
-        changed = [f for f, value in after.items() if before.get(f, value) != value]
-        fields = tuple(changed + [f for f in before if f not in after])
-    else:
-        fields = tuple(after)
-    source = event.get("source") or {}
-    ts = source.get("ts_ms")
-    return (
-        topic,
-        partition,
-        offset,
-        str(event.get("key") or name)[:MAX_KEY],
-        event.get("op"),
-        ts if isinstance(ts, int) else None,
-        fields[:MAX_FIELDS],
-        bool(before),
-        "",
-    )
+class OutcomeRecord:
+    """One batch's outcome record being built: ranges and exceptions, every repeated string
+    (topic, reason, target, field list) once, as an index into the record's string table."""
 
-
-class Trace:
-    """One batch's outcomes, encoded compactly: every repeated string (topic, op, field list,
-    reason, target) once per record, as an index into the batch's string table."""
-
-    def __init__(self) -> None:
+    def __init__(self, config_version: int) -> None:
+        self.config_version = config_version
         self._strings: dict[str, int] = {}
         self._field_lists: dict[tuple[str, ...], int] = {}
-        self._rows: list[list[Any]] = []
+        self._ranges: list[list[int]] = []
+        self._exceptions: list[list[Any]] = []
 
-    def __len__(self) -> int:
-        return len(self._rows)
+    def __bool__(self) -> bool:
+        return bool(self._ranges or self._exceptions)
 
     def _s(self, value: str | None) -> int:
         if value is None:
@@ -145,37 +123,31 @@ class Trace:
             index = self._field_lists[names] = self._s(",".join(names[:MAX_FIELDS]))
         return index
 
-    def add(
+    def acked(self, topic: str, partition: int, first: int, last: int) -> None:
+        """Every record of `topic`/`partition` from offset `first` to `last` was handled."""
+        self._ranges.append([self._s(topic), partition, first, last])
+
+    def exception(
         self,
-        event: EventTuple,
+        record: SourceRecord,
         result: Result,
         reason: str | None = None,
         writes: Sequence[Write] = (),
     ) -> None:
-        topic, partition, offset, key, op, ts_ms, fields, changed, also = event
+        """One record whose outcome the control plane cannot derive on its own."""
         s = self._s
-        self._rows.append(
+        self._exceptions.append(
             [
-                s(topic),
-                partition,
-                offset,
-                key,
-                s(op),
-                ts_ms,
-                self._fields(fields),
-                1 if changed else 0,
+                s(record.topic),
+                record.partition,
+                record.offset,
                 s(result),
                 s(reason),
-                also,
                 [
                     [
                         s(w.system),
                         s(w.record.target),
-                        s(
-                            w.record.op
-                            if w.record.mode == "upsert"
-                            else f"{w.record.op} ({w.record.mode})"
-                        ),
+                        s(write_op(w)),
                         str(w.record.key)[:MAX_KEY],
                         self._fields((*w.record.fields, *w.record.create_fields)),
                     ]
@@ -187,20 +159,28 @@ class Trace:
     def encode(self, workflow: str, worker: str, at_ms: int | None = None) -> bytes:
         return json.dumps(
             {
-                "v": 2,
+                "v": VERSION,
                 "workflow": workflow,
                 "worker": worker,
                 "at_ms": at_ms if at_ms is not None else int(time.time() * 1000),
+                "config_version": self.config_version,
                 "s": list(self._strings),
-                "o": self._rows,
+                "r": self._ranges,
+                "x": self._exceptions,
             },
             separators=(",", ":"),
         ).encode()
 
 
 def decode(data: bytes) -> OutcomeBatch:
-    """Raises ValueError (pydantic's ValidationError is one) for a record that is not one."""
-    raw = _Encoded.model_validate(json.loads(data))
+    """Raises OtherVersion for a record of another format, ValueError (pydantic's
+    ValidationError is one) for one that is not an outcome record."""
+    loaded = json.loads(data)
+    if not isinstance(loaded, dict):
+        raise ValueError("an outcome record is a JSON object")
+    if loaded.get("v") != VERSION:
+        raise OtherVersion(loaded.get("v"))
+    raw = _Encoded.model_validate(loaded)
     strings = raw.s
 
     def s(index: int) -> str | None:
@@ -214,36 +194,21 @@ def decode(data: bytes) -> OutcomeBatch:
         joined = s(index)
         return joined.split(",") if joined else []
 
-    found: list[Outcome] = []
-    for row in raw.o:
-        (
-            topic,
-            partition,
-            offset,
-            key,
-            op,
-            ts_ms,
-            fields,
-            changed,
-            result,
-            reason,
-            also,
-            writes,
-        ) = row
-        found.append(
-            Outcome(
-                event=EventView(
-                    key=key,
-                    topic=s(topic) or "",
-                    partition=partition,
-                    offset=offset,
-                    op=s(op),
-                    ts_ms=ts_ms,
-                    fields=names(fields),
-                    changed=bool(changed),
-                    also=[also] if also else [],
-                ),
-                result=s(result),  # type: ignore[arg-type]  # validated by Outcome
+    return OutcomeBatch(
+        workflow=raw.workflow,
+        worker=raw.worker,
+        at_ms=raw.at_ms,
+        config_version=raw.config_version,
+        ranges=[
+            AckedRange(topic=s(topic) or "", partition=partition, first=first, last=last)
+            for topic, partition, first, last in raw.r
+        ],
+        exceptions=[
+            Exceptional(
+                topic=s(topic) or "",
+                partition=partition,
+                offset=offset,
+                result=s(result),  # type: ignore[arg-type]  # validated by Exceptional
                 reason=s(reason),
                 writes=[
                     WriteView(
@@ -255,32 +220,18 @@ def decode(data: bytes) -> OutcomeBatch:
                     )
                     for w in writes
                 ],
-                at_ms=raw.at_ms,
             )
-        )
-    return OutcomeBatch(workflow=raw.workflow, worker=raw.worker, outcomes=found)
-
-
-_Row = tuple[
-    int,
-    int,
-    int,
-    str,
-    int,
-    int | None,
-    int,
-    int,
-    int,
-    int,
-    str,
-    list[tuple[int, int, int, str, int]],
-]
+            for topic, partition, offset, result, reason, writes in raw.x
+        ],
+    )
 
 
 class _Encoded(BaseModel):
-    v: Literal[2]
+    v: Literal[3]
     workflow: str
     worker: str
     at_ms: int
+    config_version: int
     s: list[str]
-    o: list[_Row]
+    r: list[tuple[int, int, int, int]]
+    x: list[tuple[int, int, int, int, int, list[tuple[int, int, int, str, int]]]]

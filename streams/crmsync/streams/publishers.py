@@ -88,7 +88,7 @@ class Outcomes:
     workflow: str
     worker: str
 
-    async def send(self, trace: outcomes.Trace) -> None:
+    async def send(self, trace: outcomes.OutcomeRecord) -> None:
         if not trace:
             return
         try:

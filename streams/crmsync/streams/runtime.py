@@ -472,7 +472,7 @@ class WorkflowRuntime:
         if fatal is not None:
             await self.fail(fatal)
             return
-        if self._outcomes is not None:
+        if self._outcomes is not None and self._delivery.parked:
             await self._report_parked(pending)
         refusals = [i.error.reason for i, _ in pending if isinstance(i.error, RecordRejected)]
         if refusals and self.drift_watch is not None and self.gate.is_set():
@@ -489,7 +489,7 @@ class WorkflowRuntime:
             if item.record.value is None:
                 # A tombstone (a deleted key, for compaction): the delete event before it
                 # carried the change, so there is nothing to write.
-                item.planned = workflows.Planned([], note=_TOMBSTONE)
+                item.planned = workflows.Planned([], note=outcomes.TOMBSTONE)
                 continue
             try:
                 value = await self._decode(item.record.value)
@@ -501,8 +501,6 @@ class WorkflowRuntime:
                 item.error = RecordRejected(f"undecodable: {type(error).__name__}: {error}")
             else:
                 decoded.append((item, item.record.topic, value))
-            if self._outcomes is not None:  # made while the decoded event is at hand
-                _view(item, value if item.error is None else None)
         planned = await self.workflow.plan([(topic, value) for _, topic, value in decoded])
         for (item, _, _), plan in zip(decoded, planned, strict=True):
             if isinstance(plan.error, Fatal):
@@ -542,26 +540,36 @@ class WorkflowRuntime:
         """Dead-letters and commits each partition's written records from the head, then
         tells the consumer how far each partition is written."""
         assert self.consumer is not None and self._dead_letters is not None
-        traced = outcomes.Trace() if self._outcomes is not None else None
+        # The trace's account: the ranges acked, and only what cannot be derived from a
+        # source record and the config version (outcomes.py) told per record.
+        traced = outcomes.OutcomeRecord(self.config_version) if self._outcomes else None
         for topic, partition, done in self._delivery.acked():
             for item in done:
                 if item.error is not None:
                     await self._dead_letters.send(item)
                     self.dead_lettered += 1
                     if traced is not None:
-                        traced.add(_view(item), "dead-lettered", item.error.reason)
+                        traced.exception(item.record, "dead-lettered", item.error.reason)
                 elif item.planned is not None:
                     if item.planned.after_written is not None:
                         await item.planned.after_written()
                     if item.planned.writes:
                         self.records_written += 1
-                        if traced is not None:
-                            traced.add(
-                                _view(item), "written", item.planned.note, item.planned.writes
-                            )
-                    elif traced is not None:
-                        traced.add(_view(item), "skipped", _why_skipped(item))
-            self.consumer.acknowledge(TP(topic, partition), done[-1].record.offset + 1)
+                    if (
+                        traced is not None
+                        and item.planned.note is not None
+                        and item.record.value is not None  # a tombstone: derived
+                    ):
+                        traced.exception(
+                            item.record,
+                            "written" if item.planned.writes else "skipped",
+                            item.planned.note,
+                            item.planned.writes,
+                        )
+            last = done[-1].record.offset
+            if traced is not None:
+                traced.acked(topic, partition, done[0].record.offset, last)
+            self.consumer.acknowledge(TP(topic, partition), last + 1)
         if traced is not None and self._outcomes is not None:
             await self._outcomes.send(traced)
 
@@ -575,33 +583,10 @@ class WorkflowRuntime:
         for item in parked:
             item.parked_shown = True
         if parked and self._outcomes is not None:
-            traced = outcomes.Trace()
+            traced = outcomes.OutcomeRecord(self.config_version)
             for item in parked:
-                traced.add(_view(item), "parked", "its parent does not exist yet")
+                traced.exception(item.record, "parked", "its parent does not exist yet")
             await self._outcomes.send(traced)
-
-
-_TOMBSTONE = "a tombstone (a deleted key, for compaction): the delete before it carried it"
-
-
-def _view(item: Item, event: Mapping[str, Any] | None = None) -> outcomes.EventTuple:
-    """The trace's view of the item's event (made once, when it is decoded)."""
-    if item.view is None:
-        record = item.record
-        item.view = outcomes.event_view(
-            record.topic, record.partition, record.offset, record.key, event
-        )
-    return item.view
-
-
-def _why_skipped(item: Item) -> str:
-    assert item.planned is not None
-    if item.planned.note:
-        return item.planned.note
-    op = item.view[4] if item.view is not None else None
-    if op == "d":
-        return "a delete, and the config does not propagate deletes"
-    return "filtered out by the config, or it carries no mapped field"
 
 
 def merge(fetched: Sequence[Fetched], max_records: int) -> list[tuple[int, list[SourceRecord]]]:
