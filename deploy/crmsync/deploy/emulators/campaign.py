@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crmsync.deploy.emulators.admin import FieldChange, admin_routes, field_change
+from crmsync.deploy.emulators.asgi import origin
 from crmsync.deploy.emulators.faults import Faults, Injected, retry_after_header
 from crmsync.deploy.emulators.limits import SlidingWindow
 from crmsync.deploy.emulators.model import (
@@ -341,7 +342,7 @@ class CampaignEmulator:
             )
         await self.faults.delay()
         body = await request.body()
-        base = f"{request.url.scheme}://{request.url.netloc}/{self.org}/campaign"
+        base = f"{origin(request)}/{self.org}/campaign"
         query = list(request.query_params.multi_items())
         try:
             target = self._route(request.path_params["path"])

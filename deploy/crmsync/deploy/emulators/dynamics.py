@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crmsync.deploy.emulators.admin import admin_routes, field_change
+from crmsync.deploy.emulators.asgi import origin, query_string
 from crmsync.deploy.emulators.batch import (
     BatchError,
     BatchItem,
@@ -328,7 +329,7 @@ class DynamicsEmulator:
     # --- Web API ---------------------------------------------------------------------------
 
     def _unauthorized(self, request: Request, problem: TokenProblem) -> Response:
-        base = f"{request.url.scheme}://{request.url.netloc}"
+        base = origin(request)
         message = {
             TokenProblem.MISSING: "Bearer token is missing in the Authorization header.",
             TokenProblem.INVALID: "The access token is invalid.",
@@ -418,7 +419,7 @@ class DynamicsEmulator:
         try:
             await self.faults.delay()
             body = await request.body()
-            service_root = f"{request.url.scheme}://{request.url.netloc}{API_PREFIX}"
+            service_root = f"{origin(request)}{API_PREFIX}"
             if request.path_params["path"] == "$batch" and request.method == "POST":
                 return await self._batch(request, body, service_root, client)
             self._request_window.add(client, 1)
@@ -427,8 +428,8 @@ class DynamicsEmulator:
                 # The ASGI server already percent-decoded the path: decoding it again would turn a
                 # key value's "%2541" into "A".
                 path=request.path_params["path"],
-                query=parse_qsl(request.url.query, keep_blank_values=True),
-                headers={k.lower(): v for k, v in request.headers.items()},
+                query=parse_qsl(query_string(request), keep_blank_values=True),
+                headers=dict(request.headers.items()),
                 body=body,
                 service_root=service_root,
             )
