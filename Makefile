@@ -61,6 +61,7 @@ bench: setup
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/control.py
 	$(BIN)/python bench/resources.py
+	$(BIN)/python bench/emulators.py
 	$(BIN)/python bench/report.py
 
 clean:

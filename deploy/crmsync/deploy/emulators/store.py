@@ -94,6 +94,9 @@ class Records:
         self._conn = conn
         self._seq = seq
         self._savepoints = 0
+        #: The version counter moved past every version a row still carries (a write rolled
+        #: back, a wipe): it must be kept in `meta`, or a restart would hand out a version again.
+        self.high_water_unsaved = False
 
     def next_seq(self) -> int:
         self._seq[0] += 1
@@ -114,6 +117,7 @@ class Records:
         except BaseException:
             self._conn.execute(f"ROLLBACK TO {name}")
             self._conn.execute(f"RELEASE {name}")
+            self.high_water_unsaved = True
             raise
         else:
             self._conn.execute(f"RELEASE {name}")
@@ -141,10 +145,11 @@ class Records:
                 raise DuplicateKey(key)
         seq = self.next_seq()
         text = json.dumps(doc, separators=(",", ":"))
-        cur = self._conn.execute(
-            "UPDATE records SET seq = ?, doc = ? WHERE kind = ? AND id = ?", (seq, text, kind, id_)
-        )
-        if cur.rowcount == 0:
+        updated = self._conn.execute(
+            "UPDATE records SET seq = ?, doc = ? WHERE kind = ? AND id = ? RETURNING rid",
+            (seq, text, kind, id_),
+        ).fetchone()
+        if updated is None:
             cur = self._conn.execute(
                 "INSERT INTO records (kind, id, seq, doc) VALUES (?, ?, ?, ?)",
                 (kind, id_, seq, text),
@@ -152,16 +157,13 @@ class Records:
             self._conn.execute("DELETE FROM tombstones WHERE kind = ? AND id = ?", (kind, id_))
             rid = int(cur.lastrowid or 0)
         else:
-            rid = int(
-                self._conn.execute(
-                    "SELECT rid FROM records WHERE kind = ? AND id = ?", (kind, id_)
-                ).fetchone()[0]
-            )
+            rid = int(updated[0])
             self._conn.execute("DELETE FROM record_keys WHERE kind = ? AND id = ?", (kind, id_))
-        self._conn.executemany(
-            "INSERT INTO record_keys (kind, key, value, id) VALUES (?, ?, ?, ?)",
-            [(kind, key, value, id_) for key, value in keys.items()],
-        )
+        if keys:
+            self._conn.executemany(
+                "INSERT INTO record_keys (kind, key, value, id) VALUES (?, ?, ?, ?)",
+                [(kind, key, value, id_) for key, value in keys.items()],
+            )
         return Row(rid=rid, id=id_, seq=seq, doc=doc)
 
     def delete(self, kind: str, id_: str) -> bool:
@@ -244,6 +246,7 @@ class Records:
     def wipe(self) -> None:
         for table in ("records", "record_keys", "tombstones"):
             self._conn.execute(f"DELETE FROM {table}")
+        self.high_water_unsaved = True
 
 
 class Store:
@@ -305,15 +308,21 @@ class Store:
 
     def _transaction(self, work: Callable[[Records], T]) -> T:
         assert self._conn is not None and self._records is not None
+        records = self._records
         self._conn.execute("BEGIN")
-        before = self._records.current_seq
+        before = records.current_seq
         try:
-            result = work(self._records)
+            result = work(records)
         except BaseException:
             self._conn.execute("ROLLBACK")
+            if records.current_seq != before:
+                records.high_water_unsaved = True
             raise
-        if self._records.current_seq != before:
-            self._records.set_meta("seq", str(self._records.current_seq))
+        # Every version handed out is on a row (a record's or a tombstone's) unless a write was
+        # rolled back or the rows wiped: only then does the counter need a write of its own.
+        if records.high_water_unsaved:
+            records.set_meta("seq", str(records.current_seq))
+            records.high_water_unsaved = False
         self._conn.execute("COMMIT")
         return result
 
