@@ -176,8 +176,10 @@ class Served:
         self.url = f"http://127.0.0.1:{self.port}"
         log = (data_dir / f"{kind}.log").open("ab")
         self.popen = subprocess.Popen(
-            [sys.executable, __file__, "--serve", kind, "--port", str(self.port)]
-            + ["--data-dir", str(data_dir)],
+            [
+                *(sys.executable, __file__, "--serve", kind),
+                *("--port", str(self.port), "--data-dir", str(data_dir)),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -263,9 +265,7 @@ async def campaign_endpoints(session: aiohttp.ClientSession, url: str, n: int) -
             "Campaign profile PATCH",
             "campaign",
             [
-                Call(
-                    "PATCH", f"{api}/{pkey}", json_headers, json.dumps({"lastName": f"L{i}"}).encode()
-                )
+                Call("PATCH", f"{api}/{pkey}", json_headers, b'{"lastName": "L%d"}' % i)
                 for i, pkey in enumerate(pkeys)
             ],
         ),
@@ -385,9 +385,7 @@ def measure(
     )
 
 
-async def _endpoints(
-    served: dict[str, Served], seeds: int
-) -> dict[str, list[Endpoint]]:
+async def _endpoints(served: dict[str, Served], seeds: int) -> dict[str, list[Endpoint]]:
     async with aiohttp.ClientSession() as session:
         for s in served.values():
             await s.ready(session)
@@ -410,10 +408,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="connections in all")
     parser.add_argument("--generators", type=int, default=1, help="load-generator processes")
     parser.add_argument("--seeds", type=int, default=1000, help="records made before measuring")
+    parser.add_argument("--json-out", type=Path, default=ROOT / "bench/results/emulators.json")
     parser.add_argument(
-        "--json-out", type=Path, default=ROOT / "bench/results/emulators.json"
+        "--serve", choices=("baseline", "dynamics", "campaign"), help=argparse.SUPPRESS
     )
-    parser.add_argument("--serve", choices=("baseline", "dynamics", "campaign"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

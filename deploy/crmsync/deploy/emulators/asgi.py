@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from starlette.requests import Request
+from starlette.responses import JSONResponse as _StarletteJSONResponse
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -28,3 +32,10 @@ def query_string(request: Request) -> str:
     """The raw query string (``request.url.query``)."""
     raw: bytes = request.scope.get("query_string", b"")
     return raw.decode("latin-1")
+
+
+class JSONResponse(_StarletteJSONResponse):
+    """Starlette's JSONResponse (compact, UTF-8) rendered by orjson, several times faster."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)

@@ -21,11 +21,11 @@ from urllib.parse import quote, urlencode
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from crmsync.deploy.emulators.admin import FieldChange, admin_routes, field_change
-from crmsync.deploy.emulators.asgi import origin
+from crmsync.deploy.emulators.asgi import JSONResponse, origin
 from crmsync.deploy.emulators.faults import Faults, Injected, retry_after_header
 from crmsync.deploy.emulators.limits import SlidingWindow
 from crmsync.deploy.emulators.model import (

@@ -12,11 +12,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from crmsync.deploy.emulators.admin import admin_routes, field_change
-from crmsync.deploy.emulators.asgi import origin, query_string
+from crmsync.deploy.emulators.asgi import JSONResponse, origin, query_string
 from crmsync.deploy.emulators.batch import (
     BatchError,
     BatchItem,

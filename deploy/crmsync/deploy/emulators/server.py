@@ -203,7 +203,8 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
 
 async def _orphaned(parent_pid: int, stop: asyncio.Event) -> None:
-    while os.getppid() == parent_pid:
+    # Nothing signals a parent's death (SIGKILL): its pid stops being ours.
+    while os.getppid() == parent_pid:  # noqa: ASYNC110
         await asyncio.sleep(1.0)
     stop.set()
 

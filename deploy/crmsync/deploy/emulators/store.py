@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
+
 T = TypeVar("T")
 
 _SCHEMA = """
@@ -84,7 +86,7 @@ def folded(name: str) -> str:
 
 
 def _row(r: sqlite3.Row | tuple[Any, ...]) -> Row:
-    return Row(rid=r[0], id=r[1], seq=r[2], doc=json.loads(r[3]))
+    return Row(rid=r[0], id=r[1], seq=r[2], doc=orjson.loads(r[3]))
 
 
 class Records:
@@ -144,7 +146,7 @@ class Records:
             if holder is not None and holder != id_:
                 raise DuplicateKey(key)
         seq = self.next_seq()
-        text = json.dumps(doc, separators=(",", ":"))
+        text = orjson.dumps(doc).decode()
         updated = self._conn.execute(
             "UPDATE records SET seq = ?, doc = ? WHERE kind = ? AND id = ? RETURNING rid",
             (seq, text, kind, id_),
@@ -210,7 +212,7 @@ class Records:
             Change(
                 seq=seq,
                 id=id_,
-                row=None if rid is None else Row(rid=rid, id=id_, seq=seq, doc=json.loads(doc)),
+                row=None if rid is None else Row(rid=rid, id=id_, seq=seq, doc=orjson.loads(doc)),
             )
             for seq, id_, rid, doc in rows
         ]

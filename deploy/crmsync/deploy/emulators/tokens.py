@@ -12,7 +12,6 @@ import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
-
 _CHECKED_TOKENS = 4096
 
 

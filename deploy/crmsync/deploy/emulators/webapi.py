@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import orjson
+
 from crmsync.deploy.emulators.metadata import (
     BULK_ACTIONS,
     MetadataRefused,
@@ -84,7 +86,7 @@ class ApiResponse:
 
 
 def error_response(status: int, code: str, message: str) -> ApiResponse:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = orjson.dumps({"error": {"code": code, "message": message}})
     return ApiResponse(status, [("Content-Type", "application/json; odata.metadata=minimal")], body)
 
 
@@ -96,7 +98,7 @@ def _json_response(status: int, payload: Any, *headers: tuple[str, str]) -> ApiR
             ("OData-Version", "4.0"),
             *headers,
         ],
-        json.dumps(payload).encode(),
+        orjson.dumps(payload),
     )
 
 
