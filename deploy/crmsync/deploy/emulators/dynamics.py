@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from crmsync.deploy.emulators.admin import admin_routes, field_change
-from crmsync.deploy.emulators.asgi import JSONResponse, origin, query_string
+from crmsync.deploy.emulators.asgi import ApiFirst, JSONResponse, origin, query_string
 from crmsync.deploy.emulators.batch import (
     BatchError,
     BatchItem,
@@ -69,8 +69,10 @@ def _aad_error(status: int, error: str, code: int, description: str) -> JSONResp
 
 def _to_response(api: ApiResponse, extra: list[tuple[str, str]]) -> Response:
     response = Response(api.body, status_code=api.status)
-    for name, value in [*api.headers, *extra]:
-        response.headers.append(name, value)
+    response.raw_headers.extend(
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in [*api.headers, *extra]
+    )
     return response
 
 
@@ -109,7 +111,12 @@ class DynamicsEmulator:
             self.options.execution_ms_per_window, self.options.window_s
         )
         self._concurrency = Concurrency(self.options.max_concurrent)
-        self.app = Starlette(
+        api = Route(
+            API_PREFIX + "/{path:path}",
+            self._api,
+            methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
+        )
+        self.starlette = Starlette(
             routes=[
                 Route("/{tenant}/oauth2/v2.0/token", self._token, methods=["POST"]),
                 Route(
@@ -132,13 +139,10 @@ class DynamicsEmulator:
                     self._change_column,
                     methods=["PATCH"],
                 ),
-                Route(
-                    API_PREFIX + "/{path:path}",
-                    self._api,
-                    methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
-                ),
+                api,
             ]
         )
+        self.app = ApiFirst(self.starlette, api)
 
     async def open(self) -> None:
         await self.store.open()

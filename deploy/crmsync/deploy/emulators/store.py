@@ -132,6 +132,14 @@ class Records:
         ).fetchone()
         return _row(r) if r else None
 
+    def exists(self, kind: str, id_: str) -> bool:
+        return (
+            self._conn.execute(
+                "SELECT 1 FROM records WHERE kind = ? AND id = ?", (kind, id_)
+            ).fetchone()
+            is not None
+        )
+
     def find_by_key(self, kind: str, key: str, value: str) -> str | None:
         r = self._conn.execute(
             "SELECT id FROM record_keys WHERE kind = ? AND key = ? AND value = ?",

@@ -363,11 +363,11 @@ class WebApi:
     ) -> tuple[str | None, dict[str, Any]]:
         """The id a key points at (None if no such record) and the key fields from the URL."""
         if isinstance(key, str):
-            return (key if records.get(entity.name, key) else None), {}
+            return (key if records.exists(entity.name, key) else None), {}
         names = tuple(sorted(key))
         if names == (entity.primary_id,):
             guid = literal_for(entity.by_name[entity.primary_id], key[entity.primary_id])
-            return (guid if records.get(entity.name, guid) else None), {}
+            return (guid if records.exists(entity.name, guid) else None), {}
         declared = next((k for k in entity.alternate_keys if tuple(sorted(k)) == names), None)
         if declared is None:
             raise _invalid_key(entity)
