@@ -299,11 +299,15 @@ def _emulators(table: Table, data: Any) -> None:
         detail = ""
         if wall is not None and cpu is not None:
             detail = f" ({cpu:,.0f} µs CPU/request; {wall:,.0f}/s measured)"
+
+        def show(value: float, detail: str = detail) -> str:
+            return f"{value:,.0f} requests/s{detail}"
+
         table.judged(
             area,
             f"(f) {row['endpoint']}, one core",
             _get(row, "one_core_requests_per_s"),
-            lambda v, detail=detail: f"{v:,.0f} requests/s{detail}",
+            show,
             f"≥ {EMULATOR_TARGET_RPS:,} requests/s",
             lambda v: v >= EMULATOR_TARGET_RPS,
         )
