@@ -69,6 +69,7 @@ bench: setup
 	$(BIN)/python bench/resources.py
 	$(BIN)/python bench/latency.py
 	$(BIN)/python bench/target_requests.py
+	$(BIN)/python bench/emulators.py
 	$(BIN)/python bench/report.py
 
 clean:

@@ -1,8 +1,8 @@
 """Every benchmark figure in one markdown table, next to the issue's targets; all in latest.json.
 
 Run: .venv/bin/python bench/report.py [--results DIR] [--check]. Reads the JSON that codec.py,
-sinks.py, http_clients.py, throughput.py, control.py, resources.py, latency.py and
-target_requests.py wrote into DIR (default bench/results),
+sinks.py, http_clients.py, throughput.py, control.py, resources.py, latency.py,
+target_requests.py and emulators.py wrote into DIR (default bench/results),
 writes them merged into DIR/latest.json together with the table's rows, and prints the table.
 Each target is judged met or missed from the measured number; a figure whose script has not run
 shows "not run". With --check the exit code is 1 unless every target is met.
@@ -30,8 +30,10 @@ SOURCES = (
     "resources",
     "latency",
     "target_requests",
+    "emulators",
 )
 REQUEST_CPU_LIMIT_US = 250.0  # worker CPU per target request (issue 18)
+EMULATOR_TARGET_RPS = 3000  # requests/s one emulator serves on one core
 RSS_LIMIT_BYTES = 300e6  # the issue's 300 MB, as 10^6 bytes (the stricter reading)
 
 
@@ -362,6 +364,47 @@ def _requests(table: Table, data: Any) -> None:
     )
 
 
+def _emulators(table: Table, data: Any) -> None:
+    """(f): what one core serves (1e6 / the emulator process's CPU µs per request), judged per
+    endpoint; the wall-clock rate, which shares the machine with the load generator, beside it."""
+    area = "emulators"
+    baseline = _get(data, "baseline")
+    table.info(
+        area,
+        "(f) baseline: fixed JSON from Starlette + uvicorn, one core",
+        _get(baseline, "one_core_requests_per_s"),
+        lambda v: f"{v:,.0f} requests/s",
+    )
+    endpoints = _get(data, "endpoints") or []
+    if not endpoints:
+        table.judged(
+            area,
+            "(f) emulator endpoints, one core",
+            None,
+            str,
+            f"≥ {EMULATOR_TARGET_RPS:,} requests/s",
+            bool,
+        )
+    for row in endpoints:
+        wall = _number(_get(row, "requests_per_s"))
+        cpu = _number(_get(row, "emulator_cpu_us_per_request"))
+        detail = ""
+        if wall is not None and cpu is not None:
+            detail = f" ({cpu:,.0f} µs CPU/request; {wall:,.0f}/s measured)"
+
+        def show(value: float, detail: str = detail) -> str:
+            return f"{value:,.0f} requests/s{detail}"
+
+        table.judged(
+            area,
+            f"(f) {row['endpoint']}, one core",
+            _get(row, "one_core_requests_per_s"),
+            show,
+            f"≥ {EMULATOR_TARGET_RPS:,} requests/s",
+            lambda v: v >= EMULATOR_TARGET_RPS,
+        )
+
+
 def build(results: dict[str, Any]) -> list[Row]:
     table = Table()
     _throughput(table, results.get("throughput"))
@@ -372,6 +415,7 @@ def build(results: dict[str, Any]) -> list[Row]:
     _sinks(table, results.get("sinks"))
     _latency(table, results.get("latency"))
     _requests(table, results.get("target_requests"))
+    _emulators(table, results.get("emulators"))
     return table.rows
 
 

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
+import signal
 import string
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+import psutil
 import pytest
 
 from crmsync.deploy.emulators.server import Emulators, running_emulators, serve_emulators
+from tests.conftest import free_port
 
 
 async def _token(client: httpx.AsyncClient, emu: Emulators) -> str:
@@ -283,3 +290,53 @@ async def test_emulators_refuse_to_listen_beyond_loopback(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="loopback"):
         async with running_emulators(tmp_path, host="0.0.0.0"):
             pass
+
+
+def _answering(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/_admin/stats", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _until(check: Any, within: float) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("ending", ["SIGTERM", "SIGKILL"])
+def test_crmsync_emulators_runs_each_emulator_in_a_process_of_its_own(
+    tmp_path: Path, ending: str
+) -> None:
+    """Neither emulator takes CPU from the other; SIGTERM stops both, and when the parent is
+    killed outright its two children do not live on."""
+    dynamics_port, campaign_port = free_port(), free_port()
+    parent = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "crmsync.control.cli", "emulators"),
+            *("--dynamics-port", str(dynamics_port), "--campaign-port", str(campaign_port)),
+            *("--data-dir", str(tmp_path)),
+        ],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    urls = [f"http://127.0.0.1:{port}" for port in (dynamics_port, campaign_port)]
+    try:
+        _until(lambda: all(_answering(url) for url in urls), 60)
+        children = psutil.Process(parent.pid).children()
+        listening = {
+            child.pid: {c.laddr.port for c in child.net_connections() if c.status == "LISTEN"}
+            for child in children
+        }
+        assert sorted(map(sorted, listening.values())) == sorted([[dynamics_port], [campaign_port]])
+        parent.send_signal(getattr(signal, ending))
+        parent.wait(30)
+        psutil.wait_procs(children, timeout=15)
+        assert not any(child.is_running() for child in children)
+        assert not any(_answering(url) for url in urls)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever of the group is left
+            os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait(5)

@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     emulators.add_argument("--dynamics-port", type=int, default=8081)
     emulators.add_argument("--campaign-port", type=int, default=8082)
     emulators.add_argument("--data-dir", type=Path, help="default: .local/emulators")
+    emulators.add_argument(
+        "--only",
+        choices=("dynamics", "campaign"),
+        help="run this one emulator in this process (default: each in a process of its own)",
+    )
 
     worker = commands.add_parser("worker", help="run one worker of one workflow")
     worker.add_argument("workflow", choices=WORKFLOWS)
@@ -625,24 +630,74 @@ def _describe(detail: dict[str, Any]) -> str:
 def _emulators(settings: Settings, args: argparse.Namespace) -> int:
     import os
 
-    from crmsync.deploy.emulators.server import serve_emulators
+    from crmsync.deploy.emulators import server
 
     data_dir = args.data_dir or settings.local_dir / "emulators"
-    print(
-        f"Dynamics 365 emulator: http://127.0.0.1:{args.dynamics_port}/api/data/v9.2\n"
-        f"Campaign emulator:     http://127.0.0.1:{args.campaign_port}/local/campaign",
-        flush=True,
-    )
-    asyncio.run(
-        serve_emulators(
+    if args.only is None:
+        print(
+            f"Dynamics 365 emulator: http://127.0.0.1:{args.dynamics_port}/api/data/v9.2\n"
+            f"Campaign emulator:     http://127.0.0.1:{args.campaign_port}/local/campaign",
+            flush=True,
+        )
+        return _emulator_processes(args, data_dir)
+    server.run(
+        server.serve_emulators(
             data_dir,
+            only=(args.only,),
             dynamics_port=args.dynamics_port,
             campaign_port=args.campaign_port,
             client_id=os.environ.get("CRMSYNC_EMULATOR_CLIENT_ID", "crmsync-local"),
             client_secret=os.environ.get("CRMSYNC_EMULATOR_CLIENT_SECRET", "crmsync-local"),
+            parent_pid=int(os.environ.get(_EMULATORS_PARENT, "0")) or None,
         )
     )
     return EXIT_OK
+
+
+#: Set for the two emulator processes `crmsync emulators` starts: they end when it is gone.
+_EMULATORS_PARENT = "CRMSYNC_EMULATORS_PARENT_PID"
+
+
+def _emulator_processes(args: argparse.Namespace, data_dir: Path) -> int:
+    """Each emulator in a child process of its own (one core each at most, never sharing one
+    event loop), until SIGINT/SIGTERM or until one of them ends (this process then ends too, so
+    whoever supervises it restarts both)."""
+    import os
+    import subprocess
+
+    common = [
+        *("--dynamics-port", str(args.dynamics_port)),
+        *("--campaign-port", str(args.campaign_port)),
+        *("--data-dir", str(data_dir)),
+    ]
+    env = {**os.environ, _EMULATORS_PARENT: str(os.getpid())}
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "crmsync.control.cli", "emulators", "--only", kind, *common],
+            env=env,
+        )
+        for kind in ("dynamics", "campaign")
+    ]
+    try:
+        while not received and all(child.poll() is None for child in children):
+            time.sleep(0.2)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    if received:
+        return EXIT_OK
+    failed = [child.returncode for child in children if child.returncode not in (None, 0)]
+    return failed[0] if failed else 1
 
 
 def _up(settings: Settings, args: argparse.Namespace) -> int:

@@ -163,19 +163,24 @@ class LocalStack:
         create.start(self.logs)
         if create.popen is None or create.popen.wait(120) != 0:
             raise StackError(f"creating topics failed; see {self.logs / 'topics.log'}")
-        emulators = Process(
-            "emulators",
-            self._crmsync("emulators"),
-            lambda: all(
-                _http_ok(f"{url}/_admin/stats")()
-                for url in (self.settings.dynamics_url, self.settings.campaign_url)
-            ),
-            env,
-            restart=True,
-        )
-        for process in (emulators,):
+        # Each emulator in a process of its own: neither takes CPU from the other.
+        emulators = [
+            Process(
+                f"emulator-{kind}",
+                self._crmsync("emulators", "--only", kind),
+                _http_ok(f"{url}/_admin/stats"),
+                env,
+                restart=True,
+            )
+            for kind, url in (
+                ("dynamics", self.settings.dynamics_url),
+                ("campaign", self.settings.campaign_url),
+            )
+        ]
+        for process in emulators:
             process.start(self.logs)
             self.processes.append(process)
+        for process in emulators:
             process.wait_ready(60, self.logs)
         # What a user runs on a real org first, run on every start (idempotent): crmsync's
         # activity tables, columns and keys, created through the Web API metadata endpoints.

@@ -21,10 +21,11 @@ from urllib.parse import quote, urlencode
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from crmsync.deploy.emulators.admin import FieldChange, admin_routes, field_change
+from crmsync.deploy.emulators.asgi import ApiFirst, JSONResponse, origin
 from crmsync.deploy.emulators.faults import Faults, Injected, retry_after_header
 from crmsync.deploy.emulators.limits import SlidingWindow
 from crmsync.deploy.emulators.model import (
@@ -171,7 +172,12 @@ class CampaignEmulator:
         self.requests = 0
         self.tokens = TokenIssuer(b"", "", "campaign", self.options.token_lifetime_s)
         self._window = SlidingWindow(self.options.requests_per_window, self.options.window_s)
-        self.app = Starlette(
+        api = Route(
+            "/{org}/campaign/{path:path}",
+            self._api,
+            methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
+        )
+        self.starlette = Starlette(
             routes=[
                 Route("/ims/token/v3", self._token, methods=["POST"]),
                 *admin_routes(self),
@@ -195,13 +201,10 @@ class CampaignEmulator:
                     self._change_field,
                     methods=["PATCH", "PUT"],
                 ),
-                Route(
-                    "/{org}/campaign/{path:path}",
-                    self._api,
-                    methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
-                ),
+                api,
             ]
         )
+        self.app = ApiFirst(self.starlette, api)
 
     async def open(self) -> None:
         await self.store.open()
@@ -341,7 +344,7 @@ class CampaignEmulator:
             )
         await self.faults.delay()
         body = await request.body()
-        base = f"{request.url.scheme}://{request.url.netloc}/{self.org}/campaign"
+        base = f"{origin(request)}/{self.org}/campaign"
         query = list(request.query_params.multi_items())
         try:
             target = self._route(request.path_params["path"])

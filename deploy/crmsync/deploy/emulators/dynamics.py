@@ -12,10 +12,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from crmsync.deploy.emulators.admin import admin_routes, field_change
+from crmsync.deploy.emulators.asgi import ApiFirst, JSONResponse, origin, query_string
 from crmsync.deploy.emulators.batch import (
     BatchError,
     BatchItem,
@@ -68,8 +69,10 @@ def _aad_error(status: int, error: str, code: int, description: str) -> JSONResp
 
 def _to_response(api: ApiResponse, extra: list[tuple[str, str]]) -> Response:
     response = Response(api.body, status_code=api.status)
-    for name, value in [*api.headers, *extra]:
-        response.headers.append(name, value)
+    response.raw_headers.extend(
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in [*api.headers, *extra]
+    )
     return response
 
 
@@ -108,7 +111,12 @@ class DynamicsEmulator:
             self.options.execution_ms_per_window, self.options.window_s
         )
         self._concurrency = Concurrency(self.options.max_concurrent)
-        self.app = Starlette(
+        api = Route(
+            API_PREFIX + "/{path:path}",
+            self._api,
+            methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
+        )
+        self.starlette = Starlette(
             routes=[
                 Route("/{tenant}/oauth2/v2.0/token", self._token, methods=["POST"]),
                 Route(
@@ -131,13 +139,10 @@ class DynamicsEmulator:
                     self._change_column,
                     methods=["PATCH"],
                 ),
-                Route(
-                    API_PREFIX + "/{path:path}",
-                    self._api,
-                    methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
-                ),
+                api,
             ]
         )
+        self.app = ApiFirst(self.starlette, api)
 
     async def open(self) -> None:
         await self.store.open()
@@ -328,7 +333,7 @@ class DynamicsEmulator:
     # --- Web API ---------------------------------------------------------------------------
 
     def _unauthorized(self, request: Request, problem: TokenProblem) -> Response:
-        base = f"{request.url.scheme}://{request.url.netloc}"
+        base = origin(request)
         message = {
             TokenProblem.MISSING: "Bearer token is missing in the Authorization header.",
             TokenProblem.INVALID: "The access token is invalid.",
@@ -418,7 +423,7 @@ class DynamicsEmulator:
         try:
             await self.faults.delay()
             body = await request.body()
-            service_root = f"{request.url.scheme}://{request.url.netloc}{API_PREFIX}"
+            service_root = f"{origin(request)}{API_PREFIX}"
             if request.path_params["path"] == "$batch" and request.method == "POST":
                 return await self._batch(request, body, service_root, client)
             self._request_window.add(client, 1)
@@ -427,8 +432,8 @@ class DynamicsEmulator:
                 # The ASGI server already percent-decoded the path: decoding it again would turn a
                 # key value's "%2541" into "A".
                 path=request.path_params["path"],
-                query=parse_qsl(request.url.query, keep_blank_values=True),
-                headers={k.lower(): v for k, v in request.headers.items()},
+                query=parse_qsl(query_string(request), keep_blank_values=True),
+                headers=dict(request.headers.items()),
                 body=body,
                 service_root=service_root,
             )

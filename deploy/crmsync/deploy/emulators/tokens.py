@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 
+_CHECKED_TOKENS = 4096
+
 
 class TokenProblem(StrEnum):
     MISSING = "missing"
@@ -46,6 +48,9 @@ class TokenIssuer:
         self.audience = audience
         self.lifetime_s = lifetime_s
         self._revoked_before = 0.0
+        #: Tokens whose signature and audience were checked once: a client sends the same one
+        #: for an hour. Revocation and expiry are still checked on every use.
+        self._checked: dict[str, Grant] = {}
 
     @staticmethod
     def new_key() -> str:
@@ -76,7 +81,24 @@ class TokenIssuer:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return TokenProblem.INVALID
-        parts = token.strip().split(".")
+        token = token.strip()
+        grant = self._checked.get(token)
+        if grant is None:
+            checked = self._verify(token)
+            if not isinstance(checked, Grant):
+                return checked
+            if len(self._checked) >= _CHECKED_TOKENS:
+                self._checked.clear()
+            self._checked[token] = grant = checked
+        if grant.issued_at <= self._revoked_before:
+            return TokenProblem.REVOKED
+        if grant.expires_at <= time.time():
+            return TokenProblem.EXPIRED
+        return grant
+
+    def _verify(self, token: str) -> Grant | TokenProblem:
+        """The grant of a token signed with our key for our audience (expired or not)."""
+        parts = token.split(".")
         if len(parts) != 3 or not hmac.compare_digest(
             self._sign(f"{parts[0]}.{parts[1]}"), parts[2]
         ):
@@ -88,10 +110,6 @@ class TokenIssuer:
             return TokenProblem.INVALID
         if claims.get("aud") != self.audience:
             return TokenProblem.INVALID
-        if grant.issued_at <= self._revoked_before:
-            return TokenProblem.REVOKED
-        if grant.expires_at <= time.time():
-            return TokenProblem.EXPIRED
         return grant
 
     def _sign(self, text: str) -> str:

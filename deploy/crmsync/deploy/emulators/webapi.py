@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import orjson
+
 from crmsync.deploy.emulators.metadata import (
     BULK_ACTIONS,
     MetadataRefused,
@@ -84,7 +86,7 @@ class ApiResponse:
 
 
 def error_response(status: int, code: str, message: str) -> ApiResponse:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = orjson.dumps({"error": {"code": code, "message": message}})
     return ApiResponse(status, [("Content-Type", "application/json; odata.metadata=minimal")], body)
 
 
@@ -96,7 +98,7 @@ def _json_response(status: int, payload: Any, *headers: tuple[str, str]) -> ApiR
             ("OData-Version", "4.0"),
             *headers,
         ],
-        json.dumps(payload).encode(),
+        orjson.dumps(payload),
     )
 
 
@@ -361,11 +363,11 @@ class WebApi:
     ) -> tuple[str | None, dict[str, Any]]:
         """The id a key points at (None if no such record) and the key fields from the URL."""
         if isinstance(key, str):
-            return (key if records.get(entity.name, key) else None), {}
+            return (key if records.exists(entity.name, key) else None), {}
         names = tuple(sorted(key))
         if names == (entity.primary_id,):
             guid = literal_for(entity.by_name[entity.primary_id], key[entity.primary_id])
-            return (guid if records.get(entity.name, guid) else None), {}
+            return (guid if records.exists(entity.name, guid) else None), {}
         declared = next((k for k in entity.alternate_keys if tuple(sorted(k)) == names), None)
         if declared is None:
             raise _invalid_key(entity)
