@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import functools
 import json
+import os
 import re
 import ssl
 from collections.abc import Mapping
@@ -95,11 +96,16 @@ def transport(
     return AiohttpTransport(timeout_s=timeout_s, max_connections=max_connections, headers=headers)
 
 
-@functools.cache
 def tls_context() -> ssl.SSLContext:
     """One TLS context for every client of the process (building one loads the CA bundle, some
     milliseconds): httpx's defaults — certifi's CAs, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` when
-    set — so both transports verify servers alike."""
+    set — so both transports verify servers alike. Kept per value of those two variables, so a
+    bundle named after the first client was made is still honoured."""
+    return _tls_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+
+
+@functools.cache
+def _tls_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
