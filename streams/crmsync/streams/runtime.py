@@ -473,14 +473,17 @@ class WorkflowRuntime:
     async def _plan(self, items: list[Item]) -> None:
         assert self.workflow is not None
         decoded: list[tuple[Item, str, dict[str, Any]]] = []
+        # Without a registry decoding never waits: no coroutine per record then.
+        decode = self.workflow.schema.decode if self._registry is None else None
         for item in items:
-            if item.record.value is None:
+            data = item.record.value
+            if data is None:
                 # A tombstone (a deleted key, for compaction): the delete event before it
                 # carried the change, so there is nothing to write.
                 item.planned = workflows.Planned([], note=_TOMBSTONE)
                 continue
             try:
-                value = await self._decode(item.record.value)
+                value = decode(data) if decode is not None else await self._decode(data)
             except DecodeError as error:
                 item.error = RecordRejected(f"undecodable: {error}")
             except _Abandoned:
@@ -493,11 +496,12 @@ class WorkflowRuntime:
                 _view(item, value if item.error is None else None)
         planned = await self.workflow.plan([(topic, value) for _, topic, value in decoded])
         for (item, _, _), plan in zip(decoded, planned, strict=True):
-            if isinstance(plan.error, Fatal):
-                await self.fail(plan.error.reason)
-                return
-            if plan.error is not None:  # the mapping refused it
-                item.error = plan.error
+            error = plan.error
+            if error is not None:
+                if isinstance(error, Fatal):
+                    await self.fail(error.reason)
+                    return
+                item.error = error  # the mapping refused it
                 continue
             item.planned = plan
             item.remaining = len(plan.writes)
