@@ -2,7 +2,9 @@
 
 Run: .venv/bin/python bench/throughput.py [--records N]. One run measures, over the same topic:
   (a) a plain aiokafka consumer + fastavro decode loop (the client-side baseline);
-  (b) the workflow with a discarding sink (decode, map, batch, ack, commit — no HTTP);
+  (b) the workflow with a discarding sink (decode, map, batch, ack, commit — no HTTP), and (b')
+      the same without outcome records, profiled with py-spy when installed: its CPU per
+      record by stage (decode, map, batch/ack, fetch; see bench/stages.py);
   (c) the workflow writing to the Campaign emulator (a separate process);
   (d) Kafka's own consumer perf tool (the broker-side ceiling, a JVM: its CPU is not comparable).
 CPU µs per record counts the consuming process only (user + sys), the stable figure on a shared
@@ -24,6 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import stages
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from rich.console import Console
@@ -157,11 +160,21 @@ class DrainTooShort(Exception):
 
 
 async def _workflow(
-    bootstrap: str, settings: Settings, discard: bool, tail: int | None = None
-) -> dict[str, float]:
+    bootstrap: str,
+    settings: Settings,
+    discard: bool,
+    tail: int | None = None,
+    profile: str | None = None,
+    profile_out: Path | None = None,
+) -> dict[str, Any]:
+    """Drains the backlog with one in-process worker; with `discard`, its sink counts what is
+    written (the clock runs from the first batch written to the last, then the commit of every
+    record is checked untimed), else the group's lag is polled. With `profile` (py-spy), the
+    CPU per record is also given by stage."""
     await _reset_group(bootstrap, tail)
     stop = asyncio.Event()
-    sinks = {"campaign": DiscardingSink()} if discard else None
+    sink = DiscardingSink()
+    sinks = {"campaign": sink} if discard else None
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     probe = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await admin.start()
@@ -169,23 +182,43 @@ async def _workflow(
     tps = await _partitions(bootstrap, topics.CONTACT_CHANGES)
     initial = await _lag(admin, probe, tps)
     worker = asyncio.create_task(run_worker(WORKFLOW, settings, sinks=sinks, stop=stop))
+
+    async def left() -> int:
+        """Records not done yet: not written (discard), else not committed."""
+        if worker.done():
+            worker.result()
+        return initial - sink.records if discard else await _lag(admin, probe, tps)
+
     try:
         start_lag = initial
         while start_lag == initial:  # startup and group join excluded
-            if worker.done():
-                worker.result()
-            await asyncio.sleep(0.05)
-            start_lag = await _lag(admin, probe, tps)
-        # The clock starts at the lag just read, so the records it counts are the ones timed.
-        cpu, wall = time.process_time(), time.perf_counter()
-        while await _lag(admin, probe, tps) > 0:
-            if worker.done():
-                worker.result()
-            await asyncio.sleep(0.1)
-        seconds = time.perf_counter() - wall
+            await asyncio.sleep(0.01 if discard else 0.05)
+            start_lag = await left()
+        # The clock starts at the count just read, so the records it counts are the ones timed.
+        with stages.profiled(profile) as samples:
+            cpu, wall = time.process_time(), time.perf_counter()
+            while True:
+                if await left() <= 0:
+                    break
+                await asyncio.sleep(0.01 if discard else 0.1)
+            seconds = time.perf_counter() - wall
+            cpu = time.process_time() - cpu
         if start_lag < MIN_TIMED_RECORDS or seconds < MIN_TIMED_SECONDS:
             raise DrainTooShort(initial, start_lag, seconds)
-        return _figures(start_lag, seconds, time.process_time() - cpu)
+        figures: dict[str, Any] = _figures(start_lag, seconds, cpu)
+        if samples:
+            if profile_out is not None:
+                profile_out.write_text(samples[0])
+            counts = stages.stage_samples(samples[0])
+            figures["stages_us_per_record"] = stages.per_record(
+                counts, figures["cpu_us_per_record"]
+            )
+            figures["profile_samples"] = dict(counts)
+        while discard:  # every record written is also committed
+            if await _lag(admin, probe, tps) <= 0:
+                break
+            await asyncio.sleep(0.1)
+        return figures
     finally:
         stop.set()
         await worker
@@ -251,7 +284,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         results["b_workflow_discard"] = await _workflow(bootstrap, settings, True)
         console.print("(b') the same without outcome records (CRMSYNC_TRACE_OUTCOMES=false)")
         untraced = settings.model_copy(update={"trace_outcomes": False})
-        results["b_workflow_discard_untraced"] = await _workflow(bootstrap, untraced, True)
+        spy = None if args.no_profile else stages.available()
+        if spy is None and not args.no_profile:
+            console.print("(b') no stage profile: py-spy is not installed (pip install py-spy)")
+        results["b_workflow_discard_untraced"] = await _workflow(
+            bootstrap, untraced, True, profile=spy, profile_out=args.profile_out
+        )
         dport, cport = _free_port(), _free_port()
         emulators = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -300,6 +338,16 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--emulator-records", type=int, default=3_000)
     parser.add_argument("--json-out", type=Path, default=ROOT / "bench/results/throughput.json")
+    parser.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="skip the py-spy profile of (b') that gives its CPU per record by stage",
+    )
+    parser.add_argument(
+        "--profile-out",
+        type=Path,
+        help="also write (b')'s py-spy samples there (raw: one stack and its count a line)",
+    )
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
     base = results["a_baseline"]
@@ -314,6 +362,23 @@ def main() -> int:
             f"| {name} | {row['records_per_s']:,.0f} | {row['cpu_us_per_record']:.1f} "
             f"| {ratio:.2f} |"
         )
+    for name in ("b_workflow_discard", "b_workflow_discard_untraced"):
+        if name in results:
+            row = results[name]
+            print(
+                f"\n{name}: {row['records_per_s'] / base['records_per_s']:.2f} of the "
+                f"baseline's records/s, {row['cpu_us_per_record'] / base['cpu_us_per_record']:.2f}"
+                "x its CPU per record"
+            )
+    by_stage = results.get("b_workflow_discard_untraced", {}).get("stages_us_per_record")
+    if by_stage:
+        print(
+            "\nb_workflow_discard_untraced by stage (CPU per record shared out by py-spy samples)\n"
+        )
+        print("| stage | CPU µs/record |")
+        print("|---|---:|")
+        for stage, us in by_stage.items():
+            print(f"| {stage} | {us:.1f} |")
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(results, indent=2))
     return 0

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 #: Batches the agent's channel holds before fetching waits (small fetches of a quiet topic).
 _QUEUED_BATCHES_MAX = 32
+#: Full batches it holds before fetching waits: two of the agent's takes (four batches each),
+#: so the next take is fetched while one is being written.
+_QUEUED_FULL_BATCHES = 8
 
 
 class _Abandoned(Exception):
@@ -350,7 +353,7 @@ class WorkflowRuntime:
 
     def backlogged(self) -> bool:
         return (
-            self._queued_records >= 4 * self.settings.batch_max_records
+            self._queued_records >= _QUEUED_FULL_BATCHES * self.settings.batch_max_records
             or self._queued_batches >= _QUEUED_BATCHES_MAX
         )
 
