@@ -208,7 +208,7 @@ async def _workflow(
         figures: dict[str, Any] = _figures(start_lag, seconds, cpu)
         if samples:
             if profile_out is not None:
-                profile_out.write_text(samples[0])
+                await asyncio.to_thread(profile_out.write_text, samples[0])
             counts = stages.stage_samples(samples[0])
             figures["stages_us_per_record"] = stages.per_record(
                 counts, figures["cpu_us_per_record"]

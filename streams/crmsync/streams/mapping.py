@@ -292,7 +292,7 @@ def _topics(config: D365ToCampaignConfig) -> dict[str, _Writes]:
 
 def compile_writes(config: D365ToCampaignConfig) -> Callable[[str, Mapping[str, Any]], list[Write]]:
     """``writes_for`` of one config as a plain function of (topic, event), made once."""
-    plans = _plan(config, _topics)
+    plans: dict[str, _Writes] = _plan(config, _topics)
 
     def writes(topic: str, event: Mapping[str, Any]) -> list[Write]:
         plan = plans.get(topic)
@@ -341,7 +341,8 @@ def contact_writes(event: Mapping[str, Any], config: D365ToCampaignConfig) -> li
     ``filters`` writes nothing, or deletes its profile with ``delete_when_filtered_out``. A
     delete deletes the profile when ``propagate_deletes``.
     """
-    return _plan(config, _topics)[config.contact_topic](event)
+    plans: dict[str, _Writes] = _plan(config, _topics)
+    return plans[config.contact_topic](event)
 
 
 def _contact_writer(rows: _Rows) -> _Writes:
@@ -397,7 +398,8 @@ def entity_writes(
     linked to the profile of the contact named by ``link.source_field`` (a null unlinks it); the
     sink reports ``ParentMissing`` while that profile does not exist.
     """
-    return _plan(entity, _entity_plan)(event)
+    writes: _Writes = _plan(entity, _entity_plan)
+    return writes(event)
 
 
 def _entity_plan(entity: CustomEntity) -> _Writes:
@@ -444,7 +446,8 @@ def writes_for(event: Mapping[str, Any], topic: str, config: D365ToCampaignConfi
 
     A topic the config does not name is a runtime/config mismatch: ``Fatal``, so no event is lost.
     """
-    return _plan(config, compile_writes)(topic, event)
+    writes: Callable[[str, Mapping[str, Any]], list[Write]] = _plan(config, compile_writes)
+    return writes(topic, event)
 
 
 def _topic_rows(config: D365ToCampaignConfig) -> dict[str, _Rows]:

@@ -499,12 +499,12 @@ class WorkflowRuntime:
                 _view(item, value if item.error is None else None)
         planned = await self.workflow.plan([(topic, value) for _, topic, value in decoded])
         for (item, _, _), plan in zip(decoded, planned, strict=True):
-            error = plan.error
-            if error is not None:
-                if isinstance(error, Fatal):
-                    await self.fail(error.reason)
+            refused = plan.error
+            if refused is not None:
+                if isinstance(refused, Fatal):
+                    await self.fail(refused.reason)
                     return
-                item.error = error  # the mapping refused it
+                item.error = refused  # the mapping refused it
                 continue
             item.planned = plan
             item.remaining = len(plan.writes)
