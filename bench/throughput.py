@@ -2,7 +2,9 @@
 
 Run: .venv/bin/python bench/throughput.py [--records N]. One run measures, over the same topic:
   (a) a plain aiokafka consumer + fastavro decode loop (the client-side baseline);
-  (b) the workflow with a discarding sink (decode, map, batch, ack, commit — no HTTP);
+  (b) the workflow with a discarding sink (decode, map, batch, ack, commit — no HTTP), and (b')
+      the same without outcome records, profiled with py-spy when installed: its CPU per
+      record by stage (decode, map, batch/ack, fetch; see bench/stages.py);
   (c) the workflow writing to the Campaign emulator (a separate process), with the worker's CPU
       per target request apart from the emulator's (requests counted by the emulator);
   (d) Kafka's own consumer perf tool (the broker-side ceiling, a JVM: its CPU is not comparable).
@@ -27,6 +29,7 @@ from typing import Any
 
 import httpx
 import psutil
+import stages
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from rich.console import Console
@@ -160,7 +163,8 @@ class DrainTooShort(Exception):
 
 
 class _Emulator:
-    """The Campaign emulator's process, seen from outside: requests served and CPU spent."""
+    """The emulators' processes, seen from outside: Campaign's requests served and the CPU spent
+    (`crmsync emulators` serves each emulator from a child process: their CPU is counted)."""
 
     def __init__(self, pid: int, url: str) -> None:
         self.process = psutil.Process(pid)
@@ -169,8 +173,11 @@ class _Emulator:
     async def reading(self) -> tuple[int, float]:
         async with httpx.AsyncClient(timeout=30) as client:
             stats = (await client.get(f"{self.url}/_admin/stats")).json()
-        times = self.process.cpu_times()
-        return int(stats["requests"]), times.user + times.system
+        spent = 0.0
+        for process in (self.process, *self.process.children(recursive=True)):
+            times = process.cpu_times()
+            spent += times.user + times.system
+        return int(stats["requests"]), spent
 
 
 async def _workflow(
@@ -179,10 +186,18 @@ async def _workflow(
     discard: bool,
     tail: int | None = None,
     emulator: _Emulator | None = None,
-) -> dict[str, float]:
+    profile: str | None = None,
+    profile_out: Path | None = None,
+) -> dict[str, Any]:
+    """Drains the backlog with one in-process worker; with `discard`, its sink counts what is
+    written (the clock runs from the first batch written to the last, then the commit of every
+    record is checked untimed), else the group's lag is polled. With `profile` (py-spy), the
+    CPU per record is also given by stage. With `emulator`, the worker's and the emulator's CPU
+    per request (requests counted by the emulator)."""
     await _reset_group(bootstrap, tail)
     stop = asyncio.Event()
-    sinks = {"campaign": DiscardingSink()} if discard else None
+    sink = DiscardingSink()
+    sinks = {"campaign": sink} if discard else None
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     probe = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await admin.start()
@@ -190,28 +205,34 @@ async def _workflow(
     tps = await _partitions(bootstrap, topics.CONTACT_CHANGES)
     initial = await _lag(admin, probe, tps)
     worker = asyncio.create_task(run_worker(WORKFLOW, settings, sinks=sinks, stop=stop))
+
+    async def left() -> int:
+        """Records not done yet: not written (discard), else not committed."""
+        if worker.done():
+            worker.result()
+        return initial - sink.records if discard else await _lag(admin, probe, tps)
+
     try:
         start_lag = initial
         while start_lag == initial:  # startup and group join excluded
-            if worker.done():
-                worker.result()
-            await asyncio.sleep(0.05)
-            start_lag = await _lag(admin, probe, tps)
-        # The clock starts at the lag just read, so the records it counts are the ones timed.
+            await asyncio.sleep(0.01 if discard else 0.05)
+            start_lag = await left()
+        # The clock starts at the count just read, so the records it counts are the ones timed.
         served = await emulator.reading() if emulator is not None else None
         # The lag probe runs in this process, so its CPU counts as the worker's: against the
         # emulator (a drain of tens of seconds) it looks less often.
-        probe_s = 0.1 if emulator is None else 0.5
-        cpu, wall = time.process_time(), time.perf_counter()
-        while await _lag(admin, probe, tps) > 0:
-            if worker.done():
-                worker.result()
-            await asyncio.sleep(probe_s)
-        seconds = time.perf_counter() - wall
-        used = time.process_time() - cpu
+        probe_s = 0.01 if discard else (0.1 if emulator is None else 0.5)
+        with stages.profiled(profile) as samples:
+            cpu, wall = time.process_time(), time.perf_counter()
+            while True:
+                if await left() <= 0:
+                    break
+                await asyncio.sleep(probe_s)
+            seconds = time.perf_counter() - wall
+            cpu = time.process_time() - cpu
         if start_lag < MIN_TIMED_RECORDS or seconds < MIN_TIMED_SECONDS:
             raise DrainTooShort(initial, start_lag, seconds)
-        figures = _figures(start_lag, seconds, used)
+        figures: dict[str, Any] = _figures(start_lag, seconds, cpu)
         if emulator is not None and served is not None:
             requests, emulator_cpu = await emulator.reading()
             # API requests only (the emulator counts neither tokens nor its admin endpoints).
@@ -220,9 +241,21 @@ async def _workflow(
                 figures |= {
                     "requests": requests,
                     "requests_per_record": requests / start_lag,
-                    "worker_cpu_us_per_request": used / requests * 1e6,
+                    "worker_cpu_us_per_request": cpu / requests * 1e6,
                     "emulator_cpu_us_per_request": emulator_cpu / requests * 1e6,
                 }
+        if samples:
+            if profile_out is not None:
+                await asyncio.to_thread(profile_out.write_text, samples[0])
+            counts = stages.stage_samples(samples[0])
+            figures["stages_us_per_record"] = stages.per_record(
+                counts, figures["cpu_us_per_record"]
+            )
+            figures["profile_samples"] = dict(counts)
+        while discard:  # every record written is also committed
+            if await _lag(admin, probe, tps) <= 0:
+                break
+            await asyncio.sleep(0.1)
         return figures
     finally:
         stop.set()
@@ -289,7 +322,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         results["b_workflow_discard"] = await _workflow(bootstrap, settings, True)
         console.print("(b') the same without outcome records (CRMSYNC_TRACE_OUTCOMES=false)")
         untraced = settings.model_copy(update={"trace_outcomes": False})
-        results["b_workflow_discard_untraced"] = await _workflow(bootstrap, untraced, True)
+        spy = None if args.no_profile else stages.available()
+        if spy is None and not args.no_profile:
+            console.print("(b') no stage profile: py-spy is not installed (pip install py-spy)")
+        results["b_workflow_discard_untraced"] = await _workflow(
+            bootstrap, untraced, True, profile=spy, profile_out=args.profile_out
+        )
         dport, cport = _free_port(), _free_port()
         emulators = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -342,6 +380,16 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--emulator-records", type=int, default=3_000)
     parser.add_argument("--json-out", type=Path, default=ROOT / "bench/results/throughput.json")
+    parser.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="skip the py-spy profile of (b') that gives its CPU per record by stage",
+    )
+    parser.add_argument(
+        "--profile-out",
+        type=Path,
+        help="also write (b')'s py-spy samples there (raw: one stack and its count a line)",
+    )
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
     base = results["a_baseline"]
@@ -364,6 +412,23 @@ def main() -> int:
             f"{emulated['worker_cpu_us_per_request']:,.0f} µs CPU, emulator "
             f"{emulated['emulator_cpu_us_per_request']:,.0f} µs CPU"
         )
+    for name in ("b_workflow_discard", "b_workflow_discard_untraced"):
+        if name in results:
+            row = results[name]
+            print(
+                f"\n{name}: {row['records_per_s'] / base['records_per_s']:.2f} of the "
+                f"baseline's records/s, {row['cpu_us_per_record'] / base['cpu_us_per_record']:.2f}"
+                "x its CPU per record"
+            )
+    by_stage = results.get("b_workflow_discard_untraced", {}).get("stages_us_per_record")
+    if by_stage:
+        print(
+            "\nb_workflow_discard_untraced by stage (CPU per record shared out by py-spy samples)\n"
+        )
+        print("| stage | CPU µs/record |")
+        print("|---|---:|")
+        for stage, us in by_stage.items():
+            print(f"| {stage} | {us:.1f} |")
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(results, indent=2))
     return 0

@@ -60,14 +60,19 @@ async def test_any_exception_planning_one_record_rejects_only_that_record(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A mapping bug that only one odd record reaches is that record's rejection, not a stop."""
-    real = mapping.writes_for
+    real = mapping.compile_writes
 
-    def writes_for(event: dict[str, Any], topic: str, config: Any) -> list[mapping.Write]:
-        if event["key"] == "odd":
-            raise ZeroDivisionError("division by zero")
-        return real(event, topic, config)
+    def compile_writes(config: Any) -> Any:
+        compiled = real(config)
 
-    monkeypatch.setattr(mapping, "writes_for", writes_for)
+        def writes(topic: str, event: dict[str, Any]) -> list[mapping.Write]:
+            if event["key"] == "odd":
+                raise ZeroDivisionError("division by zero")
+            return compiled(topic, event)
+
+        return writes
+
+    monkeypatch.setattr(mapping, "compile_writes", compile_writes)
     workflow = _built("d365-to-campaign", default_config("d365-to-campaign"))
     odd = change_event("u", "contact", "odd", after={"firstname": "A"}, system="d365")
     good = change_event("u", "contact", GUID, after={"firstname": "B"}, system="d365")

@@ -10,6 +10,7 @@ any of them turns the workflow FAILED with the reason instead of ending silently
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 _TAKE_BATCHES = 4
 #: The channel's room: above what back-pressure lets the consumer queue, so a put never blocks.
 _CHANNEL_BATCHES = 64
+#: Container allocations between young-generation collections (CPython's default is 700).
+_GC_YOUNG_THRESHOLD = 20_000
 
 
 class FetchedBatches(faust.Channel[Fetched]):
@@ -96,6 +99,7 @@ class WorkflowApp(faust.App):
         consumer.stopped = True
         self.runtime.attach(consumer)
         await self.runtime.open()
+        _tune_gc()
         log.info(
             "event=worker_started workflow=%s worker=%s topics=%s",
             self.workflow,
@@ -117,6 +121,23 @@ class WorkflowApp(faust.App):
         await self.runtime.close()
         if hasattr(self, "control"):
             await self.control.stop()
+
+
+def _tune_gc() -> None:
+    """Keeps the cyclic garbage collector off the data path.
+
+    Each record allocates a handful of containers (its decoded event, item, planned writes)
+    that live for one batch. With CPython's default young threshold most of them outlive a
+    young collection, are promoted, and the full collections they trigger walk every
+    long-lived object of the process (Faust, aiokafka, pydantic models): about a quarter of
+    the worker's CPU per record. A young collection once per few batches lets them die young,
+    and what start-up built is moved out of the collector's walks (refcounting still frees it).
+    """
+    young, *older = gc.get_threshold()
+    if young < _GC_YOUNG_THRESHOLD:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(_GC_YOUNG_THRESHOLD, *older)
 
 
 def default_sinks(workflow: str, settings: Settings) -> dict[str, BatchingSink]:

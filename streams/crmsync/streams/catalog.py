@@ -75,7 +75,7 @@ def _d365_to_campaign(config: D365ToCampaignConfig, _kafka: KafkaClients) -> Wor
         "d365-to-campaign",
         config,
         CHANGE_EVENT,
-        lambda topic, event: mapping.writes_for(event, topic, config),
+        mapping.compile_writes(config),
         lambda topic, event: mapping.filtered_out(event, topic, config),
     )
 

@@ -47,7 +47,7 @@ class SourceRecord(Protocol):
     def value(self) -> bytes | None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     """One source record in a batch, and what became of it."""
 
@@ -102,8 +102,15 @@ class Delivery:
     def enqueue(self, records: Sequence[SourceRecord]) -> list[Item]:
         """Queues records (in offset order per partition) until written or refused."""
         items = [Item(record) for record in records]
+        queues = self._queues
+        queue, where = None, None
         for item in items:
-            self._queues[(item.record.topic, item.record.partition)].append(item)
+            record = item.record
+            # A batch holds each partition's records side by side: one queue look-up a run.
+            if queue is None or where != (record.topic, record.partition):
+                where = (record.topic, record.partition)
+                queue = queues[where]
+            queue.append(item)
         return items
 
     def forget(self) -> None:
@@ -116,7 +123,7 @@ class Delivery:
         taken = []
         for (topic, partition), queue in self._queues.items():
             done = []
-            while queue and queue[0].done:
+            while queue and queue[0].remaining == 0:
                 done.append(queue.popleft())
             if done:
                 taken.append((topic, partition, done))
@@ -135,13 +142,14 @@ class Delivery:
         backoff until `stopping`. Returns the reason when a sink answered Fatal."""
         attempt = 0
         while pending and not self.stopping.is_set():
-            # Records of a parked key wait behind it: their order is kept.
-            for item, write in pending:
-                if _identity(write) in self._parked:
-                    self._park(item, write)
-            pending = [(i, w) for i, w in pending if _identity(w) not in self._parked]
-            if not pending:
-                return None
+            if self._parked:
+                # Records of a parked key wait behind it: their order is kept.
+                for item, write in pending:
+                    if _identity(write) in self._parked:
+                        self._park(item, write)
+                pending = [(i, w) for i, w in pending if _identity(w) not in self._parked]
+                if not pending:
+                    return None
             attempt += 1
             by_system: dict[str, list[Pending]] = defaultdict(list)
             for item, write in pending:

@@ -7,7 +7,6 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any, Literal
 
 from crmsync.streams.config import (
@@ -115,12 +114,19 @@ def _plan(model: Any, build: Callable[[Any], Any]) -> Any:
     return plan
 
 
+def _as_is(value: Any) -> Any:
+    """The converter of a mapping that writes the value as it is (the compiled writers skip it)."""
+    return value
+
+
 def compile_converter(mapping: FieldMapping) -> Converter:
     """``convert`` for one mapping as a plain function of the value."""
     default = mapping.default
     max_length = mapping.max_length
     if not mapping.replacements and mapping.picklist is None:
         if max_length is None:
+            if default is None:
+                return _as_is
             return lambda value: default if value is None else value
 
         def cut(value: Any) -> Any:
@@ -202,16 +208,34 @@ def _fields(mappings: list[FieldMapping]) -> tuple[_Field, ...]:
     return tuple((m.source, m.target, m.apply_updates, compile_converter(m)) for m in mappings)
 
 
+#: (source, target, apply_updates, converter — None when the value is written as it is —,
+#: whether the target is the record key) of one FieldMapping, as the writers run it.
+_Step = tuple[str, str, bool, Converter | None, bool]
+
+
+def _steps(fields: tuple[_Field, ...], key_field: str | None) -> tuple[_Step, ...]:
+    return tuple(
+        (source, target, apply, None if converter is _as_is else converter, target == key_field)
+        for source, target, apply, converter in fields
+    )
+
+
 def _mapped(
-    fields_plan: tuple[_Field, ...], after: Mapping[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(fields, create_fields)``: only the source fields the event carries are written."""
+    steps: tuple[_Step, ...], after: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """``(fields, create_fields, carried)``: only the source fields the event carries are
+    written; those mapped to the key field (the client writes it on create) are left out, but
+    count in ``carried`` (whether the event carries any mapped field)."""
     fields: dict[str, Any] = {}
     create_fields: dict[str, Any] = {}
-    for source, target, apply_updates, converter in fields_plan:
+    carried = False
+    for source, target, apply_updates, converter, is_key in steps:
         if source in after:
-            (fields if apply_updates else create_fields)[target] = converter(after[source])
-    return fields, create_fields
+            value = after[source] if converter is None else converter(after[source])
+            carried = True
+            if not is_key:
+                (fields if apply_updates else create_fields)[target] = value
+    return fields, create_fields, carried
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +244,7 @@ class _Rows:
 
     target: str
     key_field: str
-    fields: tuple[_Field, ...]
+    steps: tuple[_Step, ...]
     filters: Predicate | None
     propagate_deletes: bool
     delete_when_filtered_out: bool
@@ -232,7 +256,7 @@ def _contact_rows(config: D365ToCampaignConfig) -> _Rows:
     return _Rows(
         config.profile_resource,
         PROFILE_KEY,
-        _fields(config.mappings),
+        _steps(_fields(config.mappings), PROFILE_KEY),
         None if config.filters is None else compile_filter(config.filters),
         config.propagate_deletes,
         config.delete_when_filtered_out,
@@ -244,7 +268,7 @@ def _entity_rows(entity: CustomEntity) -> _Rows:
     return _Rows(
         entity.target,
         entity.key_field,
-        _fields(entity.mappings),
+        _steps(_fields(entity.mappings), None),
         None if entity.filters is None else compile_filter(entity.filters),
         entity.propagate_deletes,
         entity.delete_when_filtered_out,
@@ -257,15 +281,26 @@ _Writes = Callable[[Mapping[str, Any]], list[Write]]
 
 def _topics(config: D365ToCampaignConfig) -> dict[str, _Writes]:
     """Source topic → the writes of its events (the contact topic first: it wins a clash)."""
-    contacts = _plan(config, _contact_rows)
     plans: dict[str, _Writes] = {
-        config.contact_topic: lambda event: _contact_writes(event, contacts)
+        config.contact_topic: _contact_writer(_plan(config, _contact_rows))
     }
     for entity in config.custom_entities:
-        plans.setdefault(
-            entity.source_topic, partial(_entity_writes, rows=_plan(entity, _entity_rows))
-        )
+        if entity.source_topic not in plans:
+            plans[entity.source_topic] = _plan(entity, _entity_plan)
     return plans
+
+
+def compile_writes(config: D365ToCampaignConfig) -> Callable[[str, Mapping[str, Any]], list[Write]]:
+    """``writes_for`` of one config as a plain function of (topic, event), made once."""
+    plans: dict[str, _Writes] = _plan(config, _topics)
+
+    def writes(topic: str, event: Mapping[str, Any]) -> list[Write]:
+        plan = plans.get(topic)
+        if plan is None:
+            raise Fatal(f"d365-to-campaign has no mapping for topic {topic!r}")
+        return plan(event)
+
+    return writes
 
 
 def _key(event: Mapping[str, Any]) -> str:
@@ -306,29 +341,52 @@ def contact_writes(event: Mapping[str, Any], config: D365ToCampaignConfig) -> li
     ``filters`` writes nothing, or deletes its profile with ``delete_when_filtered_out``. A
     delete deletes the profile when ``propagate_deletes``.
     """
-    return _contact_writes(event, _plan(config, _contact_rows))
+    plans: dict[str, _Writes] = _plan(config, _topics)
+    return plans[config.contact_topic](event)
 
 
-def _contact_writes(event: Mapping[str, Any], rows: _Rows) -> list[Write]:
-    key = _key(event)
-    if event.get("op") == "d":
-        return _delete(rows, key) if rows.propagate_deletes else []
-    after = _after(event)
-    if _left_out(rows, event, after):
-        return _delete(rows, key) if rows.delete_when_filtered_out else []
-    fields, create_fields = _mapped(rows.fields, after)
-    if not fields and not create_fields:
-        return []
-    fields.pop(PROFILE_KEY, None)  # the record key: the client writes it on create
-    create_fields.pop(PROFILE_KEY, None)
-    record = SinkRecord(
-        rows.target, key, fields=fields, create_fields=create_fields, key_field=PROFILE_KEY
-    )
-    return [Write("campaign", record)]
+def _contact_writer(rows: _Rows) -> _Writes:
+    """The writes of a contact's events under ``rows``, as one function with its plan bound."""
+    target, steps, filters = rows.target, rows.steps, rows.filters
+    deleted = _delete(rows)
+
+    def writes(event: Mapping[str, Any]) -> list[Write]:
+        key = event.get("key")
+        if not isinstance(key, str) or not key:
+            key = _key(event)  # raises
+        if event.get("op") == "d":
+            return deleted(key) if rows.propagate_deletes else []
+        after = event.get("after")
+        if after is None:
+            after = _after(event)  # raises
+        if filters is not None and not filters(_known(event, after)):
+            return deleted(key) if rows.delete_when_filtered_out else []
+        # _mapped, inlined: this loop runs for every field of every contact change.
+        fields: dict[str, Any] = {}
+        create_fields: dict[str, Any] = {}
+        carried = False
+        for source, field_name, apply_updates, converter, is_key in steps:
+            if source in after:
+                value = after[source] if converter is None else converter(after[source])
+                carried = True
+                if not is_key:  # the record key: the client writes it on create
+                    (fields if apply_updates else create_fields)[field_name] = value
+        if not carried:
+            return []
+        # Positional: the frozen record's __init__ takes them faster than keywords.
+        record = SinkRecord(
+            target, key, "upsert", fields, "upsert", PROFILE_KEY, None, create_fields
+        )
+        return [Write("campaign", record)]
+
+    return writes
 
 
-def _delete(rows: _Rows, key: str) -> list[Write]:
-    return [Write("campaign", SinkRecord(rows.target, key, op="delete", key_field=rows.key_field))]
+def _delete(rows: _Rows) -> Callable[[str], list[Write]]:
+    target, key_field = rows.target, rows.key_field
+    return lambda key: [
+        Write("campaign", SinkRecord(target, key, op="delete", key_field=key_field))
+    ]
 
 
 def entity_writes(
@@ -340,29 +398,47 @@ def entity_writes(
     linked to the profile of the contact named by ``link.source_field`` (a null unlinks it); the
     sink reports ``ParentMissing`` while that profile does not exist.
     """
-    return _entity_writes(event, _plan(entity, _entity_rows))
+    writes: _Writes = _plan(entity, _entity_plan)
+    return writes(event)
 
 
-def _entity_writes(event: Mapping[str, Any], rows: _Rows) -> list[Write]:
-    key = _key(event)
-    if event.get("op") == "d":
-        return _delete(rows, key) if rows.propagate_deletes else []
-    after = _after(event)
-    if _left_out(rows, event, after):
-        return _delete(rows, key) if rows.delete_when_filtered_out else []
-    fields, create_fields = _mapped(rows.fields, after)
-    if rows.link is not None and rows.link[0] in after:
-        source_field, target_field = rows.link
-        contact = after[source_field]
-        if contact is not None and (not isinstance(contact, str) or not contact):
-            raise MappingError(f"{source_field}: not a contact id: {contact!r}")
-        fields[target_field] = None if contact is None else ProfileLink(contact)
-    if not fields and not create_fields:
-        return []
-    record = SinkRecord(
-        rows.target, key, fields=fields, create_fields=create_fields, key_field=rows.key_field
+def _entity_plan(entity: CustomEntity) -> _Writes:
+    return _entity_writer(_plan(entity, _entity_rows))
+
+
+def _entity_writer(rows: _Rows) -> _Writes:
+    """The writes of a custom entity's events under ``rows``, with its plan bound."""
+    target, key_field, steps, filters, link = (
+        rows.target,
+        rows.key_field,
+        rows.steps,
+        rows.filters,
+        rows.link,
     )
-    return [Write("campaign", record)]
+    deleted = _delete(rows)
+
+    def writes(event: Mapping[str, Any]) -> list[Write]:
+        key = _key(event)
+        if event.get("op") == "d":
+            return deleted(key) if rows.propagate_deletes else []
+        after = _after(event)
+        if filters is not None and not filters(_known(event, after)):
+            return deleted(key) if rows.delete_when_filtered_out else []
+        fields, create_fields, _ = _mapped(steps, after)
+        if link is not None and link[0] in after:
+            source_field, target_field = link
+            contact = after[source_field]
+            if contact is not None and (not isinstance(contact, str) or not contact):
+                raise MappingError(f"{source_field}: not a contact id: {contact!r}")
+            fields[target_field] = None if contact is None else ProfileLink(contact)
+        if not fields and not create_fields:
+            return []
+        record = SinkRecord(
+            target, key, fields=fields, create_fields=create_fields, key_field=key_field
+        )
+        return [Write("campaign", record)]
+
+    return writes
 
 
 def writes_for(event: Mapping[str, Any], topic: str, config: D365ToCampaignConfig) -> list[Write]:
@@ -370,10 +446,8 @@ def writes_for(event: Mapping[str, Any], topic: str, config: D365ToCampaignConfi
 
     A topic the config does not name is a runtime/config mismatch: ``Fatal``, so no event is lost.
     """
-    writes: _Writes | None = _plan(config, _topics).get(topic)
-    if writes is None:
-        raise Fatal(f"d365-to-campaign has no mapping for topic {topic!r}")
-    return writes(event)
+    writes: Callable[[str, Mapping[str, Any]], list[Write]] = _plan(config, compile_writes)
+    return writes(topic, event)
 
 
 def _topic_rows(config: D365ToCampaignConfig) -> dict[str, _Rows]:

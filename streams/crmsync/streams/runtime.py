@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 #: Batches the agent's channel holds before fetching waits (small fetches of a quiet topic).
 _QUEUED_BATCHES_MAX = 32
+#: Full batches it holds before fetching waits: two of the agent's takes (four batches each),
+#: so the next take is fetched while one is being written.
+_QUEUED_FULL_BATCHES = 8
 
 
 class _Abandoned(Exception):
@@ -361,7 +364,7 @@ class WorkflowRuntime:
 
     def backlogged(self) -> bool:
         return (
-            self._queued_records >= 4 * self.settings.batch_max_records
+            self._queued_records >= _QUEUED_FULL_BATCHES * self.settings.batch_max_records
             or self._queued_batches >= _QUEUED_BATCHES_MAX
         )
 
@@ -485,14 +488,17 @@ class WorkflowRuntime:
     async def _plan(self, items: list[Item]) -> None:
         assert self.workflow is not None
         decoded: list[tuple[Item, str, dict[str, Any]]] = []
+        # Without a registry decoding never waits: no coroutine per record then.
+        decode = self.workflow.schema.decode if self._registry is None else None
         for item in items:
-            if item.record.value is None:
+            data = item.record.value
+            if data is None:
                 # A tombstone (a deleted key, for compaction): the delete event before it
                 # carried the change, so there is nothing to write.
                 item.planned = workflows.Planned([], note=outcomes.TOMBSTONE)
                 continue
             try:
-                value = await self._decode(item.record.value)
+                value = decode(data) if decode is not None else await self._decode(data)
             except DecodeError as error:
                 item.error = RecordRejected(f"undecodable: {error}")
             except _Abandoned:
@@ -503,11 +509,12 @@ class WorkflowRuntime:
                 decoded.append((item, item.record.topic, value))
         planned = await self.workflow.plan([(topic, value) for _, topic, value in decoded])
         for (item, _, _), plan in zip(decoded, planned, strict=True):
-            if isinstance(plan.error, Fatal):
-                await self.fail(plan.error.reason)
-                return
-            if plan.error is not None:  # the mapping refused it
-                item.error = plan.error
+            refused = plan.error
+            if refused is not None:
+                if isinstance(refused, Fatal):
+                    await self.fail(refused.reason)
+                    return
+                item.error = refused  # the mapping refused it
                 continue
             item.planned = plan
             item.remaining = len(plan.writes)

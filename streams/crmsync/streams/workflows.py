@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 AfterWritten = Callable[[], Awaitable[None]]
 
 
-@dataclass
+@dataclass(slots=True)
 class Planned:
     """What one source record turns into: its writes, or the error that refused it."""
 
