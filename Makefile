@@ -27,7 +27,7 @@ run: setup
 
 # Tests run on TEST_WORKERS pytest-xdist workers, each with its own broker (`TEST_WORKERS=0`: one
 # process, e.g. against an external KAFKA_BOOTSTRAP_SERVERS).
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 PYTEST := $(BIN)/python -m pytest -p no:cacheprovider
 
 test: setup browser
