@@ -1,7 +1,6 @@
 """What the process-level benchmarks share: child processes, a Kafka of their own, contacts.
 
-Imported by `bench/control.py` and `bench/resources.py` (run as scripts, so this folder is on
-their path).
+Imported by the benchmarks in this folder (run as scripts, so this folder is on their path).
 """
 
 from __future__ import annotations
@@ -19,11 +18,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 from rich.console import Console
 from rich.progress import Progress
 
 from crmsync.deploy.local.kafka import LocalKafka
 from crmsync.schemas.codec import CHANGE_EVENT
+from crmsync.streams.catalog import spec
 from crmsync.streams.kafka import topics
 from crmsync.streams.kafka.events import EventProducer, Scalar, change_event
 
@@ -159,3 +163,34 @@ async def publish(bootstrap: str, n: int) -> None:
                     progress.advance(task, len(pending))
                     pending.clear()
             await asyncio.gather(*pending)
+
+
+async def workflow_lag(
+    bootstrap: str, workflow: str, topic_names: Sequence[str], partitions: int
+) -> int:
+    """Records of `topic_names` the workflow's group has not committed (the whole topic where
+    it committed nothing)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await admin.start()
+    await probe.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topic_names for p in range(partitions)]
+        ends = await probe.end_offsets(tps)
+        try:
+            committed = await admin.list_consumer_group_offsets(spec(workflow).group_id)
+        except KafkaError:  # the group's coordinator is still being elected: nothing committed
+            committed = {}
+        return sum(
+            end - max(committed[tp].offset, 0) if tp in committed else end
+            for tp, end in ends.items()
+        )
+    finally:
+        await probe.stop()
+        await admin.close()
+
+
+async def emulator_requests(url: str) -> int:
+    """The API requests an emulator has served (its admin stats)."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        return int((await http.get("/_admin/stats")).json()["requests"])

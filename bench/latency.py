@@ -27,15 +27,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
-from common import ROOT, BenchError, Processes, console, free_port, kafka, until
+from common import (
+    ROOT,
+    BenchError,
+    Processes,
+    console,
+    emulator_requests,
+    free_port,
+    kafka,
+    until,
+    workflow_lag,
+)
 
 from crmsync.schemas.codec import CHANGE_EVENT, EMAIL_EVENT
 from crmsync.streams import catalog, preflight
 from crmsync.streams.app import run_worker
-from crmsync.streams.catalog import NAMES, default_config, spec
+from crmsync.streams.catalog import NAMES, default_config
 from crmsync.streams.kafka import topics
 from crmsync.streams.kafka.events import EventProducer, Scalar, change_event
 from crmsync.streams.settings import Settings
@@ -50,29 +57,7 @@ PARTITIONS = 6
 
 
 async def _lag(bootstrap: str, workflow: str, topic: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await admin.start()
-    await probe.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        ends = await probe.end_offsets(tps)
-        try:
-            committed = await admin.list_consumer_group_offsets(spec(workflow).group_id)
-        except KafkaError:  # the group's coordinator is still being elected: nothing committed
-            committed = {}
-        return sum(
-            end - max(committed[tp].offset, 0) if tp in committed else end
-            for tp, end in ends.items()
-        )
-    finally:
-        await probe.stop()
-        await admin.close()
-
-
-async def _requests(url: str) -> int:
-    async with httpx.AsyncClient(base_url=url) as http:
-        return int((await http.get("/_admin/stats")).json()["requests"])
+    return await workflow_lag(bootstrap, workflow, [topic], PARTITIONS)
 
 
 async def _latency(urls: list[str], latency_ms: int) -> None:
@@ -103,14 +88,14 @@ async def _drain(
                 worker.result()
             await asyncio.sleep(0.05)
             start_lag = await _lag(bootstrap, workflow, topic)
-        requests_before = await _requests(target_url)
+        requests_before = await emulator_requests(target_url)
         wall = time.perf_counter()
         while await _lag(bootstrap, workflow, topic) > 0:
             if worker.done():
                 worker.result()
             await asyncio.sleep(0.1)
         seconds = time.perf_counter() - wall
-        sent = await _requests(target_url) - requests_before
+        sent = await emulator_requests(target_url) - requests_before
     finally:
         stop.set()
         await worker
@@ -271,8 +256,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             async def up() -> bool:
                 processes.check()
                 try:
-                    await _requests(settings.campaign_url)
-                    await _requests(settings.dynamics_url)
+                    await emulator_requests(settings.campaign_url)
+                    await emulator_requests(settings.dynamics_url)
                 except httpx.HTTPError:
                     return False
                 return True

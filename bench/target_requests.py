@@ -30,15 +30,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
-from common import ROOT, BenchError, Processes, console, free_port, kafka, until
+from common import (
+    ROOT,
+    BenchError,
+    Processes,
+    console,
+    emulator_requests,
+    free_port,
+    kafka,
+    until,
+    workflow_lag,
+)
 
 from crmsync.schemas.codec import CHANGE_EVENT
 from crmsync.streams import catalog
 from crmsync.streams.app import run_worker
-from crmsync.streams.catalog import spec
 from crmsync.streams.kafka import topics
 from crmsync.streams.kafka.events import EventProducer, Scalar, change_event
 from crmsync.streams.settings import Settings
@@ -52,29 +58,7 @@ NEVER = 10**12  # warm_min_misses that is never reached: the cache is never warm
 
 
 async def _lag(bootstrap: str, workflow: str, topic_names: list[str]) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await admin.start()
-    await probe.start()
-    try:
-        tps = [TopicPartition(t, p) for t in topic_names for p in range(PARTITIONS)]
-        ends = await probe.end_offsets(tps)
-        try:
-            committed = await admin.list_consumer_group_offsets(spec(workflow).group_id)
-        except KafkaError:  # the group's coordinator is still being elected: nothing committed
-            committed = {}
-        return sum(
-            end - max(committed[tp].offset, 0) if tp in committed else end
-            for tp, end in ends.items()
-        )
-    finally:
-        await probe.stop()
-        await admin.close()
-
-
-async def _requests(url: str) -> int:
-    async with httpx.AsyncClient(base_url=url) as http:
-        return int((await http.get("/_admin/stats")).json()["requests"])
+    return await workflow_lag(bootstrap, workflow, topic_names, PARTITIONS)
 
 
 class _Worker:
@@ -157,7 +141,7 @@ async def _opt_in_out(bootstrap: str, settings: Settings, args: argparse.Namespa
         await _send(bootstrap, topics.CONTACT_CHANGES, first)
         await worker.drained(names)
         urls = [settings.dynamics_url, settings.campaign_url]
-        before = [await _requests(u) for u in urls]
+        before = [await emulator_requests(u) for u in urls]
         changes, flips = [], 0
         for n in range(args.changes):
             key = rng.choice(keys)
@@ -173,7 +157,7 @@ async def _opt_in_out(bootstrap: str, settings: Settings, args: argparse.Namespa
         await _send(bootstrap, topics.CONTACT_CHANGES, changes)
         await worker.drained(names)
         seconds = time.perf_counter() - started
-        after_counts = [await _requests(u) for u in urls]
+        after_counts = [await emulator_requests(u) for u in urls]
     finally:
         await worker.stop()
     d365, campaign = (a - b for a, b in zip(after_counts, before, strict=True))
@@ -198,14 +182,14 @@ async def _load(
     events = [
         (k, change_event("u", "contact", k, after=_row(k, 0, False), system="d365")) for k in keys
     ]
-    before = await _requests(settings.campaign_url)
+    before = await emulator_requests(settings.campaign_url)
     await _send(bootstrap, topics.CONTACT_CHANGES, events)
     worker = _Worker("d365-to-campaign", settings, {"campaign": sink} if sink else None)
     try:
         await worker.drained([topics.CONTACT_CHANGES])
     finally:
         await worker.stop()
-    sent = await _requests(settings.campaign_url) - before
+    sent = await emulator_requests(settings.campaign_url) - before
     return {"profiles": count, "requests": sent, "requests_per_profile": sent / count}
 
 
@@ -236,8 +220,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             async def up() -> bool:
                 processes.check()
                 try:
-                    await _requests(settings.campaign_url)
-                    await _requests(settings.dynamics_url)
+                    await emulator_requests(settings.campaign_url)
+                    await emulator_requests(settings.dynamics_url)
                 except httpx.HTTPError:
                     return False
                 return True
