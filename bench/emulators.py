@@ -30,6 +30,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import psutil
@@ -244,18 +245,7 @@ async def campaign_endpoints(session: aiohttp.ClientSession, url: str, n: int) -
         external_ids.append(external_id)
     json_headers = {**headers, "Content-Type": "application/json"}
     return [
-        Endpoint(
-            "Campaign token (POST /ims/token/v3)",
-            "campaign",
-            [
-                Call(
-                    "POST",
-                    token_url,
-                    {"Content-Type": "application/x-www-form-urlencoded"},
-                    "&".join(f"{k}={v}" for k, v in form.items()).encode(),
-                )
-            ],
-        ),
+        _token_endpoint("Campaign token (POST /ims/token/v3)", "campaign", token_url, form),
         Endpoint(
             "Campaign profile GET by PKey",
             "campaign",
@@ -278,6 +268,13 @@ async def campaign_endpoints(session: aiohttp.ClientSession, url: str, n: int) -
             ],
         ),
     ]
+
+
+def _token_endpoint(name: str, emulator: str, token_url: str, form: dict[str, str]) -> Endpoint:
+    """The emulator's token endpoint, posted the client-credentials form."""
+    body = urlencode(form).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    return Endpoint(name, emulator, [Call("POST", token_url, headers, body)])
 
 
 async def dynamics_endpoints(session: aiohttp.ClientSession, url: str, n: int) -> list[Endpoint]:
@@ -303,18 +300,7 @@ async def dynamics_endpoints(session: aiohttp.ClientSession, url: str, n: int) -
         async with session.patch(f"{api}/contacts({id_})", json=body, headers=headers) as response:
             response.raise_for_status()
     return [
-        Endpoint(
-            "Dynamics token (POST /oauth2/v2.0/token)",
-            "dynamics",
-            [
-                Call(
-                    "POST",
-                    token_url,
-                    {"Content-Type": "application/x-www-form-urlencoded"},
-                    "&".join(f"{k}={v}" for k, v in form.items()).encode(),
-                )
-            ],
-        ),
+        _token_endpoint("Dynamics token (POST /oauth2/v2.0/token)", "dynamics", token_url, form),
         Endpoint(
             "Dynamics token validation (GET WhoAmI)",
             "dynamics",
