@@ -15,6 +15,7 @@ The emulator's own CPU per request is reported beside it (it is not what the tar
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import json
@@ -75,13 +76,14 @@ async def _drive(get: Get, requests: int, concurrency: int) -> tuple[float, floa
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-class _Variant:
+class _Variant(abc.ABC):
     """One way of sending the GET, opened and closed around its round."""
 
     name: str
 
+    @abc.abstractmethod
     async def open(self) -> Get:
-        raise NotImplementedError
+        """The GET of this variant, its client opened."""
 
     async def close(self) -> None:
         return None
