@@ -359,8 +359,11 @@ async def test_upserts_go_through_upsert_multiple_and_fall_back_to_batch(
         SinkRecord("contacts", guid(1000 + n), fields={"lastname": f"L{n}"}) for n in range(250)
     ]
     assert await sink.write_batch(records) == [None] * 250
-    # One UpsertMultiple call per chunk (the batch is split over the client's concurrency, which
-    # follows the server's x-ms-dop-hint), not 250 PATCHes.
+    # One UpsertMultiple call per chunk, not 250 PATCHes: the batch is split over the client's
+    # concurrency, which follows the server's x-ms-dop-hint — "use the integer value returned
+    # from the x-ms-dop-hint response header. This value provides a recommended degree of
+    # parallelism" (https://learn.microsoft.com/en-us/power-apps/developer/data-platform/
+    # send-parallel-requests, "Optimum degree of parallelism (DOP)").
     chunks = min(client.concurrency, 250 // MIN_CHUNK_RECORDS)
     assert 1 < chunks and await requests() - before == chunks
     rows = [r async for r in client.query("contacts", select=["lastname"])]
