@@ -30,9 +30,10 @@ GUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
 SUBJECT_MAX_LENGTH = 400
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Write:
-    """One record for one target system's sink."""
+    """One record for one target system's sink (never changed once made; not ``frozen``, as
+    ``SinkRecord``, for the cost of a frozen ``__init__`` on every record)."""
 
     system: Literal["d365", "campaign"]
     record: SinkRecord
@@ -373,7 +374,7 @@ def _contact_writer(rows: _Rows) -> _Writes:
                     (fields if apply_updates else create_fields)[field_name] = value
         if not carried:
             return []
-        # Positional: the frozen record's __init__ takes them faster than keywords.
+        # Positional: the record's __init__ takes them faster than keywords.
         record = SinkRecord(
             target, key, "upsert", fields, "upsert", PROFILE_KEY, None, create_fields
         )
