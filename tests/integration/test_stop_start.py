@@ -67,6 +67,36 @@ async def test_stop_during_a_stream_writes_nothing_more_and_start_drains_everyth
     await wait_for(drained, 90, "backlog drained and 2000 profiles")
 
 
+async def test_a_stop_mid_batch_sends_no_new_request_and_commits_what_was_written(
+    cluster: Cluster,
+) -> None:
+    """A slow target keeps one batch in flight for seconds: a Stop lets the requests already
+    sent be answered, sends no other, and commits what they wrote, so the backlog shown is
+    exactly what the target lacks."""
+    cluster.emulators.faults("campaign", latency_ms=200)  # 500 creates ≈ 6 s at 16 at a time
+    cluster.start_worker(WORKFLOW)
+    await cluster.wait_state(WORKFLOW, "RUNNING", await cluster.control(WORKFLOW, "running"))
+    await cluster.publish_contacts(contacts(500))
+    await wait_for(lambda: _profiles_count_positive(cluster), 30, "first profiles")
+    stopped = await cluster.control(WORKFLOW, "stopped")
+    await cluster.wait_state(WORKFLOW, "STOPPED", stopped)
+    requests_at_stop = cluster.emulators.stats("campaign")["requests"]
+    await asyncio.sleep(1)  # five times the latency: a request sent after STOPPED would show
+    assert cluster.emulators.stats("campaign")["requests"] == requests_at_stop
+    written = await _profiles_count(cluster)
+    assert 0 < written < 500
+    assert await cluster.lag(WORKFLOW) == 500 - written
+
+    cluster.emulators.clear_faults()
+    started = await cluster.control(WORKFLOW, "running")
+    await cluster.wait_state(WORKFLOW, "RUNNING", started)
+
+    async def drained() -> bool:
+        return await cluster.lag(WORKFLOW) == 0 and await _profiles_count(cluster) == 500
+
+    await wait_for(drained, 60, "backlog drained and 500 profiles")
+
+
 async def _profiles_count_positive(cluster: Cluster) -> bool:
     return await _profiles_count(cluster) > 0
 

@@ -12,7 +12,7 @@ from crmsync.streams.mapping import Write
 from crmsync.streams.runtime import merge
 from crmsync.streams.sinks.base import Outcome, SinkRecord
 from crmsync.streams.workflows import Planned
-from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable
+from crmsync.targets.errors import Fatal, Halted, ParentMissing, RecordRejected, Retryable
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,55 @@ async def test_a_write_ending_within_the_grace_is_kept_and_no_retry_starts_after
     await asyncio.wait_for(writing, 1.0)
     assert sink.written == ["a"]  # the request under way ended; b's retry never started
     assert _acked(delivery) == {0: [1]}
+
+
+@dataclass
+class _HoldableSink:
+    """Sends each record as its own request, `concurrency` at a time, each answered after
+    `latency`; once held, a record not sent yet comes back Halted."""
+
+    concurrency: int = 2
+    latency: float = 0.05
+    written: list[str] = field(default_factory=list)
+    held: bool = False
+    holds: int = 0
+
+    async def write_batch(self, records: Sequence[SinkRecord]) -> list[Outcome]:
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def send(record: SinkRecord) -> Outcome:
+            async with slots:
+                if self.held:
+                    return Halted("not sent: the workflow is stopping")
+                await asyncio.sleep(self.latency)
+                self.written.append(record.key)
+                return None
+
+        return list(await asyncio.gather(*(send(r) for r in records)))
+
+    def hold(self) -> None:
+        self.held = True
+        self.holds += 1
+
+    def release(self) -> None:
+        self.held = False
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_stop_mid_batch_keeps_what_the_requests_in_flight_wrote_and_sends_no_more() -> None:
+    sink = _HoldableSink(concurrency=2, latency=0.05)
+    delivery = Delivery({"campaign": sink}, asyncio.Event(), clock=_Clock())
+    delivery.grace_s = 5.0  # the held write ends long before: only the sent requests are waited
+    pending = _planned(delivery, *((0, n, f"k{n}") for n in range(10)))
+    writing = asyncio.create_task(delivery.write(pending))
+    await asyncio.sleep(0.07)  # k0, k1 answered; k2, k3 sent
+    delivery.stopping.set()
+    assert await asyncio.wait_for(writing, 1.0) is None
+    assert sink.written == ["k0", "k1", "k2", "k3"] and sink.holds == 1
+    assert _acked(delivery) == {0: [0, 1, 2, 3]}  # what was written is acked: an exact backlog
+    assert not sink.held  # released: the next start writes again
 
 
 async def test_forget_drops_queued_and_parked_records() -> None:

@@ -15,7 +15,7 @@ from crmsync.targets._http import (
     parse_retry_after,
     with_retries,
 )
-from crmsync.targets.errors import Fatal, RecordRejected, Retryable
+from crmsync.targets.errors import Fatal, Halted, RecordRejected, Retryable
 
 
 def test_retry_after_is_seconds_or_an_http_date() -> None:
@@ -191,3 +191,36 @@ async def test_lowering_the_cap_while_requests_run_takes_effect_as_they_finish()
     await asyncio.gather(*tasks)
     assert concurrency_seen[:4] == [1, 2, 3, 4]
     assert max(concurrency_seen[4:]) == 1
+
+
+async def test_a_held_throttle_lets_sent_requests_finish_and_starts_no_other() -> None:
+    throttle = Throttle(2)
+    answered: list[int] = []
+
+    async def request(n: int) -> int:
+        async with throttle.slot():
+            await asyncio.sleep(0.05)
+            answered.append(n)
+            return n
+
+    requests = [asyncio.create_task(request(n)) for n in range(6)]
+    await asyncio.sleep(0.01)  # two are sent, four wait for a slot
+    throttle.hold()
+    outcomes = await asyncio.gather(*requests, return_exceptions=True)
+    assert outcomes[:2] == [0, 1] and answered == [0, 1]
+    assert all(isinstance(o, Halted) for o in outcomes[2:])
+    throttle.release()
+    assert await request(9) == 9
+
+
+async def test_a_halted_request_is_not_retried() -> None:
+    calls = 0
+
+    async def halted() -> str:
+        nonlocal calls
+        calls += 1
+        raise Halted("not sent: the workflow is stopping")
+
+    with pytest.raises(Halted):
+        await with_retries(RetryPolicy(attempts=5, backoff_base_s=0.01), halted, "t")
+    assert calls == 1

@@ -5,7 +5,8 @@ only the written head of a queue is handed back for acking: acking past a record
 written yet could let Faust commit past it (faust-streaming #606). A record whose parent is
 missing is parked (with later records of its key), so it holds back only its own partition's
 commit, never the writes of other records. A stop (or a revoke fence) ends every wait at once and
-gives the write in flight a short grace; past it the write is abandoned and nothing of it acked.
+holds the sinks: the requests in flight are answered, no other starts, so the write ends with
+what it wrote acked; one still waiting after a short grace is abandoned, nothing of it acked.
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from crmsync.streams.mapping import Write
-from crmsync.streams.sinks.base import BatchingSink, Outcome
+from crmsync.streams.sinks.base import BatchingSink, Holdable, Outcome
 from crmsync.streams.workflows import Planned
 from crmsync.targets.errors import Fatal, ParentMissing, RecordRejected, Retryable, SinkError
 from crmsync.targets.retry import backoff
 
 log = logging.getLogger(__name__)
 
-#: How long a stop lets the write in flight finish before giving it up (its records are
-#: written again after the next start). Short, so a Stop takes effect within a second even
-#: when a slow target keeps a whole batch in flight.
+#: How long a stop waits for the write in flight to end (the sinks held: only the requests
+#: already sent are waited for) before giving it up; its records not acked are written again
+#: after the next start. Short, so a Stop takes effect within a second even when a throttled
+#: client or a target that does not answer keeps the write waiting.
 STOP_GRACE_S = 0.5
 
 
@@ -217,16 +219,25 @@ class Delivery:
             stopping.cancel()
         if writes in done:
             return writes.result()
-        # A write that is under way ends normally (so the stop leaves an exact backlog); only
-        # one still waiting after a short grace — a throttled client — is given up.
-        finished, _ = await asyncio.wait({writes}, timeout=self.grace_s)
-        if writes in finished:
-            return writes.result()
-        writes.cancel()
+        # The sinks send nothing more: the requests under way get their answers and the rest
+        # come back Halted, so the write ends with each record written or not (an exact
+        # backlog). Only one still waiting after a short grace — a throttled client, a target
+        # that does not answer — is given up.
+        held = [sink for sink in self.sinks.values() if isinstance(sink, Holdable)]
+        for sink in held:
+            sink.hold()
         try:
-            await writes
-        except asyncio.CancelledError:
-            pass
+            finished, _ = await asyncio.wait({writes}, timeout=self.grace_s)
+            if writes in finished:
+                return writes.result()
+            writes.cancel()
+            try:
+                await writes
+            except asyncio.CancelledError:
+                pass
+        finally:
+            for sink in held:
+                sink.release()
         log.info("event=write_abandoned workflow=%s reason=stopping", self.workflow)
         return None
 

@@ -17,12 +17,13 @@ from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_attempt,
     stop_before_delay,
 )
 
 from crmsync.targets._transport import Response, Transport
-from crmsync.targets.errors import Fatal, Retryable, SinkError
+from crmsync.targets.errors import Fatal, Halted, Retryable, SinkError
 from crmsync.targets.retry import backoff
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ class RetryPolicy:
 async def with_retries(policy: RetryPolicy, call: Callable[[], Awaitable[T]], what: str) -> T:
     """Run ``call`` until it stops raising ``Retryable`` or the policy's bound is reached.
 
-    ``RecordRejected`` and ``Fatal`` pass through at once; the last ``Retryable`` is re-raised.
+    ``RecordRejected``, ``Fatal`` and ``Halted`` pass through at once; the last ``Retryable`` is
+    re-raised.
     The first try is a plain call: most requests succeed at once, and tenacity's bookkeeping
     (state objects, an async generator) is only set up once one has failed.
     """
@@ -72,7 +74,7 @@ async def with_retries(policy: RetryPolicy, call: Callable[[], Awaitable[T]], wh
     try:
         return await call()
     except Retryable as error:
-        if policy.attempts <= 1:
+        if policy.attempts <= 1 or isinstance(error, Halted):
             raise
         failed: Retryable | None = error
 
@@ -100,7 +102,7 @@ async def with_retries(policy: RetryPolicy, call: Callable[[], Awaitable[T]], wh
     retrying = AsyncRetrying(
         stop=stop_after_attempt(policy.attempts) | stop_before_delay(budget_s),
         wait=policy.wait,
-        retry=retry_if_exception_type(Retryable),
+        retry=retry_if_exception_type(Retryable) & retry_if_not_exception_type(Halted),
         before_sleep=before_sleep,
         reraise=True,
     )
@@ -150,6 +152,7 @@ class Throttle:
         self._debt = 0  # permits still to withdraw after a lowered cap
         self._withdrawn = 0  # permits held back from circulation
         self._paused_until = 0.0  # time.monotonic()
+        self._held = False
 
     @property
     def cap(self) -> int:
@@ -162,6 +165,14 @@ class Throttle:
     def pause(self, seconds: float) -> None:
         """Hold every request of this client for ``seconds`` (never shortens a longer pause)."""
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    def hold(self) -> None:
+        """No request starts until ``release``: those waiting for a slot, and new ones, raise
+        ``Halted``; requests already sent go on to their answer."""
+        self._held = True
+
+    def release(self) -> None:
+        self._held = False
 
     async def set_cap(self, cap: int) -> None:
         """Follow the server's parallelism hint, never above the configured maximum."""
@@ -190,6 +201,8 @@ class Throttle:
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Wait for a free slot and for any pause to end; hold the slot for one request."""
+        if self._held:
+            raise Halted(_HALTED)
         await self._permits.acquire()
         try:
             # A 429 may arrive while we wait, so check again after every sleep.
@@ -198,9 +211,14 @@ class Throttle:
                 if wait_s <= 0:
                     break
                 await asyncio.sleep(wait_s)
+            if self._held:
+                raise Halted(_HALTED)
             yield
         finally:
             self._release()
+
+
+_HALTED = "not sent: the workflow is stopping"
 
 
 class TokenCache:

@@ -264,11 +264,12 @@ class CampaignClient:
             max_connections=target.max_concurrency,
             headers={"Accept": "application/json", "X-Api-Key": target.client_id},
         )
+        self._throttle = Throttle(target.max_concurrency)
         self._session = Session(
             "campaign",
             self._http,
             TokenCache(self._fetch_token),
-            Throttle(target.max_concurrency),
+            self._throttle,
             self.retry,
             _transient,
         )
@@ -281,6 +282,13 @@ class CampaignClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def hold(self) -> None:
+        """Start no new request (they raise ``Halted``) until ``release``; sent ones finish."""
+        self._throttle.hold()
+
+    def release(self) -> None:
+        self._throttle.release()
 
     async def _fetch_token(self) -> tuple[str, float]:
         """An IMS access token (client credentials); IMS gives no refresh token, so ask again."""

@@ -435,6 +435,13 @@ class DynamicsClient:
         """Hold every request of this client (a 429 heard inside a `$batch` answer)."""
         self._throttle.pause(self.retry.backoff_base_s if seconds is None else seconds)
 
+    def hold(self) -> None:
+        """Start no new request (they raise ``Halted``) until ``release``; sent ones finish."""
+        self._throttle.hold()
+
+    def release(self) -> None:
+        self._throttle.release()
+
     @property
     def concurrency(self) -> int:
         """The current concurrency cap (the configured maximum, or lower after a dop hint)."""

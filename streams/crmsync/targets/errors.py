@@ -22,6 +22,11 @@ class Retryable(SinkError):
         self.retry_after = retry_after
 
 
+class Halted(Retryable):
+    """Not sent: the client was told to start no new request (its workflow is stopping, or a
+    rebalance is fencing it off); the record is written again once the workflow runs."""
+
+
 class RecordRejected(SinkError):
     """The target refused this one record (or it cannot be decoded or mapped): dead-letter it."""
 

@@ -89,6 +89,17 @@ class BatchingSink(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class Holdable(Protocol):
+    """A sink that can be told to start no new request while what it has sent finishes: a stop
+    then ends a batch as soon as its requests in flight are answered, each record written or
+    ``Halted`` (never sent), instead of giving the whole batch up after a grace."""
+
+    def hold(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
 class DiscardingSink:
     """Writes nothing and reports every record written: for benchmarks of everything but I/O."""
 
@@ -132,6 +143,7 @@ __all__ = [
     "BatchingSink",
     "DiscardingSink",
     "Fatal",
+    "Holdable",
     "KeyValue",
     "Outcome",
     "ParentMissing",

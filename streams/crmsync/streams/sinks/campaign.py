@@ -41,6 +41,12 @@ class CampaignSink:
     async def aclose(self) -> None:
         await self.client.aclose()
 
+    def hold(self) -> None:
+        self.client.hold()
+
+    def release(self) -> None:
+        self.client.release()
+
     async def write_batch(self, records: Sequence[SinkRecord]) -> list[Outcome]:
         await self._expect(records)
         outcomes: list[Outcome] = [None] * len(records)

@@ -89,6 +89,12 @@ class DynamicsSink:
     async def aclose(self) -> None:
         await self.client.aclose()
 
+    def hold(self) -> None:
+        self.client.hold()
+
+    def release(self) -> None:
+        self.client.release()
+
     async def write_batch(self, records: Sequence[SinkRecord]) -> list[Outcome]:
         """Outcomes of a batch, written as chunks side by side, as many as the client has
         concurrency for: one bulk call (or `$batch`) carries a batch's latency only once, but a
