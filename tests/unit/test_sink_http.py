@@ -209,6 +209,10 @@ async def test_a_held_throttle_lets_sent_requests_finish_and_starts_no_other() -
     outcomes = await asyncio.gather(*requests, return_exceptions=True)
     assert outcomes[:2] == [0, 1] and answered == [0, 1]
     assert all(isinstance(o, Halted) for o in outcomes[2:])
+    throttle.hold()  # two writes stopping side by side: held until both release
+    throttle.release()
+    with pytest.raises(Halted):
+        await request(8)
     throttle.release()
     assert await request(9) == 9
 

@@ -87,6 +87,10 @@ def _campaign_to_d365(config: CampaignToD365Config, _kafka: KafkaClients) -> Wor
         EMAIL_EVENT,
         lambda _topic, event: mapping.email_event_writes(event, config),
         lambda _topic, event: not mapping.email_event_enabled(event, config),
+        # Every event is an activity of its own: the next batch is sent while Dataverse answers
+        # one (d365-to-campaign stays at one: a Campaign create relies on counting the profiles
+        # against those it knows, which creates still in flight would blur).
+        writes_in_flight=2,
     )
 
 

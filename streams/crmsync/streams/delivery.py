@@ -79,7 +79,8 @@ class _Parked:
 
 
 def _identity(write: Write) -> tuple[str, ...]:
-    return (write.system, *write.record.identity)
+    record = write.record
+    return (write.system, record.target, record.key)  # (system, *record.identity)
 
 
 @dataclass
@@ -114,6 +115,11 @@ class Delivery:
                 queue = queues[where]
             queue.append(item)
         return items
+
+    @staticmethod
+    def identities(pending: Sequence[Pending]) -> frozenset[tuple[str, ...]]:
+        """The target records `pending` writes (per-key order is kept by these)."""
+        return frozenset(_identity(write) for _, write in pending)
 
     def forget(self) -> None:
         """Drops every queued and parked record: they will all be read again."""

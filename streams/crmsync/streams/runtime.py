@@ -1,10 +1,12 @@
 """One worker's run of one workflow: the control protocol, planning, and acks to the consumer.
 
-A batch is written through the sinks while holding `lock`; a stop closes `gate` (no new write
-starts), pauses the consumer and waits for the lock, so once STOPPED is reported nothing more
-reaches the target. The ordering and at-least-once rules are `delivery.Delivery`'s; records are
-acked only after the target confirmed them, in offset order per partition, so Faust commits
-nothing that was not written.
+A batch is planned and its write started while holding `lock`; with a workflow's
+`writes_in_flight` above one the write then goes on outside it (that many side by side, never two
+on one target record), so the next batch is planned and sent while the target answers. A stop
+closes `gate` (no new write starts), pauses the consumer and waits for the lock and every write
+in flight, so once STOPPED is reported nothing more reaches the target. The ordering and
+at-least-once rules are `delivery.Delivery`'s; records are acked only after the target confirmed
+them, in offset order per partition, so Faust commits nothing that was not written.
 """
 
 from __future__ import annotations
@@ -51,6 +53,22 @@ _QUEUED_BATCHES_MAX = 32
 _QUEUED_FULL_BATCHES = 8
 
 
+@dataclass(eq=False)
+class _InFlight:
+    """A batch being written outside the lock, and the target records it writes."""
+
+    task: asyncio.Task[None]
+    pending: list[Pending]
+    _identities: frozenset[tuple[str, ...]] | None = None
+
+    @property
+    def identities(self) -> frozenset[tuple[str, ...]]:
+        """Made only when a batch comes while this one is in flight (mostly it has ended)."""
+        if self._identities is None:
+            self._identities = Delivery.identities(self.pending)
+        return self._identities
+
+
 class _Abandoned(Exception):
     """The batch was given up because the workflow stopped; nothing of it is acked."""
 
@@ -94,6 +112,9 @@ class WorkflowRuntime:
     _baseline_task: asyncio.Task[None] | None = None
     #: What the control record keeps of the shapes the active config was first started with.
     _kept_baseline: DriftBaseline | None = None
+    #: Writes in flight outside the lock, oldest first (`writes_in_flight` above one).
+    _in_flight: list[_InFlight] = field(default_factory=list)
+    _settling: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._delivery = Delivery(
@@ -123,6 +144,7 @@ class WorkflowRuntime:
         self.close_gate()
         if self._baseline_task is not None:
             self._baseline_task.cancel()
+        await self._settle()
         if self.workflow is not None:
             await self.workflow.stop()
         for sink in self.sinks.values():
@@ -181,8 +203,8 @@ class WorkflowRuntime:
         self.close_gate()
         assert self.consumer is not None
         await self.consumer.pause_all()
-        async with self.lock:  # the in-flight write, if any, ends (or is abandoned) first
-            pass
+        async with self.lock:  # the writes in flight, if any, end (or are abandoned) first
+            await self._settle()
         await self.consumer.commit_now()
         self.state = "STOPPED"
         self.error = None
@@ -220,6 +242,7 @@ class WorkflowRuntime:
             # while no worker ran stops it here.
             early = await self._baseline(config, shapes)
         async with self.lock:
+            await self._settle()
             if self.workflow is not None:
                 await self.workflow.stop()
             await new.start()
@@ -297,6 +320,7 @@ class WorkflowRuntime:
         self.close_gate()
         assert self.consumer is not None
         await self.consumer.pause_all()
+        await self._settle()
         self._forget_pending(self.consumer.fetch_epoch)
         await self.consumer.commit_now()
         self.state = "STOPPED"
@@ -385,6 +409,7 @@ class WorkflowRuntime:
         if not self.gate.is_set() or self.consumer is None:
             return  # the next Start seeks to the commit anyway
         async with self.lock:
+            await self._settle()
             await self.consumer.seek_and_resume_all()
             self._forget_pending(self.consumer.fetch_epoch)
         log.info("event=agent_resynced workflow=%s", self.name)
@@ -402,6 +427,7 @@ class WorkflowRuntime:
         self._stopping.set()
         try:
             async with self.lock:
+                await self._settle()
                 if self.consumer is not None:
                     self.consumer.forget_acks(revoked)
                 self._forget_pending(self._epoch)
@@ -445,14 +471,61 @@ class WorkflowRuntime:
                 if item.planned is not None
                 for write in item.planned.writes
             ]
+            most = self.workflow.writes_in_flight
+            if most <= 1:
+                await self._write(pending)
+                await self._ack_ready()
+                return
+            identities = Delivery.identities(pending) if self._in_flight else None
+            while (
+                identities is not None
+                and self._in_flight
+                and (
+                    len(self._in_flight) >= most
+                    or any(not identities.isdisjoint(w.identities) for w in self._in_flight)
+                )
+            ):
+                await asyncio.wait({self._in_flight[0].task})
+            if not self.gate.is_set() or self.consumer.fetch_epoch != epoch:
+                return  # stopped or fenced meanwhile: read again, never acked here
+            task = asyncio.create_task(self._write_and_ack(pending))
+            writing = _InFlight(task, pending, identities)
+            task.add_done_callback(lambda _: self._in_flight.remove(writing))
+            self._in_flight.append(writing)
+
+    async def _write_and_ack(self, pending: list[Pending]) -> None:
+        """One batch's write outside the lock, then the acks it allows (an unexpected error
+        turns the workflow FAILED, as in `handle_batch`)."""
+        try:
             await self._write(pending)
             await self._ack_ready()
+        except Exception as error:
+            log.exception("event=batch_failed workflow=%s", self.name)
+            await self.fail(f"unexpected {type(error).__name__}: {error}")
+
+    async def _settle(self) -> None:
+        """Waits for every write in flight but the caller's own (after `close_gate` they
+        hold their sinks and end, or are abandoned, within the stop's grace). Two writes
+        settling at once (both stopping for drift) do not wait for each other."""
+        current = asyncio.current_task()
+        if current is not None:
+            self._settling.add(current)
+        try:
+            while waiting := {
+                w.task
+                for w in self._in_flight
+                if w.task is not current and w.task not in self._settling
+            }:
+                await asyncio.wait(waiting)
+        finally:
+            self._settling.discard(current)
 
     async def tick(self) -> None:
         """Retries parked records that are due when no new batch arrives to carry them."""
         if not self._delivery.parked or not self.gate.is_set():
             return
         async with self.lock:
+            await self._settle()  # a parked write goes after those in flight, never beside
             if not self.gate.is_set() or self.consumer is None:
                 return
             if self.consumer.fetch_epoch != self._epoch:

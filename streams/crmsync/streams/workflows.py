@@ -44,6 +44,9 @@ class Workflow(Protocol):
     """Maps decoded source records of one workflow to target writes."""
 
     name: str
+    #: Batches written side by side: above one only where no record's plan depends on the
+    #: writes of an earlier batch (keys in flight never overlap either way).
+    writes_in_flight: int
 
     def source_topics(self) -> list[str]: ...
 
@@ -89,6 +92,9 @@ class StatelessWorkflow:
     schema: EventSchema
     writes: Callable[[str, dict[str, Any]], list[mapping.Write]]
     filtered: Callable[[str, dict[str, Any]], bool] = lambda _topic, _event: False
+    #: Batches written side by side (never two on one target record): more than one lets the
+    #: next batch go while the target answers the one before.
+    writes_in_flight: int = 1
 
     def source_topics(self) -> list[str]:
         return self.config.source_topics()
@@ -153,6 +159,8 @@ class OptInOut:
     kafka: KafkaClients
     name: str = "opt-in-out"
     clock: Callable[[], int] = _now_ms
+    #: One: a contact's decision reads what the writes before it left in the state.
+    writes_in_flight: int = 1
     _states: dict[str, optout.OptOutState] = field(default_factory=dict)
     _pending: dict[str, list[_Pending]] = field(default_factory=dict)
     _follower: CompactedTopicFollower | None = None

@@ -152,7 +152,7 @@ class Throttle:
         self._debt = 0  # permits still to withdraw after a lowered cap
         self._withdrawn = 0  # permits held back from circulation
         self._paused_until = 0.0  # time.monotonic()
-        self._held = False
+        self._holds = 0  # hold() calls not released yet: held while any
 
     @property
     def cap(self) -> int:
@@ -167,12 +167,12 @@ class Throttle:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     def hold(self) -> None:
-        """No request starts until ``release``: those waiting for a slot, and new ones, raise
-        ``Halted``; requests already sent go on to their answer."""
-        self._held = True
+        """No request starts until as many ``release``s: those waiting for a slot, and new
+        ones, raise ``Halted``; requests already sent go on to their answer."""
+        self._holds += 1
 
     def release(self) -> None:
-        self._held = False
+        self._holds = max(0, self._holds - 1)
 
     async def set_cap(self, cap: int) -> None:
         """Follow the server's parallelism hint, never above the configured maximum."""
@@ -201,7 +201,7 @@ class Throttle:
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Wait for a free slot and for any pause to end; hold the slot for one request."""
-        if self._held:
+        if self._holds:
             raise Halted(_HALTED)
         await self._permits.acquire()
         try:
@@ -211,7 +211,7 @@ class Throttle:
                 if wait_s <= 0:
                     break
                 await asyncio.sleep(wait_s)
-            if self._held:
+            if self._holds:
                 raise Halted(_HALTED)
             yield
         finally:
