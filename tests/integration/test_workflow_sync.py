@@ -301,6 +301,35 @@ async def test_events_published_twice_make_one_activity_each(cluster: Cluster) -
     }
 
 
+async def test_batches_written_side_by_side_leave_each_activity_at_its_last_version(
+    cluster: Cluster,
+) -> None:
+    """campaign-to-d365 sends the next batch while Dynamics answers one, never two writes of
+    one activity at once: through latency and failed requests retried, every activity ends at
+    the version published last."""
+    people = contacts(5)
+    await create_contacts_in_dynamics(cluster, people)
+    cluster.emulators.faults("d365", latency_ms=100, error_rates={"503": 0.2}, seed=7)
+    await start_running(cluster, C2D, CRMSYNC_BATCH_MAX_RECORDS="50")
+    events = []
+    for group in range(12):  # each event again 30 records later: often in the next batch
+        first = [
+            email_event("open", people[n % 5]["contactid"], n)
+            for n in range(30 * group, 30 * group + 30)
+        ]
+        events += first + [{**e, "campaign_name": f"{e['campaign_name']} v2"} for e in first]
+    await publish_email_events(cluster, events)
+
+    await wait_drained(cluster, C2D, [topics.EMAIL_EVENTS], within=90)
+    rows = await dynamics_rows(cluster, ACTIVITY_SETS["open"])
+    assert len(rows) == 360 and len({row["crmsync_eventid"] for row in rows}) == 360
+    stale = [
+        row["crmsync_eventid"] for row in rows if not row["crmsync_campaignname"].endswith(" v2")
+    ]
+    assert stale == []
+    assert cluster.emulators.stats("d365")["in_flight_peak"] >= 2  # two batches were in flight
+
+
 async def test_a_disabled_event_type_writes_nothing(cluster: Cluster) -> None:
     people = contacts(4)
     await create_contacts_in_dynamics(cluster, people)

@@ -17,6 +17,7 @@ from crmsync.control.errors import Unavailable
 from crmsync.control.server import create_app
 from crmsync.deploy.emulators.admin import admin_routes
 from crmsync.deploy.emulators.faults import Faults
+from crmsync.deploy.emulators.limits import InFlight
 from crmsync.streams.settings import Settings
 from crmsync.targets._http import MAX_RETRY_AFTER_S, parse_retry_after
 from crmsync.targets._transport import Response
@@ -111,6 +112,7 @@ class _Emulator:
     def __init__(self) -> None:
         self.faults = Faults()
         self.requests = 0
+        self.in_flight = InFlight()
         self.resets = 0
 
     async def counts(self) -> dict[str, int]:

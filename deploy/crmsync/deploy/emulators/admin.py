@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from crmsync.deploy.emulators.faults import Faults, FaultSpec
+from crmsync.deploy.emulators.limits import InFlight
 from crmsync.deploy.emulators.model import FieldDef, FieldType
 
 
@@ -19,6 +20,7 @@ class Administered(Protocol):
 
     faults: Faults
     requests: int
+    in_flight: InFlight
 
     async def counts(self) -> dict[str, int]: ...
 
@@ -79,7 +81,13 @@ async def field_change(request: Request) -> FieldChange | Response:
 
 def admin_routes(emulator: Administered) -> list[Route]:
     async def stats(request: Request) -> Response:
-        return JSONResponse({"counts": await emulator.counts(), "requests": emulator.requests})
+        return JSONResponse(
+            {
+                "counts": await emulator.counts(),
+                "requests": emulator.requests,
+                "in_flight_peak": emulator.in_flight.peak,
+            }
+        )
 
     async def set_faults(request: Request) -> Response:
         body = await request.body()

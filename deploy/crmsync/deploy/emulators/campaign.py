@@ -27,7 +27,7 @@ from starlette.routing import Route
 from crmsync.deploy.emulators.admin import FieldChange, admin_routes, field_change
 from crmsync.deploy.emulators.asgi import ApiFirst, JSONResponse, origin
 from crmsync.deploy.emulators.faults import Faults, Injected, retry_after_header
-from crmsync.deploy.emulators.limits import SlidingWindow
+from crmsync.deploy.emulators.limits import InFlight, SlidingWindow
 from crmsync.deploy.emulators.model import (
     CAMPAIGN_DATETIME,
     FieldDef,
@@ -170,6 +170,7 @@ class CampaignEmulator:
         self.store = Store(db_path, indexes)
         self.faults = Faults()
         self.requests = 0
+        self.in_flight = InFlight()
         self.tokens = TokenIssuer(b"", "", "campaign", self.options.token_lifetime_s)
         self._window = SlidingWindow(self.options.requests_per_window, self.options.window_s)
         api = Route(
@@ -226,6 +227,7 @@ class CampaignEmulator:
         await self.store.run(lambda records: records.wipe())
         self._window.reset()
         self.requests = 0
+        self.in_flight.reset()
 
     async def _drop_filter(self, request: Request) -> Response:
         """Drift for tests: a resource loses a custom filter (as if removed in Campaign's UI)."""
@@ -313,6 +315,10 @@ class CampaignEmulator:
         )
 
     async def _api(self, request: Request) -> Response:
+        with self.in_flight:
+            return await self._serve(request)
+
+    async def _serve(self, request: Request) -> Response:
         self.requests += 1
         injected = self.faults.failure()
         if injected is not None:

@@ -26,7 +26,7 @@ from crmsync.deploy.emulators.batch import (
     render_batch,
 )
 from crmsync.deploy.emulators.faults import Faults, Injected, retry_after_header
-from crmsync.deploy.emulators.limits import Concurrency, SlidingWindow
+from crmsync.deploy.emulators.limits import Concurrency, InFlight, SlidingWindow
 from crmsync.deploy.emulators.model import EntitySet, dynamics_model
 from crmsync.deploy.emulators.store import Records, Store, signing_key
 from crmsync.deploy.emulators.tokens import Grant, TokenIssuer, TokenProblem
@@ -103,6 +103,7 @@ class DynamicsEmulator:
         self.store = Store(db_path, self.webapi.index_statements())
         self.faults = Faults()
         self.requests = 0
+        self.in_flight = InFlight()
         self.tokens = TokenIssuer(b"", "", "dynamics", self.options.token_lifetime_s)
         self._request_window = SlidingWindow(
             self.options.requests_per_window, self.options.window_s
@@ -166,6 +167,7 @@ class DynamicsEmulator:
         self._request_window.reset()
         self._time_window.reset()
         self.requests = 0
+        self.in_flight.reset()
 
     async def _drop_key(self, request: Request) -> Response:
         """Drift for tests: the table loses an alternate key (``columns`` comma-separated)."""
@@ -398,6 +400,10 @@ class DynamicsEmulator:
         )
 
     async def _api(self, request: Request) -> Response:
+        with self.in_flight:
+            return await self._serve(request)
+
+    async def _serve(self, request: Request) -> Response:
         self.requests += 1
         injected = self.faults.failure()
         if injected is not None:

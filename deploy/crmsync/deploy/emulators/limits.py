@@ -53,6 +53,25 @@ class SlidingWindow:
         self._totals.clear()
 
 
+class InFlight:
+    """API requests being served right now, and the most there have been at once (reported by
+    ``/_admin/stats``: how many requests a client really keeps in flight)."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    def __enter__(self) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+
+    def __exit__(self, *_: object) -> None:
+        self.now -= 1
+
+    def reset(self) -> None:
+        self.peak = self.now
+
+
 class Concurrency:
     """Requests in flight per client, refused above `limit`."""
 
