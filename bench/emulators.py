@@ -9,7 +9,8 @@ service-protection windows opened wide so the bench measures the server, not the
 load comes from G other processes (aiohttp, C connections in all) that count the answers
 completed within a window of S seconds and check each status. The emulator's CPU time over that
 window divided by the requests it answered is its CPU per request: 1e6 / that is what one core
-of this machine serves, whatever else shares the machine.
+of this machine serves, whatever else shares the machine. A bulk endpoint (UpsertMultiple of
+100 activities, new or existing) is reported per record too: its CPU per request ÷ 100.
 """
 
 from __future__ import annotations
@@ -50,12 +51,18 @@ class Call:
     body: bytes | None = None
 
 
+#: In a call's body, replaced by a text no other request of the run has (new records each time).
+UNIQUE = b"@unique@"
+BULK_RECORDS = 100
+
+
 @dataclass(frozen=True)
 class Endpoint:
     name: str
     emulator: str  # dynamics, campaign or baseline
     calls: list[Call]  # cycled through
     ok: tuple[int, ...] = (200,)
+    records: int = 1  # records written or read per request
 
 
 @dataclass
@@ -70,6 +77,8 @@ class Measured:
     one_core_requests_per_s: float
     emulator_cpu_share: float  # of one core, over the window
     generator_cpu_share: float  # of one core, the generators added up
+    records_per_request: int = 1
+    emulator_cpu_us_per_record: float = float("nan")
 
 
 # --- the served side (child processes) -----------------------------------------------------
@@ -127,8 +136,11 @@ def _generate(
                 while time.time() < end_at:
                     call = calls[next_call % len(calls)]
                     next_call += 1
+                    body = call.body
+                    if body is not None and UNIQUE in body:
+                        body = body.replace(UNIQUE, f"{os.getpid()}-{next_call}".encode())
                     async with session.request(
-                        call.method, call.url, headers=call.headers, data=call.body
+                        call.method, call.url, headers=call.headers, data=body
                     ) as response:
                         await response.read()
                         status = response.status
@@ -277,6 +289,37 @@ def _token_endpoint(name: str, emulator: str, token_url: str, form: dict[str, st
     return Endpoint(name, emulator, [Call("POST", token_url, headers, body)])
 
 
+def _activities(contacts: list[str], event_ids: list[str]) -> bytes:
+    """An UpsertMultiple body of email-open activities as the worker's Dynamics sink sends them:
+    keyed by event id, linked to a contact."""
+    targets = [
+        {
+            "@odata.type": "Microsoft.Dynamics.CRM.crmsync_emailopen",
+            "subject": "Email opened: Spring newsletter",
+            "crmsync_campaignname": "Spring sale",
+            "crmsync_deliveryname": "Spring newsletter",
+            "crmsync_eventtime": f"2024-05-01T12:00:{i % 60:02d}.250Z",
+            "regardingobjectid_contact_crmsync_emailopen@odata.bind": (
+                f"/contacts({contacts[i % len(contacts)]})"
+            ),
+            "crmsync_eventid": event_id,
+        }
+        for i, event_id in enumerate(event_ids)
+    ]
+    return json.dumps({"Targets": targets}).encode()
+
+
+async def _activity_tables(url: str) -> None:
+    """crmsync's activity tables, created as `crmsync targets setup d365` creates them."""
+    from crmsync.streams import preflight
+    from crmsync.streams.catalog import NAMES, default_config
+    from crmsync.targets.dynamics import DynamicsClient
+    from crmsync.targets.settings import DynamicsTarget
+
+    async with DynamicsClient(DynamicsTarget(url=url)) as client:
+        await preflight.setup_dynamics({n: default_config(n) for n in NAMES}, client)
+
+
 async def dynamics_endpoints(session: aiohttp.ClientSession, url: str, n: int) -> list[Endpoint]:
     form = {
         "grant_type": "client_credentials",
@@ -299,6 +342,17 @@ async def dynamics_endpoints(session: aiohttp.ClientSession, url: str, n: int) -
         body = {"firstname": f"F{i}", "lastname": "Seed", "emailaddress1": f"c{i}@example.org"}
         async with session.patch(f"{api}/contacts({id_})", json=body, headers=headers) as response:
             response.raise_for_status()
+    await _activity_tables(url)
+    bulk_url = f"{api}/crmsync_emailopens/Microsoft.Dynamics.CRM.UpsertMultiple"
+    run = uuid.uuid4().hex[:8]
+    existing = [
+        _activities(ids, [f"evt-{run}-{c}-{i}" for i in range(BULK_RECORDS)])
+        for c in range(max(1, n // BULK_RECORDS))
+    ]
+    for payload in existing:
+        async with session.post(bulk_url, data=payload, headers=json_headers) as response:
+            response.raise_for_status()
+    fresh = _activities(ids, [f"evt-{UNIQUE.decode()}-{i}" for i in range(BULK_RECORDS)])
     return [
         _token_endpoint("Dynamics token (POST /oauth2/v2.0/token)", "dynamics", token_url, form),
         Endpoint(
@@ -324,6 +378,18 @@ async def dynamics_endpoints(session: aiohttp.ClientSession, url: str, n: int) -
                 for i, id_ in enumerate(ids)
             ],
             ok=(204,),
+        ),
+        Endpoint(
+            f"Dynamics UpsertMultiple of {BULK_RECORDS} new activities",
+            "dynamics",
+            [Call("POST", bulk_url, json_headers, fresh)],
+            records=BULK_RECORDS,
+        ),
+        Endpoint(
+            f"Dynamics UpsertMultiple of {BULK_RECORDS} existing activities",
+            "dynamics",
+            [Call("POST", bulk_url, json_headers, payload) for payload in existing],
+            records=BULK_RECORDS,
         ),
     ]
 
@@ -368,6 +434,8 @@ def measure(
         one_core_requests_per_s=1e6 / per_request if done and per_request > 0 else float("nan"),
         emulator_cpu_share=cpu / seconds,
         generator_cpu_share=sum(r["cpu_s"] for r in results) / seconds,
+        records_per_request=endpoint.records,
+        emulator_cpu_us_per_record=per_request / endpoint.records,
     )
 
 
@@ -421,9 +489,14 @@ def main() -> int:
                         args.concurrency,
                         args.generators,
                     )
+                    per_record = (
+                        f" = {row.emulator_cpu_us_per_record:,.1f} µs/record"
+                        if row.records_per_request > 1
+                        else ""
+                    )
                     print(
                         f"{row.endpoint}: {row.requests_per_s:,.0f} req/s, "
-                        f"{row.emulator_cpu_us_per_request:,.0f} µs CPU/request "
+                        f"{row.emulator_cpu_us_per_request:,.0f} µs CPU/request{per_record} "
                         f"(one core: {row.one_core_requests_per_s:,.0f} req/s; emulator "
                         f"{row.emulator_cpu_share:.0%}, generators {row.generator_cpu_share:.0%} "
                         "of a core)",
@@ -450,12 +523,13 @@ def main() -> int:
     }
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(results, indent=2) + "\n")
-    print("| endpoint | requests/s | emulator CPU/request | one core | of baseline |")
-    print("|---|---:|---:|---:|---:|")
+    print("| endpoint | requests/s | emulator CPU/request | CPU/record | one core | of baseline |")
+    print("|---|---:|---:|---:|---:|---:|")
     for row in rows:
         print(
             f"| {row.endpoint} | {row.requests_per_s:,.0f} | "
-            f"{row.emulator_cpu_us_per_request:,.0f} µs | {row.one_core_requests_per_s:,.0f} | "
+            f"{row.emulator_cpu_us_per_request:,.0f} µs | "
+            f"{row.emulator_cpu_us_per_record:,.1f} µs | {row.one_core_requests_per_s:,.0f} | "
             f"{row.one_core_requests_per_s / baseline.one_core_requests_per_s:.0%} |"
         )
     return 0

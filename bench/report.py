@@ -34,6 +34,7 @@ SOURCES = (
 )
 REQUEST_CPU_LIMIT_US = 250.0  # worker CPU per target request (issue 18)
 EMULATOR_TARGET_RPS = 3000  # requests/s one emulator serves on one core
+EMULATOR_BULK_US_PER_RECORD = 40.0  # emulator CPU per record of a bulk write (UpsertMultiple)
 RSS_LIMIT_BYTES = 300e6  # the issue's 300 MB, as 10^6 bytes (the stricter reading)
 
 
@@ -386,6 +387,10 @@ def _emulators(table: Table, data: Any) -> None:
             bool,
         )
     for row in endpoints:
+        records = _number(_get(row, "records_per_request"))
+        if records is not None and records > 1:
+            _emulator_bulk(table, area, row)
+            continue
         wall = _number(_get(row, "requests_per_s"))
         cpu = _number(_get(row, "emulator_cpu_us_per_request"))
         detail = ""
@@ -403,6 +408,25 @@ def _emulators(table: Table, data: Any) -> None:
             f"≥ {EMULATOR_TARGET_RPS:,} requests/s",
             lambda v: v >= EMULATOR_TARGET_RPS,
         )
+
+
+def _emulator_bulk(table: Table, area: str, row: Any) -> None:
+    """A bulk endpoint is judged per record: what the emulator spends on each record of a call."""
+    cpu = _number(_get(row, "emulator_cpu_us_per_request"))
+    records = _get(row, "records_per_request")
+    detail = f" ({cpu:,.0f} µs CPU per call of {records})" if cpu is not None else ""
+
+    def show(value: float) -> str:
+        return f"{value:,.1f} µs CPU/record{detail}"
+
+    table.judged(
+        area,
+        f"(f) {row['endpoint']}, per record",
+        _get(row, "emulator_cpu_us_per_record"),
+        show,
+        f"≤ {EMULATOR_BULK_US_PER_RECORD:,.0f} µs CPU/record",
+        lambda v: v <= EMULATOR_BULK_US_PER_RECORD,
+    )
 
 
 def build(results: dict[str, Any]) -> list[Row]:

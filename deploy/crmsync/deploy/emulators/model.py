@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import cached_property
@@ -103,6 +106,23 @@ class FieldDef(BaseModel):
         )
 
 
+def _random_guids() -> Iterator[str]:
+    """Version 4 GUIDs as `uuid.uuid4` makes them, the randomness read for 256 at a time: a bulk
+    call of hundreds of new records makes one system call, not one per record."""
+    while True:
+        pool = os.urandom(16 * 256)
+        for at in range(0, len(pool), 16):
+            yield str(uuid.UUID(bytes=pool[at : at + 16], version=4))
+
+
+_GUIDS = _random_guids()
+
+
+def new_guid() -> str:
+    """A new record's id."""
+    return next(_GUIDS)
+
+
 def parse_guid(value: Any) -> str | None:
     if not isinstance(value, str) or len(value) not in (32, 36, 38):
         return None
@@ -134,8 +154,19 @@ def format_datetime(moment: datetime, fmt: str) -> str:
     return text[:-4] + "Z" if fmt == CAMPAIGN_DATETIME else text
 
 
+_second_text: dict[str, tuple[int, str]] = {}  # fmt → (the second, its text), for whole seconds
+
+
 def now_text(fmt: str) -> str:
-    return format_datetime(datetime.now(UTC), fmt)
+    if fmt != DYNAMICS_DATETIME:
+        return format_datetime(datetime.now(UTC), fmt)
+    # A bulk call stamps hundreds of records within the same second: format each second once.
+    second = int(time.time())
+    cached = _second_text.get(fmt)
+    if cached is None or cached[0] != second:
+        cached = (second, format_datetime(datetime.fromtimestamp(second, UTC), fmt))
+        _second_text[fmt] = cached
+    return cached[1]
 
 
 class EntitySet(BaseModel):

@@ -82,8 +82,15 @@ def tokenize(text: str) -> list[Token]:
 KeyPredicate = str | dict[str, Token]
 
 
+_BARE_GUID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
 def parse_key(text: str) -> KeyPredicate:
     """`<guid>` or `name=value,...` from inside the parentheses of `/set(...)`."""
+    if _BARE_GUID.fullmatch(text):  # what tokenize makes of it, without tokenizing
+        return text.lower()
     tokens = tokenize(text)
     if len(tokens) == 1 and tokens[0].kind == "guid":
         return str(tokens[0].text).lower()

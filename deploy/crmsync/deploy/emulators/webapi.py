@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +31,7 @@ from crmsync.deploy.emulators.model import (
     FieldType,
     InvalidValue,
     Problem,
+    new_guid,
     now_text,
 )
 from crmsync.deploy.emulators.odata import (
@@ -452,6 +453,16 @@ class WebApi:
     ) -> str | None:
         if value is None:
             return None
+        target, key = self._bind_reference(entity, lookup, value, request)
+        found, _ = self._resolve(records, target, key)
+        if found is None:
+            raise _not_found(target, key)
+        return found
+
+    def _bind_reference(
+        self, entity: EntitySet, lookup: FieldDef, value: Any, request: ApiRequest
+    ) -> tuple[EntitySet, KeyPredicate]:
+        """The table and key an `@odata.bind` value names."""
         if not isinstance(value, str):
             raise _payload_error(entity, f"The @odata.bind value of '{lookup.bind}' must be a URL.")
         ref = value
@@ -467,17 +478,19 @@ class WebApi:
                 f"The value '{value[:200]}' of '{lookup.bind}@odata.bind' does not reference "
                 f"a record in '{lookup.target}'.",
             )
-        target = self.entity_sets[match["set"]]
-        key = parse_key(match["key"])
-        found, _ = self._resolve(records, target, key)
-        if found is None:
-            raise _not_found(target, key)
-        return found
+        return self.entity_sets[match["set"]], parse_key(match["key"])
 
     # --- operations ------------------------------------------------------------------------
 
     def _save(
-        self, records: Records, entity: EntitySet, id_: str, doc: dict[str, Any], created: bool
+        self,
+        records: Records,
+        entity: EntitySet,
+        id_: str,
+        doc: dict[str, Any],
+        created: bool,
+        *,
+        fresh: bool = False,
     ) -> Row:
         now = now_text(DYNAMICS_DATETIME)
         doc[entity.primary_id] = id_
@@ -490,7 +503,7 @@ class WebApi:
                 " ".join(p for p in (doc.get("firstname"), doc.get("lastname")) if p) or None
             )
         try:
-            return records.save(entity.name, id_, doc, self._key_values(entity, doc))
+            return records.save(entity.name, id_, doc, self._key_values(entity, doc), fresh=fresh)
         except DuplicateKey as e:
             raise ODataError(
                 412,
@@ -525,7 +538,7 @@ class WebApi:
 
     def _create(self, records: Records, entity: EntitySet, request: ApiRequest) -> ApiResponse:
         doc = self._parse_body(records, entity, request)
-        id_ = doc.get(entity.primary_id) or str(uuid.uuid4())
+        id_ = doc.get(entity.primary_id) or new_guid()
         if records.get(entity.name, id_) is not None:
             raise ODataError(412, "0x80040237", "Cannot insert duplicate key.")
         return self._written(entity, self._save(records, entity, id_, doc, True), request, True)
@@ -555,7 +568,7 @@ class WebApi:
         elif entity.primary_id in key:
             id_ = literal_for(entity.by_name[entity.primary_id], key[entity.primary_id])
         else:
-            id_ = found or changes.get(entity.primary_id) or str(uuid.uuid4())
+            id_ = found or changes.get(entity.primary_id) or new_guid()
         if changes.get(entity.primary_id, id_) != id_:
             raise bad_query(f"The '{entity.primary_id}' in the body does not match the URL.")
         doc = {**(existing.doc if existing else {}), **changes, **url_keys}
@@ -817,20 +830,9 @@ class WebApi:
         if len(targets) > _MAX_BULK_TARGETS:
             raise bad_query(f"{action} takes at most {_MAX_BULK_TARGETS} targets.")
         ids: list[str] = []
-        for target in targets:
-            if not isinstance(target, dict):
-                raise _payload_error(entity, "A JSON object was expected for each target.")
-            kind = target.get("@odata.type")
-            if kind not in (
-                f"Microsoft.Dynamics.CRM.{entity.logical_name}",
-                f"#Microsoft.Dynamics.CRM.{entity.logical_name}",
-            ):
-                raise _payload_error(
-                    entity,
-                    f'Each target needs "@odata.type": "Microsoft.Dynamics.CRM.'
-                    f'{entity.logical_name}".',
-                )
-            ids.append(self._bulk_one(records, entity, action, target, request))
+        with records.prefetched(*self._bulk_reads(entity, targets, request)):
+            for target in targets:
+                ids.append(self._bulk_target(records, entity, action, target, request))
         if action == "UpdateMultiple":
             return ApiResponse(204, [("OData-Version", "4.0")])
         return _json_response(
@@ -841,6 +843,89 @@ class WebApi:
                 "Ids": ids,
             },
         )
+
+    def _bulk_reads(
+        self, entity: EntitySet, targets: list[Any], request: ApiRequest
+    ) -> tuple[dict[str, set[str]], dict[str, dict[str, set[str]]]]:
+        """What the targets will look up — their ids, their key values, the records they bind
+        — read off the payload so that one query reads each kind (`Records.prefetched`). Only a
+        guess: a target the guess misreads is looked up on its own, and checked as before."""
+        ids: dict[str, set[str]] = {}
+        keys: dict[str, dict[str, set[str]]] = {}
+        primary = entity.by_name.get(entity.primary_id)
+        for target in targets:
+            if not isinstance(target, dict):
+                continue
+            if primary is not None:
+                with contextlib.suppress(InvalidValue):
+                    given = primary.coerce(target.get(entity.primary_id), DYNAMICS_DATETIME)
+                    if isinstance(given, str):
+                        ids.setdefault(entity.name, set()).add(given)
+            for declared in entity.alternate_keys:
+                values = []
+                for name in declared:
+                    column, value = entity.by_name.get(name), target.get(name)
+                    if column is None or value is None:
+                        break
+                    try:
+                        values.append(column.coerce(value, DYNAMICS_DATETIME))
+                    except InvalidValue:
+                        break
+                else:
+                    by_key = keys.setdefault(entity.name, {})
+                    by_key.setdefault(",".join(declared), set()).add(key_value(values))
+            for name, lookup in entity.by_bind.items():
+                value = target.get(f"{name}@odata.bind")
+                if isinstance(value, str):
+                    with contextlib.suppress(ODataError):
+                        bound, key = self._bind_reference(entity, lookup, value, request)
+                        self._key_read(bound, key, ids, keys)
+        return ids, keys
+
+    @staticmethod
+    def _key_read(
+        entity: EntitySet,
+        key: KeyPredicate,
+        ids: dict[str, set[str]],
+        keys: dict[str, dict[str, set[str]]],
+    ) -> None:
+        """What `_resolve` will look up for the key (nothing if it will refuse the key)."""
+        if isinstance(key, str):
+            ids.setdefault(entity.name, set()).add(key)
+            return
+        names = tuple(sorted(key))
+        if names == (entity.primary_id,):
+            guid = literal_for(entity.by_name[entity.primary_id], key[entity.primary_id])
+            if isinstance(guid, str):
+                ids.setdefault(entity.name, set()).add(guid)
+            return
+        declared = next((k for k in entity.alternate_keys if tuple(sorted(k)) == names), None)
+        if declared is not None:
+            values = [literal_for(entity.by_name[n], key[n]) for n in declared]
+            if None not in values:
+                by_key = keys.setdefault(entity.name, {})
+                by_key.setdefault(",".join(declared), set()).add(key_value(values))
+
+    def _bulk_target(
+        self,
+        records: Records,
+        entity: EntitySet,
+        action: str,
+        target: Any,
+        request: ApiRequest,
+    ) -> str:
+        if not isinstance(target, dict):
+            raise _payload_error(entity, "A JSON object was expected for each target.")
+        kind = target.get("@odata.type")
+        if kind not in (
+            f"Microsoft.Dynamics.CRM.{entity.logical_name}",
+            f"#Microsoft.Dynamics.CRM.{entity.logical_name}",
+        ):
+            raise _payload_error(
+                entity,
+                f'Each target needs "@odata.type": "Microsoft.Dynamics.CRM.{entity.logical_name}".',
+            )
+        return self._bulk_one(records, entity, action, target, request)
 
     def _bulk_one(
         self,
@@ -885,9 +970,12 @@ class WebApi:
             raise ODataError(412, "0x80040237", "A record with matching key values already exists.")
         if action == "UpdateMultiple" and existing is None:
             raise _not_found(entity, given_id or {})
-        id_ = found or given_id or str(uuid.uuid4())
+        id_ = found or given_id
+        fresh = id_ is None
+        if id_ is None:
+            id_ = new_guid()
         doc = {**(existing.doc if existing else {}), **changes}
-        return self._save(records, entity, id_, doc, existing is None).id
+        return self._save(records, entity, id_, doc, existing is None, fresh=fresh).id
 
     # --- rendering -------------------------------------------------------------------------
 
