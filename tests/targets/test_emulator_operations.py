@@ -50,8 +50,13 @@ async def test_stats_count_rows_and_api_requests(
         after_reset = (await admin.get(f"{emulators.dynamics_url}/_admin/stats")).json()
     assert dynamics["counts"]["contacts"] == 2 and dynamics["counts"]["crmsync_emailsends"] == 0
     assert dynamics["requests"] == 2
-    assert campaign == {"counts": {"profile": 1, "cusPurchase": 0}, "requests": 1}
+    assert campaign == {
+        "counts": {"profile": 1, "cusPurchase": 0},
+        "requests": 1,
+        "in_flight_peak": 1,  # the requests came one after the other
+    }
     assert after_reset["counts"]["contacts"] == 0
+    assert after_reset["requests"] == 0 and after_reset["in_flight_peak"] == 0
 
 
 async def test_fail_next_outage_and_clearing(
