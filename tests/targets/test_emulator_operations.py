@@ -117,6 +117,29 @@ async def test_latency_and_revocation(
         assert again.status_code == 200
 
 
+async def test_latency_counts_from_arrival_with_the_processing_inside_it(
+    emulators: Emulators, emulated_dynamics: httpx.AsyncClient, emulated_campaign: httpx.AsyncClient
+) -> None:
+    """A target that answers in `latency_ms`: the request is carried out when it arrives and
+    its answer leaves `latency_ms` after that (not after `latency_ms` plus the processing)."""
+    async with httpx.AsyncClient() as admin:
+        for url in (emulators.dynamics_url, emulators.campaign_url):
+            await admin.post(f"{url}/_admin/faults", json={"latency_ms": 400})
+        started = time.monotonic()
+        creates = asyncio.gather(
+            emulated_dynamics.post("contacts", json={"firstname": "Early"}),
+            emulated_campaign.post("profileAndServices/profile", json={"email": "e@b.c"}),
+        )
+        await asyncio.sleep(0.2)
+        dynamics = (await admin.get(f"{emulators.dynamics_url}/_admin/stats")).json()
+        campaign = (await admin.get(f"{emulators.campaign_url}/_admin/stats")).json()
+        answered = await creates
+        elapsed = time.monotonic() - started
+    assert dynamics["counts"]["contacts"] == 1 and campaign["counts"]["profile"] == 1
+    assert [r.status_code for r in answered] == [204, 201]
+    assert elapsed >= 0.4
+
+
 #: JSON that is valid but not a profile body.
 _ODD_JSON: tuple[Any, ...] = ([], 1, "x", None, {"email": {"a": 1}}, {"firstName": []})
 

@@ -14,6 +14,7 @@ import base64
 import dataclasses
 import json
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -348,7 +349,12 @@ class CampaignEmulator:
                 },
                 500,
             )
-        await self.faults.delay()
+        arrived = time.monotonic()
+        response = await self._answer(request)
+        await self.faults.delay(since=arrived)  # the answer leaves latency_ms after arrival
+        return response
+
+    async def _answer(self, request: Request) -> Response:
         body = await request.body()
         base = f"{origin(request)}/{self.org}/campaign"
         query = list(request.query_params.multi_items())

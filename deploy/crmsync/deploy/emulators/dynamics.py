@@ -427,27 +427,31 @@ class DynamicsEmulator:
             )
         started = time.monotonic()
         try:
-            await self.faults.delay()
-            body = await request.body()
-            service_root = f"{origin(request)}{API_PREFIX}"
-            if request.path_params["path"] == "$batch" and request.method == "POST":
-                return await self._batch(request, body, service_root, client)
-            self._request_window.add(client, 1)
-            api_request = ApiRequest(
-                method=request.method,
-                # The ASGI server already percent-decoded the path: decoding it again would turn a
-                # key value's "%2541" into "A".
-                path=request.path_params["path"],
-                query=parse_qsl(query_string(request), keep_blank_values=True),
-                headers=dict(request.headers.items()),
-                body=body,
-                service_root=service_root,
-            )
-            result = await self.store.run(lambda records: self.webapi.execute(records, api_request))
-            return _to_response(result, self._limit_headers(client))
+            response = await self._answer(request, client)
+            await self.faults.delay(since=started)  # the answer leaves latency_ms after arrival
+            return response
         finally:
             self._concurrency.leave(client)
             self._time_window.add(client, (time.monotonic() - started) * 1000)
+
+    async def _answer(self, request: Request, client: str) -> Response:
+        body = await request.body()
+        service_root = f"{origin(request)}{API_PREFIX}"
+        if request.path_params["path"] == "$batch" and request.method == "POST":
+            return await self._batch(request, body, service_root, client)
+        self._request_window.add(client, 1)
+        api_request = ApiRequest(
+            method=request.method,
+            # The ASGI server already percent-decoded the path: decoding it again would turn a
+            # key value's "%2541" into "A".
+            path=request.path_params["path"],
+            query=parse_qsl(query_string(request), keep_blank_values=True),
+            headers=dict(request.headers.items()),
+            body=body,
+            service_root=service_root,
+        )
+        result = await self.store.run(lambda records: self.webapi.execute(records, api_request))
+        return _to_response(result, self._limit_headers(client))
 
     # --- $batch ----------------------------------------------------------------------------
 

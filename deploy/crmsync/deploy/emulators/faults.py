@@ -82,10 +82,17 @@ class Faults:
         state["outage_remaining_s"] = round(max(0.0, self._outage_until - time.monotonic()), 3)
         return state
 
-    async def delay(self) -> None:
-        """The injected latency; emulators wait it while the request holds its concurrency slot."""
+    async def delay(self, since: float | None = None) -> None:
+        """The injected latency, waited while the request holds its concurrency slot: with
+        ``since`` (the ``time.monotonic()`` the request arrived) the answer leaves
+        ``latency_ms`` after that, its processing included, as a server that answers in that
+        time does; one that took longer to process answers at once."""
         if self._spec.latency_ms:
-            await asyncio.sleep(self._spec.latency_ms / 1000)
+            wait_s = self._spec.latency_ms / 1000
+            if since is not None:
+                wait_s -= time.monotonic() - since
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)
 
     def failure(self) -> Injected | None:
         """The failure (if any) the next API request gets instead of an answer."""
