@@ -90,7 +90,7 @@ def _campaign_to_d365(config: CampaignToD365Config, _kafka: KafkaClients) -> Wor
         # Every event is an activity of its own: the next batch is sent while Dataverse answers
         # one (d365-to-campaign stays at one: a Campaign create relies on counting the profiles
         # against those it knows, which creates still in flight would blur).
-        writes_in_flight=2,
+        writes_in_flight=4,
     )
 
 
