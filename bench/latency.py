@@ -298,7 +298,7 @@ def main() -> int:
     parser.add_argument(
         "--email-records",
         type=int,
-        default=20000,
+        default=100_000,
         help="email events per campaign-to-d365 drain (two drains: one request per batch, then "
         "the batch split over the concurrency)",
     )
